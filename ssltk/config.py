@@ -1,0 +1,321 @@
+"""The schema of ``params.yaml``: the single source of truth read by the CLI, DVC stages and tests.
+
+Every section of design.md's params.yaml lives here with its defaults, ranges and enums. Unknown keys
+are errors. ``load_config`` reads a file, applies dotted ``--set`` overrides and validates the result
+with the same schema, raising :class:`ConfigError` with one line that names the file and the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ARCHS = ("resnet50_v1", "resnet50_v2", "revnet50", "vgg19_bn")
+TASKS = ("rotation", "exemplar", "jigsaw", "relative_patch_location")
+
+Arch = Literal["resnet50_v1", "resnet50_v2", "revnet50", "vgg19_bn"]
+Task = Literal["rotation", "exemplar", "jigsaw", "relative_patch_location"]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+#: The project's root, where the default tracking store and prepared data live.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A user error in params.yaml or an override; its message is one line naming the culprit."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(Section):
+    """Where images come from and how ``ssltk prepare`` lays them out."""
+
+    source: Literal["demo", "cifar10", "stl10", "imagefolder"] = "demo"
+    root: Path | None = Field(None, description="dataset root (not used by demo)")
+    file_list: Path | None = Field(
+        None, description="imagefolder only: a text file of '<relative path> <label>' lines"
+    )
+    image_size: PositiveInt = Field(
+        32,
+        description="side of the stored square images; imagefolder decodes shorter side to this "
+        "and centre-crops (demo/cifar10 are 32, stl10 is 96 natively)",
+    )
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.1, description="fraction of train held out (per class, deterministically) for tuning"
+    )
+    pretrain_split: Literal["train", "unlabeled", "train+unlabeled"] = "train"
+    prepared_dir: Path = Path("data/prepared")
+    on_bad_image: Literal["fail", "skip"] = "fail"
+    max_in_memory_images: PositiveInt = Field(
+        200_000, description="larger sets are prepared as a manifest and decoded lazily"
+    )
+    workers: NonNegInt = 0
+
+
+class ModelConfig(Section):
+    arch: Arch = "resnet50_v1"
+    widening: PositiveInt = 4
+    last_relu: bool = True
+    representation_size: PositiveInt | None = None
+    memory_saving: bool = True
+
+    @model_validator(mode="after")
+    def _v1_has_last_relu(self) -> ModelConfig:
+        if not self.last_relu and self.arch not in ("resnet50_v2", "revnet50"):
+            raise ValueError(f"last_relu=false is only defined for resnet50_v2 and revnet50, not {self.arch}")
+        return self
+
+
+class RotationConfig(Section):
+    pass
+
+
+class ExemplarConfig(Section):
+    copies: Annotated[int, Field(ge=2)] = 8
+    grayscale_p: Probability = 0.66
+    embed_dim: PositiveInt = 1000
+    margin: NonNegFloat = 0.5
+    normalize: Literal["per_vector", "faithful_axis0"] = "per_vector"
+
+
+class PatchHeadConfig(Section):
+    embed_dim: PositiveInt = 1000
+    hidden: PositiveInt = 4096
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    weight_decay: NonNegFloat = 5e-4
+
+
+class JigsawConfig(PatchHeadConfig):
+    perm_subset: Annotated[int, Field(ge=1, le=100)] = 8
+    per_image_perms: bool = False
+
+
+class RelativePatchLocationConfig(PatchHeadConfig):
+    pass
+
+
+class PatchGeometry(Section):
+    """Jigsaw/RPL preprocessing (paper §2.3). ``None`` fields scale with ``pretext.input_size``."""
+
+    resize: PositiveInt | None = None
+    crop: PositiveInt | None = None
+    grid: Annotated[int, Field(ge=2)] = 3
+    jitter: NonNegInt | None = None
+    grayscale_p: Probability = 0.66
+
+
+class PretextConfig(Section):
+    task: Task = "rotation"
+    input_size: PositiveInt = Field(224, description="network input side for rotation/exemplar")
+    rotation: RotationConfig = RotationConfig()
+    exemplar: ExemplarConfig = ExemplarConfig()
+    jigsaw: JigsawConfig = JigsawConfig()
+    relative_patch_location: RelativePatchLocationConfig = RelativePatchLocationConfig()
+    patches: PatchGeometry = PatchGeometry()
+
+
+class DistributedConfig(Section):
+    enabled: bool = False
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    sync_bn: bool = False
+    per_replica_semantics: bool = Field(
+        False, description="paper's per-core BN/triplet/permutation semantics instead of global"
+    )
+
+
+class PretrainConfig(Section):
+    epochs: PositiveInt = 35
+    batch_size: PositiveInt = Field(64, description="global batch in source images")
+    base_lr: Annotated[float, Field(gt=0)] = Field(0.1, description="LR per 256 images")
+    warmup_epochs: NonNegFloat = 5
+    decay_epochs: list[NonNegFloat] = [15, 25]
+    decay_factor: Annotated[float, Field(gt=0, le=1)] = 0.1
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: NonNegFloat = 1e-4
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: NonNegInt = 0
+    checkpoint_every: PositiveInt = Field(500, description="steps between checkpoints")
+    keep_checkpoints: PositiveInt = 2
+    max_steps: PositiveInt | None = Field(None, description="stop early (smoke runs)")
+    log_every: PositiveInt = 10
+    distributed: DistributedConfig = DistributedConfig()
+
+    @field_validator("decay_epochs")
+    @classmethod
+    def _sorted(cls, v: list[float]) -> list[float]:
+        if list(v) != sorted(v):
+            raise ValueError(f"must be increasing, got {v}")
+        return v
+
+
+class LbfgsConfig(Section):
+    l2: list[NonNegFloat] = Field([1e-4, 1e-3, 1e-2, 1e-1], min_length=1)
+    max_iter: PositiveInt = 500
+
+
+class SgdProbeConfig(Section):
+    epochs: PositiveInt = 70
+    batch_size: PositiveInt = 512
+    base_lr: Annotated[float, Field(gt=0)] = 0.1
+    decay_epochs: list[NonNegFloat] = [30, 50]
+    weight_decay: NonNegFloat = 0.0
+    augment: bool = True
+
+
+class MlpProbeConfig(SgdProbeConfig):
+    hidden: PositiveInt = 1000
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
+
+
+class EvalConfig(Section):
+    layers: list[str] = Field(["pre_logits"], min_length=1)
+    method: Literal["lbfgs", "sgd", "mlp"] = "lbfgs"
+    pooling: Literal["max", "avg"] = "max"
+    max_features: PositiveInt = 9000
+    report_split: Literal["val", "test"] = "test"
+    batch_size: PositiveInt = 256
+    lbfgs: LbfgsConfig = LbfgsConfig()
+    sgd: SgdProbeConfig = SgdProbeConfig()
+    mlp: MlpProbeConfig = MlpProbeConfig()
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default the project's SQLite store")
+    experiment: str = "ssltk"
+
+    def resolved_uri(self, root: Path = PROJECT_ROOT) -> str:
+        """The tracking URI, with relative ``sqlite:///`` paths made absolute against ``root``."""
+        if self.uri is None:
+            return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+        prefix = "sqlite:///"
+        if self.uri.startswith(prefix) and not Path(self.uri[len(prefix) :]).is_absolute():
+            return f"{prefix}{(root / self.uri[len(prefix):]).resolve()}"
+        return self.uri
+
+
+class StudyConfig(Section):
+    tasks: list[Task] = Field(list(TASKS), min_length=1)
+    archs: list[Arch] = Field(list(ARCHS), min_length=1)
+    widenings: list[PositiveInt] = Field([4], min_length=1)
+
+
+class Config(Section):
+    """The whole of params.yaml."""
+
+    seed: NonNegInt = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pretext: PretextConfig = PretextConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    study: StudyConfig = StudyConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view of every value, for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``'a.b=c'`` → ``(['a', 'b'], value)``; the value is read as YAML (``5``, ``true``, ``[1, 2]``)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. pretrain.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = tree
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _describe(error: ValidationError, origin: str) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{origin}: unknown key '{loc}'"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) or kind == "missing" else f" (got {got!r})"
+    more = len(error.errors()) - 1
+    tail = f" [+{more} more]" if more else ""
+    return f"{origin}: {loc or '<root>'}: {msg}{shown}{tail}"
+
+
+def config_from_dict(tree: Mapping[str, Any], origin: str = "params") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, origin)) from None
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: Iterable[str] = ()) -> Config:
+    """Read ``path`` (``None``: schema defaults only), apply ``overrides``, validate, return."""
+    tree: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: params file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} not valid YAML") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        tree = loaded
+    overrides = list(overrides)
+    if overrides:
+        tree = apply_overrides(tree, overrides)
+        origin = f"{origin} with --set"
+    return config_from_dict(tree, origin)
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML (what runs log as an artifact)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
