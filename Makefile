@@ -1,0 +1,48 @@
+# Two entry points for a fresh machine: `make repro` and `make test`. Both create or reuse .venv and
+# install everything from this project's own files: torch first (the CPU build on this machine's disk,
+# so nothing pulls a CUDA build), then the pinned requirements.lock, then ssltk itself.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.ssltk-installed
+TORCH := torch==2.13.0
+export PATH := $(BIN):$(PATH)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup repro test lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+## The main job: the DVC pipeline on the embedded demo data, ending in a report.
+repro: setup
+	dvc repro
+	@dvc status
+	@echo "--- metrics"; dvc metrics show 2>/dev/null || true
+
+## The whole test suite (Triton kernels run under its CPU interpreter).
+test: setup
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+## Every benchmark in benchmarks/, collected into reports/benchmarks.md.
+bench: setup
+	$(BIN)/python benchmarks/run_all.py --out reports/benchmarks.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

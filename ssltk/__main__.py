@@ -1,0 +1,3 @@
+from ssltk.cli import app
+
+app(prog_name="ssltk")

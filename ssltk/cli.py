@@ -1,0 +1,66 @@
+"""The ``ssltk`` command line (Typer). Every command takes ``--params`` and ``--set``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ssltk import __version__
+from ssltk.cliutils import ParamsOption, SetOption, progress_enabled, read_config, user_errors
+
+app = typer.Typer(
+    name="ssltk",
+    help="Self-supervised visual representation learning, reproducibly (Kolesnikov et al., 2019).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ssltk {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+) -> None:
+    """ssltk: pretext pretraining and linear evaluation, tracked in MLflow and staged in DVC."""
+
+
+@app.command()
+def prepare(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Read ``data.*`` and write the prepared dataset under ``data.prepared_dir``."""
+    from ssltk.data.prepare import prepare as run_prepare
+
+    config = read_config(params, set_)
+    with user_errors():
+        manifest = run_prepare(config, progress=progress_enabled())
+    counts = ", ".join(f"{name} {n}" for name, n in manifest["counts"].items())
+    typer.echo(f"prepared {manifest['source']} into {config.data.prepared_dir}: {counts}")
+    skipped = manifest.get("skipped_images", 0)
+    if skipped:
+        typer.echo(f"skipped {skipped} unreadable image(s) (data.on_bad_image=skip)", err=True)
+    typer.echo(f"content hash {manifest['content_hash']}")
+
+
+# Commands from other modules are registered here, each only once it does real work.
+
+
+@app.command("config")
+def show_config(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Print the resolved configuration (params file, overrides and schema defaults) as JSON."""
+    config = read_config(params, set_)
+    typer.echo(json.dumps(config.model_dump(mode="json"), indent=2))
+
+
+if __name__ == "__main__":
+    app()

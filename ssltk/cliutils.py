@@ -1,0 +1,53 @@
+"""Shared pieces of the ``ssltk`` commands: the ``--params``/``--set`` options and one-line user errors."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from ssltk.config import Config, ConfigError, load_config
+
+#: Exit code of every user error (bad params, override, path or input file).
+USER_ERROR = 2
+
+ParamsOption = Annotated[
+    Path, typer.Option("--params", help="params file (YAML) to read", show_default=True)
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override one value: dotted KEY=VALUE (repeatable)"),
+]
+
+
+def fail(message: str, code: int = USER_ERROR) -> NoReturn:
+    """Print one ``error:`` line on stderr and exit with ``code``."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn :class:`ConfigError` (and its subclasses) raised inside into one line and exit code 2."""
+    try:
+        yield
+    except ConfigError as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def read_config(params: Path, overrides: list[str] | None) -> Config:
+    """Load and validate params with overrides, exiting with one line on a user error."""
+    with user_errors():
+        return load_config(params, overrides or [])
+
+
+def progress_enabled() -> bool:
+    """Progress bars only where a person watches (stderr is a terminal)."""
+    return sys.stderr.isatty()
