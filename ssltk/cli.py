@@ -39,9 +39,9 @@ def main(
 @app.command()
 def prepare(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Read ``data.*`` and write the prepared dataset under ``data.prepared_dir``."""
+    config = read_config(params, set_)
     from ssltk.data.prepare import prepare as run_prepare
 
-    config = read_config(params, set_)
     with user_errors():
         manifest = run_prepare(config, progress=progress_enabled())
     counts = ", ".join(f"{name} {n}" for name, n in manifest["counts"].items())
