@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ssltk.data import rng
+
+indices = st.lists(st.integers(0, 10**9), min_size=1, max_size=64, unique=True)
+
+
+@given(st.integers(0, 2**63 - 1), st.integers(0, 1000), indices)
+def test_keys_depend_only_on_seed_epoch_and_index(seed: int, epoch: int, idx: list[int]):
+    keys = rng.sample_keys(seed, epoch, torch.tensor(idx))
+    one_by_one = torch.cat([rng.sample_keys(seed, epoch, torch.tensor([i])) for i in idx])
+    assert torch.equal(keys, one_by_one)
+    reversed_keys = rng.sample_keys(seed, epoch, torch.tensor(idx[::-1]))
+    assert torch.equal(keys, reversed_keys.flip(0))
+
+
+@given(st.integers(0, 2**32), indices)
+def test_epochs_and_seeds_give_different_streams(seed: int, idx: list[int]):
+    a = rng.uniform(rng.sample_keys(seed, 0, torch.tensor(idx)), stream=0, n=4)
+    b = rng.uniform(rng.sample_keys(seed, 1, torch.tensor(idx)), stream=0, n=4)
+    c = rng.uniform(rng.sample_keys(seed + 1, 0, torch.tensor(idx)), stream=0, n=4)
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+
+
+@settings(max_examples=25)
+@given(st.integers(0, 2**32), st.integers(1, 50), st.integers(1, 1000))
+def test_draws_are_in_range(seed: int, n: int, high: int):
+    keys = rng.sample_keys(seed, 0, torch.arange(257))
+    u = rng.uniform(keys, 3, n)
+    assert u.shape == (257, n) and u.dtype == torch.float64
+    assert bool((u >= 0).all() and (u < 1).all())
+    r = rng.randint(keys, 4, high, n)
+    assert bool((r >= 0).all() and (r < high).all())
+    perms = rng.permutation(keys, 5, n)
+    assert torch.equal(perms.sort(dim=1).values, torch.arange(n).expand(257, n))
+
+
+def test_streams_are_independent_and_uniform():
+    keys = rng.sample_keys(7, 3, torch.arange(200_000))
+    u0, u1 = rng.uniform(keys, 0)[:, 0], rng.uniform(keys, 1)[:, 0]
+    assert abs(u0.mean().item() - 0.5) < 0.005 and abs(u0.var().item() - 1 / 12) < 0.002
+    assert abs(torch.corrcoef(torch.stack([u0, u1]))[0, 1].item()) < 0.01
+    counts = torch.bincount(rng.randint(keys, 2, 10)[:, 0], minlength=10).double()
+    assert (counts / counts.mean() - 1).abs().max() < 0.05
+
+
+def test_per_key_bounds_for_randint():
+    keys = rng.sample_keys(0, 0, torch.arange(6))
+    highs = torch.tensor([1, 2, 3, 4, 5, 6])
+    r = rng.randint(keys, 0, highs, 100)
+    assert bool((r < highs[:, None]).all() and (r >= 0).all())
+    assert int(r[0].max()) == 0
+
+
+def test_batch_key_is_a_function_of_seed_epoch_step():
+    assert torch.equal(rng.batch_key(1, 2, 3), rng.batch_key(1, 2, 3))
+    assert not torch.equal(rng.batch_key(1, 2, 3), rng.batch_key(1, 2, 4))
