@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -59,3 +61,18 @@ def test_per_key_bounds_for_randint():
 def test_batch_key_is_a_function_of_seed_epoch_step():
     assert torch.equal(rng.batch_key(1, 2, 3), rng.batch_key(1, 2, 3))
     assert not torch.equal(rng.batch_key(1, 2, 3), rng.batch_key(1, 2, 4))
+
+
+def test_keys_accept_numpy_indices():
+    assert torch.equal(rng.sample_keys(3, 1, np.arange(5)), rng.sample_keys(3, 1, torch.arange(5)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cupy path)")
+def test_cupy_path_draws_the_same_numbers_as_numpy():
+    keys = rng.sample_keys(11, 2, torch.arange(4096))
+    keys_gpu = rng.sample_keys(11, 2, torch.arange(4096, device="cuda"))
+    assert keys_gpu.is_cuda and torch.equal(keys_gpu.cpu(), keys)
+    for draw in (lambda k: rng.uniform(k, 5, 7), lambda k: rng.randint(k, 6, 13, 3)):
+        gpu = draw(keys_gpu)
+        assert gpu.is_cuda and torch.equal(gpu.cpu(), draw(keys))

@@ -3,72 +3,114 @@
 Every random decision of the data pipeline is a pure function of a per-sample key, a stream id and
 a counter, so a sample's augmentation never depends on batch composition, worker count or on how
 far a run got before it was resumed. The mixer is SplitMix64 (Steele et al., 2014), evaluated
-vectorised in numpy's wrapping uint64 arithmetic.
+vectorised in wrapping uint64 arithmetic: numpy for CPU tensors and, with the very same code, cupy
+for CUDA tensors (shared through DLPack without a copy), so GPU batches draw bit-identical numbers.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
 import numpy as np
 import torch
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1 = 0xBF58476D1CE4E5B9
+_M2 = 0x94D049BB133111EB
+_MASK64 = 2**64 - 1
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
+def array_module(tensor: torch.Tensor) -> ModuleType:
+    """numpy for CPU tensors, cupy for CUDA tensors."""
+    if tensor.is_cuda:
+        import cupy
+
+        return cupy
+    return np
+
+
+def _as_u64(tensor: torch.Tensor, xp: ModuleType) -> Any:
+    tensor = tensor.detach().to(torch.int64).contiguous()
+    array = tensor.numpy() if xp is np else xp.from_dlpack(tensor)
+    return array.view(xp.uint64)
+
+
+def _to_torch(array: Any, xp: ModuleType) -> torch.Tensor:
+    return torch.from_numpy(array) if xp is np else torch.from_dlpack(array)
+
+
+def _mix(z: Any, xp: ModuleType) -> Any:
     """SplitMix64 finaliser: a bijective avalanche of 64-bit words."""
-    z = z.astype(np.uint64, copy=True)
+    u = xp.uint64
+    z = (z ^ (z >> u(30))) * u(_M1)
+    z = (z ^ (z >> u(27))) * u(_M2)
+    return z ^ (z >> u(31))
+
+
+def _combine(a: Any, b: Any, xp: ModuleType) -> Any:
     with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
+        return _mix(a * xp.uint64(_GOLDEN) + b, xp)
 
 
-def _combine(a: np.ndarray, b: np.ndarray | int) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return _mix(np.asarray(a, dtype=np.uint64) * _GOLDEN + np.asarray(b, dtype=np.uint64))
+def _scalar_key(*parts: int) -> int:
+    """Fold small integers into one 64-bit key (plain Python, exact)."""
+    z = 0
+    for part in parts:
+        z = (z * _GOLDEN + (part & _MASK64)) & _MASK64
+        z = ((z ^ (z >> 30)) * _M1) & _MASK64
+        z = ((z ^ (z >> 27)) * _M2) & _MASK64
+        z ^= z >> 31
+    return z
 
 
-def _to_u64(x: torch.Tensor | np.ndarray | int) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x).astype(np.int64).view(np.uint64)
+def _signed(value: int) -> int:
+    return value - 2**64 if value >= 2**63 else value
 
 
 def sample_keys(seed: int, epoch: int, indices: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Per-sample keys (int64 tensor holding 64 random bits) for dataset ``indices`` in ``epoch``."""
-    base = _combine(_combine(np.uint64(seed & (2**64 - 1)), epoch), 0x55)
-    keys = _combine(np.broadcast_to(base, _to_u64(indices).shape), _to_u64(indices))
-    return torch.from_numpy(keys.view(np.int64).copy())
+    """Per-sample keys (int64 tensor holding 64 random bits) for dataset ``indices`` in ``epoch``.
+
+    The keys live on the device of ``indices``.
+    """
+    indices = torch.as_tensor(indices)
+    xp = array_module(indices)
+    base = xp.uint64(_scalar_key(seed, epoch, 0x55))
+    keys = _combine(base, _as_u64(indices, xp), xp)
+    return _to_torch(keys.view(xp.int64), xp)
 
 
 def batch_key(seed: int, epoch: int, step: int) -> torch.Tensor:
-    """A key for decisions shared by a whole batch (e.g. Jigsaw's permutation subset)."""
-    key = _combine(_combine(_combine(np.uint64(seed & (2**64 - 1)), epoch), 0xBA7C), step)
-    return torch.from_numpy(np.atleast_1d(key).view(np.int64).copy())
+    """A key (int64 tensor of one element) for decisions shared by a whole batch."""
+    return torch.tensor([_signed(_scalar_key(seed, epoch, 0xBA7C, step))], dtype=torch.int64)
 
 
-def bits(keys: torch.Tensor, stream: int, n: int) -> np.ndarray:
-    """``[len(keys), n]`` uint64 words of stream ``stream`` for each key."""
-    k = _combine(_to_u64(keys), stream)[:, None]
-    return _combine(k, np.arange(n, dtype=np.uint64)[None, :])
+def _words(keys: torch.Tensor, stream: int, n: int, xp: ModuleType) -> Any:
+    k = _combine(_as_u64(keys, xp), xp.uint64(stream & _MASK64), xp)[:, None]
+    return _combine(k, xp.arange(n, dtype=xp.uint64)[None, :], xp)
+
+
+def bits(keys: torch.Tensor, stream: int, n: int) -> torch.Tensor:
+    """``[len(keys), n]`` 64-bit words (as int64) of stream ``stream`` for each key."""
+    xp = array_module(keys)
+    return _to_torch(_words(keys, stream, n, xp).view(xp.int64), xp)
 
 
 def uniform(keys: torch.Tensor, stream: int, n: int = 1) -> torch.Tensor:
-    """``[len(keys), n]`` float64 uniforms in [0, 1) from 53 random bits each."""
-    u = (bits(keys, stream, n) >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
-    return torch.from_numpy(u)
+    """``[len(keys), n]`` float64 uniforms in [0, 1) (53 random bits each), on the keys' device."""
+    xp = array_module(keys)
+    u = (_words(keys, stream, n, xp) >> xp.uint64(11)).astype(xp.float64) * (1.0 / 2**53)
+    return _to_torch(u, xp)
 
 
 def randint(keys: torch.Tensor, stream: int, high: int | torch.Tensor, n: int = 1) -> torch.Tensor:
     """``[len(keys), n]`` int64 integers uniform in [0, high) (``high`` scalar or per key)."""
-    high_t = torch.as_tensor(high, dtype=torch.float64)
+    high_t = torch.as_tensor(high, dtype=torch.float64, device=keys.device)
     if high_t.ndim == 1:
         high_t = high_t[:, None]
     return torch.minimum((uniform(keys, stream, n) * high_t).floor(), high_t - 1).long()
 
 
 def permutation(keys: torch.Tensor, stream: int, n: int) -> torch.Tensor:
-    """``[len(keys), n]`` random permutations of ``range(n)`` (argsort of uniforms; ties have prob 0)."""
+    """``[len(keys), n]`` random permutations of ``range(n)`` (argsort of uniforms)."""
     return torch.argsort(uniform(keys, stream, n), dim=1)
