@@ -1,0 +1,79 @@
+"""``build_model`` and the optimizer parameter groups for weight decay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ssltk.models.layers import is_excluded_from_weight_decay
+from ssltk.models.resnet import ResNet50
+from ssltk.models.revnet import RevNet50
+from ssltk.models.spec import ArchConfig
+from ssltk.models.vgg import VGG19BN
+
+_BUILDERS: dict[str, type[nn.Module]] = {
+    "resnet50_v1": ResNet50,
+    "resnet50_v2": ResNet50,
+    "revnet50": RevNet50,
+    "vgg19_bn": VGG19BN,
+}
+
+
+def build_model(
+    arch: str,
+    *,
+    widening: int = 4,
+    num_classes: int | None = 1000,
+    last_relu: bool = True,
+    patch_mode: bool = False,
+    representation_size: int | None = None,
+    memory_saving: bool = True,
+    input_size: int | None = None,
+) -> nn.Module:
+    """Build a backbone; calling it on ``[B, 3, H, W]`` returns a dict of endpoints.
+
+    ResNet/RevNet: ``after_root, block1..block4, pre_logits, logits``; VGG: ``block1..block5, fc6,
+    pre_logits, logits``. ``num_classes`` None or 0 leaves out the head and the ``logits`` endpoint
+    (for pretext heads that read ``pre_logits``). ``patch_mode`` sets the root and last-stage
+    strides to 1 for ResNet/RevNet (paper §3.6; VGG is unchanged). ``memory_saving`` is RevNet's
+    activation recomputation. ``input_size`` is used by VGG only (see :class:`ArchConfig`). The
+    arguments are kept on ``model.config``. Bad arguments raise ``ValueError`` naming them.
+    """
+    config = ArchConfig(
+        arch=arch,
+        widening=widening,
+        num_classes=num_classes,
+        last_relu=last_relu,
+        patch_mode=patch_mode,
+        representation_size=representation_size,
+        memory_saving=memory_saving,
+        input_size=input_size,
+    )
+    return _BUILDERS[config.arch](config)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two optimizer groups: conv/linear kernels with ``weight_decay``, everything else without.
+
+    BN parameters, biases and kernels marked by ``exclude_from_weight_decay`` (the RevNet stem)
+    are not decayed, as in the TF code (§3.8). Frozen parameters are left out; shared parameters
+    appear once.
+    """
+    if not isinstance(weight_decay, int | float) or weight_decay < 0:
+        raise ValueError(f"weight_decay={weight_decay!r}: must be a non-negative number")
+    decay_ids = {
+        id(module.weight)
+        for module in model.modules()
+        if isinstance(module, nn.Conv2d | nn.Linear) and not is_excluded_from_weight_decay(module)
+    }
+    decay, no_decay, seen = [], [], set()
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (decay if id(param) in decay_ids else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": float(weight_decay)},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
