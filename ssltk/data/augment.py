@@ -1,0 +1,455 @@
+"""Batched, deterministic augmentation primitives of the released preprocessing (paper.md §2.0).
+
+Every function works on a whole batch ``[B, C, H, W]`` at once, on any device, with no per-image
+Python loop. Random primitives come in two halves:
+
+* a *sampler* ``(keys, stream, ...) -> parameters`` that turns per-sample keys
+  (:func:`ssltk.data.rng.sample_keys`) into per-image parameters on the CPU, so a sample's
+  augmentation depends only on its key and the stream, never on the batch it is in;
+* a pure *apply* ``(images, parameters) -> images``.
+
+``stream`` separates independent draws made from the same key (different primitives, or different
+copies of one image). Streams are ints in ``[0, 2**40)``; a primitive that needs several draws uses
+:func:`substream` for each, so its draws never collide with another plain stream.
+
+Value ranges: images arrive as uint8 in [0, 255]. :func:`to_float` keeps that range (as the
+released ``resize``/``crop``/``standardization`` chain does); :func:`inception_preprocess` works in
+[0, 1] and returns [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ssltk.data import rng
+from ssltk.data._checks import check_float, check_images, check_per_image, pair
+from ssltk.data.resize import (
+    crop_and_resize,
+    resize_area,
+    resize_bilinear,
+    resize_small,
+    small_side_size,
+)
+
+__all__ = [
+    "InceptionParams",
+    "adjust_brightness",
+    "adjust_saturation",
+    "apply_inception",
+    "brightness_deltas",
+    "center_crop_offsets",
+    "central_crop_boxes",
+    "crop",
+    "crop_and_resize",
+    "flip_mask",
+    "grayscale_mask",
+    "hflip",
+    "inception_crop_boxes",
+    "inception_preprocess",
+    "random_crop_offsets",
+    "resize_area",
+    "resize_bilinear",
+    "resize_small",
+    "sample_inception_params",
+    "saturation_factors",
+    "small_side_size",
+    "standardize",
+    "substream",
+    "to_float",
+    "to_gray",
+    "to_minus1_1",
+]
+
+_STREAM_BITS = 40
+
+
+def substream(stream: int, part: int) -> int:
+    """Stream id for draw ``part`` of a primitive called with ``stream`` (distinct from all plain
+    streams below ``2**40`` and from every other ``(stream, part)``)."""
+    _check_stream(stream, "substream")
+    if stream >= 2**_STREAM_BITS:
+        raise ValueError(f"substream: stream must be below 2**{_STREAM_BITS}, got {stream!r}")
+    if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part < 2**20:
+        raise ValueError(f"substream: part must be an int in [0, 2**20), got {part!r}")
+    return stream | ((part + 1) << _STREAM_BITS)
+
+
+def _check_stream(stream: int, fn: str) -> None:
+    if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < 2**60:
+        raise ValueError(f"{fn}: stream must be a non-negative int, got {stream!r}")
+
+
+def _check_keys(keys: torch.Tensor, fn: str) -> None:
+    if not isinstance(keys, torch.Tensor) or keys.ndim != 1 or keys.is_floating_point():
+        shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+        raise ValueError(f"{fn}: keys must be a 1-D integer tensor of sample keys, got {shape}")
+
+
+def _uniforms(keys: torch.Tensor, stream: int, n: int, fn: str) -> torch.Tensor:
+    _check_keys(keys, fn)
+    _check_stream(stream, fn)
+    return rng.uniform(keys, stream, n)
+
+
+def _check_probability(p: float, fn: str) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{fn}: p must be a probability in [0, 1], got {p!r}")
+
+
+def _per_image(value: torch.Tensor, x: torch.Tensor, fn: str, name: str) -> torch.Tensor:
+    """A ``[B]`` parameter on ``x``'s device, shaped to broadcast over ``[B, C, H, W]``."""
+    check_per_image(value, x.shape[0], fn, name)
+    return value.to(x.device)[:, None, None, None]
+
+
+# --- value ranges ---------------------------------------------------------------------------------
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """float32 copy of ``images`` with values unchanged (uint8 stays in [0, 255])."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"to_float: images must be a torch.Tensor, got {type(images).__name__}")
+    return images.to(torch.float32)
+
+
+def to_minus1_1(x: torch.Tensor) -> torch.Tensor:
+    """Map [0, 255] values to [-1, 1]: ``x / 255 * 2 - 1`` (float32)."""
+    return to_float(x) / 255.0 * 2.0 - 1.0
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Per-image standardisation ``(x - mean) / max(std, 1/sqrt(N))`` over the last three dims.
+
+    ``x`` is ``[..., C, H, W]`` (any leading dims, e.g. ``[B, 9, C, h, w]`` patches); N = C·H·W and
+    ``std`` is the population standard deviation, as ``tf.image.per_image_standardization``.
+    Returns float32.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim < 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"standardize: x must be [..., C, H, W], got {shape}")
+    x = to_float(x)
+    flat = x.flatten(-3)
+    mean = flat.mean(-1)
+    floor = 1.0 / math.sqrt(flat.shape[-1])
+    scale = flat.std(-1, correction=0).clamp_min(floor)
+    return (x - mean[..., None, None, None]) / scale[..., None, None, None]
+
+
+# --- crops ----------------------------------------------------------------------------------------
+
+
+def _crop_sizes(
+    in_hw: tuple[int, int], out_hw: int | tuple[int, int], fn: str
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    in_h, in_w = pair(in_hw, fn, "in_hw")
+    out_h, out_w = pair(out_hw, fn, "out_hw")
+    if out_h > in_h or out_w > in_w:
+        raise ValueError(f"{fn}: out_hw={(out_h, out_w)} is larger than in_hw={(in_h, in_w)}")
+    return (in_h, in_w), (out_h, out_w)
+
+
+def random_crop_offsets(
+    keys: torch.Tensor, stream: int, in_hw: tuple[int, int], out_hw: int | tuple[int, int]
+) -> torch.Tensor:
+    """``[B, 2]`` int64 ``(top, left)`` of uniformly random ``out_hw`` crops (every position,
+    including the last, equally likely)."""
+    (in_h, in_w), (out_h, out_w) = _crop_sizes(in_hw, out_hw, "random_crop_offsets")
+    u = _uniforms(keys, stream, 2, "random_crop_offsets")
+    positions = torch.tensor([in_h - out_h + 1, in_w - out_w + 1], dtype=torch.float64)
+    return torch.minimum((u * positions).floor(), positions - 1).long()
+
+
+def center_crop_offsets(
+    in_hw: tuple[int, int], out_hw: int | tuple[int, int], batch: int
+) -> torch.Tensor:
+    """``[batch, 2]`` int64 ``(top, left)`` of the centre crop: ``floor((dim - size) / 2)``."""
+    (in_h, in_w), (out_h, out_w) = _crop_sizes(in_hw, out_hw, "center_crop_offsets")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ValueError(f"center_crop_offsets: batch must be a non-negative int, got {batch!r}")
+    return torch.tensor([(in_h - out_h) // 2, (in_w - out_w) // 2]).expand(batch, 2).clone()
+
+
+def crop(x: torch.Tensor, offsets: torch.Tensor, out_hw: int | tuple[int, int]) -> torch.Tensor:
+    """Per-image crops: image ``i`` is cut at ``offsets[i] = (top, left)`` to ``out_hw``.
+
+    Any dtype (uint8 stays uint8). Offsets must keep every crop inside its image.
+    """
+    check_images(x, "crop")
+    batch, channels, height, width = x.shape
+    _, (out_h, out_w) = _crop_sizes((height, width), out_hw, "crop")
+    if not isinstance(offsets, torch.Tensor) or offsets.shape != (batch, 2):
+        shape = tuple(offsets.shape) if isinstance(offsets, torch.Tensor) else type(offsets)
+        raise ValueError(f"crop: offsets must have shape ({batch}, 2), got {shape}")
+    offsets = offsets.to(device=x.device, dtype=torch.long)
+    top, left = offsets.unbind(1)
+    fits = (top >= 0) & (left >= 0) & (top + out_h <= height) & (left + out_w <= width)
+    if not bool(fits.all()):
+        bad = offsets[~fits][0].tolist()
+        raise ValueError(
+            f"crop: offset (top, left)={bad} puts a {out_h}x{out_w} crop outside the "
+            f"{height}x{width} image"
+        )
+    rows = top[:, None] + torch.arange(out_h, device=x.device)
+    cols = left[:, None] + torch.arange(out_w, device=x.device)
+    index = (rows[:, :, None] * width + cols[:, None, :]).reshape(batch, 1, out_h * out_w)
+    flat = x.reshape(batch, channels, height * width)
+    picked = flat.gather(2, index.expand(batch, channels, out_h * out_w))
+    return picked.view(batch, channels, out_h, out_w)
+
+
+# --- flips and colour -----------------------------------------------------------------------------
+
+
+def flip_mask(keys: torch.Tensor, stream: int, p: float = 0.5) -> torch.Tensor:
+    """``[B]`` bool: flip image ``i`` when its uniform is below ``p``."""
+    _check_probability(p, "flip_mask")
+    return _uniforms(keys, stream, 1, "flip_mask")[:, 0] < p
+
+
+def hflip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images whose ``mask`` entry is true (any dtype)."""
+    check_images(x, "hflip")
+    return torch.where(_per_image(mask, x, "hflip", "mask").bool(), x.flip(-1), x)
+
+
+def brightness_deltas(
+    keys: torch.Tensor, stream: int, max_delta: float = 32.0 / 255.0
+) -> torch.Tensor:
+    """``[B]`` float32 deltas uniform in ``[-max_delta, max_delta)``."""
+    if max_delta < 0:
+        raise ValueError(f"brightness_deltas: max_delta must be >= 0, got {max_delta!r}")
+    u = _uniforms(keys, stream, 1, "brightness_deltas")[:, 0]
+    return (u * (2.0 * max_delta) - max_delta).to(torch.float32)
+
+
+def adjust_brightness(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Add ``delta[i]`` to every value of image ``i`` (no clipping, as TF on float images)."""
+    check_images(x, "adjust_brightness")
+    check_float(x, "adjust_brightness")
+    return x + _per_image(delta, x, "adjust_brightness", "delta").to(x.dtype)
+
+
+def saturation_factors(
+    keys: torch.Tensor, stream: int, lower: float = 0.5, upper: float = 1.5
+) -> torch.Tensor:
+    """``[B]`` float32 saturation factors uniform in ``[lower, upper)``."""
+    if not 0 <= lower <= upper:
+        raise ValueError(
+            f"saturation_factors: need 0 <= lower <= upper, got lower={lower!r}, upper={upper!r}"
+        )
+    u = _uniforms(keys, stream, 1, "saturation_factors")[:, 0]
+    return (lower + u * (upper - lower)).to(torch.float32)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Scale each image's HSV saturation by ``factor[i]``, clip S to [0, 1], keep hue and value.
+
+    Closed form of TensorFlow's RGB→HSV→RGB kernel. With ``v = max(r, g, b)`` and
+    ``s = (v - min) / v``, the round trip with ``s' = clip(s * f, 0, 1)`` moves every channel
+    towards ``v`` linearly: ``c' = v - (s' / s) * (v - c)``; pixels with ``s = 0`` (grey, or
+    ``v <= 0``) become ``v`` in all channels. Equal to the HSV route up to float rounding, and also
+    defined for values outside [0, 1] (brightness runs first and does not clip). ``x`` is float
+    RGB ``[B, 3, H, W]``.
+    """
+    check_images(x, "adjust_saturation", channels=3)
+    check_float(x, "adjust_saturation")
+    factor = _per_image(factor, x, "adjust_saturation", "factor").to(x.dtype)
+    value = x.amax(1, keepdim=True)
+    spread = value - x.amin(1, keepdim=True)
+    positive = (value > 0) & (spread > 0)
+    saturation = torch.where(positive, spread / torch.where(positive, value, 1.0), 0.0)
+    scaled = (saturation * factor).clamp(0.0, 1.0)
+    ratio = torch.where(positive, scaled / torch.where(positive, saturation, 1.0), 0.0)
+    return value - ratio * (value - x)
+
+
+def grayscale_mask(keys: torch.Tensor, stream: int, p: float) -> torch.Tensor:
+    """``[B]`` bool: make image ``i`` grey when its uniform is below ``p``."""
+    _check_probability(p, "grayscale_mask")
+    return _uniforms(keys, stream, 1, "grayscale_mask")[:, 0] < p
+
+
+def to_gray(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Replace the masked images by the plain mean of R, G, B copied to 3 channels.
+
+    Integer input gets the truncated integer mean ``(r + g + b) // 3`` and keeps its dtype; float
+    input the exact mean.
+    """
+    check_images(x, "to_gray", channels=3)
+    flag = _per_image(mask, x, "to_gray", "mask").bool()
+    if x.is_floating_point():
+        gray = x.mean(1, keepdim=True)
+    else:
+        gray = (x.sum(1, keepdim=True, dtype=torch.int32) // 3).to(x.dtype)
+    return torch.where(flag, gray.expand_as(x), x)
+
+
+# --- inception crop -------------------------------------------------------------------------------
+
+
+def inception_crop_boxes(
+    keys: torch.Tensor,
+    stream: int,
+    in_hw: tuple[int, int],
+    *,
+    area: tuple[float, float] = (0.05, 1.0),
+    ratio: tuple[float, float] = (0.75, 1.33),
+    min_object_covered: float = 0.1,
+    attempts: int = 100,
+) -> torch.Tensor:
+    """``[B, 4]`` int64 ``(top, left, height, width)`` crops as TF's sample_distorted_bounding_box.
+
+    The object box is the whole image, so ``min_object_covered`` is a lower bound on the crop's
+    area fraction. Each attempt draws an aspect ratio ``w/h`` in ``ratio``, a height between the
+    rounded heights of the minimum and maximum ``area``, ``width = round(height * ratio)`` with
+    TF's one-step rounding repairs, and an offset in ``[0, H - height)`` (TF excludes the last
+    position unless the crop spans the image). The first attempt that fits is kept; if none of
+    ``attempts`` does, the whole image is returned. Arithmetic mirrors the C++ kernel (float32,
+    round-half-to-even). All attempts are drawn at once: ``uniform(keys, stream, 4 * attempts)``
+    viewed as ``[B, attempts, 4]`` = (aspect, height, top, left).
+    """
+    fn = "inception_crop_boxes"
+    height, width = pair(in_hw, fn, "in_hw")
+    if not 0 < area[0] <= area[1] <= 1:
+        raise ValueError(f"{fn}: area must satisfy 0 < low <= high <= 1, got {area!r}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"{fn}: ratio must satisfy 0 < low <= high, got {ratio!r}")
+    if min_object_covered < 0:
+        raise ValueError(f"{fn}: min_object_covered must be >= 0, got {min_object_covered!r}")
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts <= 0:
+        raise ValueError(f"{fn}: attempts must be a positive int, got {attempts!r}")
+    u = _uniforms(keys, stream, 4 * attempts, fn).numpy().reshape(-1, attempts, 4)
+
+    f32 = np.float32
+    aspect = u[..., 0].astype(f32) * (f32(ratio[1]) - f32(ratio[0])) + f32(ratio[0])
+    min_area = f32(area[0]) * f32(width) * f32(height)
+    max_area = f32(area[1]) * f32(width) * f32(height)
+
+    def rint(v: np.ndarray) -> np.ndarray:
+        return np.rint(v).astype(np.int64)
+
+    def width_of(h: np.ndarray) -> np.ndarray:
+        return rint(h.astype(f32) * aspect)  # int * float in float32, as the C++ kernel
+
+    def uniform_below(u_col: np.ndarray, n: np.ndarray) -> np.ndarray:
+        return np.minimum(np.floor(u_col * n).astype(np.int64), np.maximum(n - 1, 0))
+
+    crop_h = rint(np.sqrt(min_area / aspect))
+    max_h = rint(np.sqrt(max_area / aspect))
+    # Largest height whose rounded width still fits (TF's repair for wide aspect ratios).
+    eps = float(f32(1e-7))
+    fitted = np.floor((width + 0.5 - eps) / aspect.astype(np.float64)).astype(np.int64)
+    fitted -= width_of(fitted) > width
+    max_h = np.where(width_of(max_h) > width, fitted, max_h)
+    max_h = np.minimum(max_h, height)
+    crop_h = np.minimum(crop_h, max_h)
+    crop_h = crop_h + uniform_below(u[..., 1], max_h - crop_h + 1)
+    crop_w = width_of(crop_h)
+    crop_h = np.where(crop_w * crop_h < min_area, crop_h + 1, crop_h)
+    crop_w = width_of(crop_h)
+    crop_h = np.where(crop_w * crop_h > max_area, crop_h - 1, crop_h)
+    crop_w = width_of(crop_h)
+    crop_area = crop_w * crop_h
+
+    fits = (crop_area >= min_area) & (crop_area <= max_area)
+    fits &= (crop_w <= width) & (crop_h <= height) & (crop_w > 0) & (crop_h > 0)
+    fits &= crop_area.astype(f32) / f32(width * height) >= f32(min_object_covered)
+    top = uniform_below(u[..., 2], height - crop_h)
+    left = uniform_below(u[..., 3], width - crop_w)
+
+    boxes = np.stack([top, left, crop_h, crop_w], axis=-1)
+    first = fits.argmax(axis=1)
+    chosen = boxes[np.arange(len(boxes)), first]
+    whole = np.array([0, 0, height, width], dtype=np.int64)
+    chosen = np.where(fits.any(axis=1)[:, None], chosen, whole)
+    return torch.from_numpy(chosen)
+
+
+def central_crop_boxes(in_hw: tuple[int, int], fraction: float, batch: int) -> torch.Tensor:
+    """``[batch, 4]`` boxes of ``tf.image.central_crop``: start ``int((d - d * fraction) / 2)`` and
+    size ``d - 2 * start`` on each side."""
+    height, width = pair(in_hw, "central_crop_boxes", "in_hw")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"central_crop_boxes: fraction must be in (0, 1], got {fraction!r}")
+    top = int((height - height * fraction) / 2)
+    left = int((width - width * fraction) / 2)
+    box = torch.tensor([top, left, height - 2 * top, width - 2 * left])
+    return box.expand(batch, 4).clone()
+
+
+# --- inception preprocessing ----------------------------------------------------------------------
+
+
+class InceptionParams(NamedTuple):
+    """Per-image parameters of training-mode :func:`inception_preprocess` (all on the CPU)."""
+
+    boxes: torch.Tensor  # [B, 4] int64 (top, left, height, width)
+    flip: torch.Tensor  # [B] bool
+    brightness: torch.Tensor  # [B] float32 delta
+    saturation: torch.Tensor  # [B] float32 factor
+
+
+def sample_inception_params(
+    keys: torch.Tensor, stream: int, in_hw: tuple[int, int]
+) -> InceptionParams:
+    """Draw crop box, flip, brightness and saturation from substreams 0..3 of ``stream``."""
+    return InceptionParams(
+        boxes=inception_crop_boxes(keys, substream(stream, 0), in_hw),
+        flip=flip_mask(keys, substream(stream, 1), 0.5),
+        brightness=brightness_deltas(keys, substream(stream, 2), 32.0 / 255.0),
+        saturation=saturation_factors(keys, substream(stream, 3), 0.5, 1.5),
+    )
+
+
+def _unit_range(images: torch.Tensor, fn: str) -> torch.Tensor:
+    check_images(images, fn, name="images", channels=3)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"{fn}: images must be uint8 in [0, 255], got {images.dtype}")
+    # tf.image.convert_image_dtype multiplies by 1/255 rather than dividing.
+    return images.to(torch.float32) * (1.0 / 255.0)
+
+
+def apply_inception(
+    images: torch.Tensor, params: InceptionParams, out_size: int | tuple[int, int] = 224
+) -> torch.Tensor:
+    """Training-mode inception preprocessing with given parameters; uint8 in, float32 [-1, 1] out.
+
+    [0, 1] float → box crop → TF1 bilinear resize to ``out_size`` (aspect ignored) → flip →
+    brightness → saturation → clip to [0, 1] → ``(x - 0.5) * 2``.
+    """
+    x = _unit_range(images, "apply_inception")
+    x = crop_and_resize(x, params.boxes, pair(out_size, "apply_inception", "out_size"))
+    x = hflip(x, params.flip)
+    x = adjust_brightness(x, params.brightness)
+    x = adjust_saturation(x, params.saturation)
+    return (x.clamp(0.0, 1.0) - 0.5) * 2.0
+
+
+def inception_preprocess(
+    images: torch.Tensor,
+    keys: torch.Tensor | None,
+    stream: int,
+    out_size: int | tuple[int, int] = 224,
+    *,
+    train: bool = True,
+) -> torch.Tensor:
+    """Slim's inception preprocessing of a uint8 batch ``[B, 3, H, W]``; float32 [-1, 1] out.
+
+    Training draws every random choice from ``keys`` and ``stream`` (see
+    :func:`sample_inception_params`). Eval is deterministic (``keys`` may be ``None``): centre crop
+    of 87.5% of each side, TF1 bilinear resize to ``out_size``, map to [-1, 1].
+    """
+    check_images(images, "inception_preprocess", name="images", channels=3)
+    in_hw = (images.shape[2], images.shape[3])
+    if train:
+        if keys is None:
+            raise ValueError("inception_preprocess: keys are required when train=True")
+        return apply_inception(images, sample_inception_params(keys, stream, in_hw), out_size)
+    x = _unit_range(images, "inception_preprocess")
+    boxes = central_crop_boxes(in_hw, 0.875, images.shape[0])
+    x = crop_and_resize(x, boxes, pair(out_size, "inception_preprocess", "out_size"))
+    return (x - 0.5) * 2.0
