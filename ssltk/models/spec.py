@@ -28,7 +28,8 @@ class ArchConfig:
     ``num_classes`` None (or 0, normalised to None) builds a headless model without ``logits``.
     ``input_size`` matters for VGG only, whose fc6 kernel covers the map left after five poolings:
     it defaults to 224 (64 in patch mode) and the model then accepts sides in
-    ``[32·(input_size//32), 32·(input_size//32) + 31]``. Other archs take any size (None here).
+    ``[32·(input_size//32), 32·(input_size//32) + 31]``. Other archs take any input size; for them
+    ``input_size`` is only recorded.
     """
 
     arch: str
