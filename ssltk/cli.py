@@ -9,7 +9,14 @@ from typing import Annotated
 import typer
 
 from ssltk import __version__
-from ssltk.cliutils import ParamsOption, SetOption, progress_enabled, read_config, user_errors
+from ssltk.cliutils import (
+    ParamsOption,
+    SetOption,
+    fail,
+    progress_enabled,
+    read_config,
+    user_errors,
+)
 
 app = typer.Typer(
     name="ssltk",
@@ -30,7 +37,9 @@ def _version(value: bool) -> None:
 def main(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit"),
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
     ] = False,
 ) -> None:
     """ssltk: pretext pretraining and linear evaluation, tracked in MLflow and staged in DVC."""
@@ -53,6 +62,42 @@ def prepare(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) 
 
 
 # Commands from other modules are registered here, each only once it does real work.
+
+
+@app.command()
+def models(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+    input_size: Annotated[
+        int | None, typer.Option(help="input side (default: pretext.input_size, or the patch size)")
+    ] = None,
+    patch_mode: Annotated[
+        bool | None, typer.Option(help="patch mode (default: on for jigsaw and RPL)")
+    ] = None,
+) -> None:
+    """Parameter counts and endpoint shapes of ``model.*``, before you train it."""
+    config = read_config(params, set_)
+    from ssltk.models import format_summary, model_summary
+
+    patch_tasks = ("jigsaw", "relative_patch_location")
+    patch = config.pretext.task in patch_tasks if patch_mode is None else patch_mode
+    size = input_size or config.pretext.input_size
+    m = config.model
+    with user_errors():
+        try:
+            rows = model_summary(
+                m.arch,
+                m.widening,
+                size,
+                patch,
+                last_relu=m.last_relu,
+                representation_size=m.representation_size,
+            )
+        except ValueError as err:
+            fail(str(err))
+    mode = "patch mode, " if patch else ""
+    typer.echo(f"{m.arch} k={m.widening} ({mode}{size}×{size} input)")
+    typer.echo(format_summary(rows))
 
 
 @app.command("config")

@@ -1,8 +1,8 @@
 """The schema of ``params.yaml``: the single source of truth read by the CLI, DVC stages and tests.
 
-Every section of design.md's params.yaml lives here with its defaults, ranges and enums. Unknown keys
-are errors. ``load_config`` reads a file, applies dotted ``--set`` overrides and validates the result
-with the same schema, raising :class:`ConfigError` with one line that names the file and the key.
+Every section of design.md's params.yaml lives here with its defaults, ranges and enums. Unknown
+keys are errors. ``load_config`` reads a file, applies dotted ``--set`` overrides and validates the
+result with the same schema, raising :class:`ConfigError` with one line that names the file and the key.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ARCHS = ("resnet50_v1", "resnet50_v2", "revnet50", "vgg19_bn")
+from ssltk.models.spec import ARCHS, LAST_RELU_OPTIONAL
+
 TASKS = ("rotation", "exemplar", "jigsaw", "relative_patch_location")
 
-Arch = Literal["resnet50_v1", "resnet50_v2", "revnet50", "vgg19_bn"]
-Task = Literal["rotation", "exemplar", "jigsaw", "relative_patch_location"]
+Arch = Literal[ARCHS]  # type: ignore[valid-type]
+Task = Literal[TASKS]  # type: ignore[valid-type]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -70,8 +71,9 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _v1_has_last_relu(self) -> ModelConfig:
-        if not self.last_relu and self.arch not in ("resnet50_v2", "revnet50"):
-            raise ValueError(f"last_relu=false is only defined for resnet50_v2 and revnet50, not {self.arch}")
+        if not self.last_relu and self.arch not in LAST_RELU_OPTIONAL:
+            allowed = " and ".join(LAST_RELU_OPTIONAL)
+            raise ValueError(f"last_relu=false is only defined for {allowed}, not {self.arch}")
         return self
 
 
@@ -191,7 +193,9 @@ class EvalConfig(Section):
 
 
 class TrackingConfig(Section):
-    uri: str | None = Field(None, description="MLflow tracking URI; default the project's SQLite store")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default the project's SQLite store"
+    )
     experiment: str = "ssltk"
 
     def resolved_uri(self, root: Path = PROJECT_ROOT) -> str:
@@ -200,7 +204,7 @@ class TrackingConfig(Section):
             return f"sqlite:///{(root / 'mlflow.db').resolve()}"
         prefix = "sqlite:///"
         if self.uri.startswith(prefix) and not Path(self.uri[len(prefix) :]).is_absolute():
-            return f"{prefix}{(root / self.uri[len(prefix):]).resolve()}"
+            return f"{prefix}{(root / self.uri[len(prefix) :]).resolve()}"
         return self.uri
 
 
@@ -243,11 +247,13 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``'a.b=c'`` → ``(['a', 'b'], value)``; the value is read as YAML (``5``, ``true``, ``[1, 2]``)."""
+    """``'a.b=c'`` → ``(['a', 'b'], value)``; the value is read as YAML (``5``, ``[1, 2]``)."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. pretrain.epochs=5")
+        raise ConfigError(
+            f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. pretrain.epochs=5"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
