@@ -4,8 +4,8 @@ Every function works on a whole batch ``[B, C, H, W]`` at once, on any device, w
 Python loop. Random primitives come in two halves:
 
 * a *sampler* ``(keys, stream, ...) -> parameters`` that turns per-sample keys
-  (:func:`ssltk.data.rng.sample_keys`) into per-image parameters on the CPU, so a sample's
-  augmentation depends only on its key and the stream, never on the batch it is in;
+  (:func:`ssltk.data.rng.sample_keys`) into per-image parameters on the keys' device, so a
+  sample's augmentation depends only on its key and the stream, never on the batch it is in;
 * a pure *apply* ``(images, parameters) -> images``.
 
 ``stream`` separates independent draws made from the same key (different primitives, or different
@@ -159,7 +159,9 @@ def random_crop_offsets(
     including the last, equally likely)."""
     (in_h, in_w), (out_h, out_w) = _crop_sizes(in_hw, out_hw, "random_crop_offsets")
     u = _uniforms(keys, stream, 2, "random_crop_offsets")
-    positions = torch.tensor([in_h - out_h + 1, in_w - out_w + 1], dtype=torch.float64)
+    positions = torch.tensor(
+        [in_h - out_h + 1, in_w - out_w + 1], dtype=torch.float64, device=u.device
+    )
     return torch.minimum((u * positions).floor(), positions - 1).long()
 
 
@@ -322,7 +324,8 @@ def inception_crop_boxes(
         raise ValueError(f"{fn}: min_object_covered must be >= 0, got {min_object_covered!r}")
     if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts <= 0:
         raise ValueError(f"{fn}: attempts must be a positive int, got {attempts!r}")
-    u = _uniforms(keys, stream, 4 * attempts, fn).numpy().reshape(-1, attempts, 4)
+    # A few hundred numbers per image: drawn and resolved on the CPU, identical for any device.
+    u = _uniforms(keys.cpu(), stream, 4 * attempts, fn).numpy().reshape(-1, attempts, 4)
 
     f32 = np.float32
     aspect = u[..., 0].astype(f32) * (f32(ratio[1]) - f32(ratio[0])) + f32(ratio[0])
@@ -336,6 +339,7 @@ def inception_crop_boxes(
         return rint(h.astype(f32) * aspect)  # int * float in float32, as the C++ kernel
 
     def uniform_below(u_col: np.ndarray, n: np.ndarray) -> np.ndarray:
+        n = np.maximum(n, 0)
         return np.minimum(np.floor(u_col * n).astype(np.int64), np.maximum(n - 1, 0))
 
     crop_h = rint(np.sqrt(min_area / aspect))
@@ -366,7 +370,7 @@ def inception_crop_boxes(
     chosen = boxes[np.arange(len(boxes)), first]
     whole = np.array([0, 0, height, width], dtype=np.int64)
     chosen = np.where(fits.any(axis=1)[:, None], chosen, whole)
-    return torch.from_numpy(chosen)
+    return torch.from_numpy(chosen).to(keys.device)
 
 
 def central_crop_boxes(in_hw: tuple[int, int], fraction: float, batch: int) -> torch.Tensor:
@@ -385,7 +389,7 @@ def central_crop_boxes(in_hw: tuple[int, int], fraction: float, batch: int) -> t
 
 
 class InceptionParams(NamedTuple):
-    """Per-image parameters of training-mode :func:`inception_preprocess` (all on the CPU)."""
+    """Per-image parameters of training-mode :func:`inception_preprocess`."""
 
     boxes: torch.Tensor  # [B, 4] int64 (top, left, height, width)
     flip: torch.Tensor  # [B] bool
