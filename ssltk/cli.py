@@ -63,6 +63,10 @@ def prepare(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) 
 
 # Commands from other modules are registered here, each only once it does real work.
 
+from ssltk.train.command import pretrain  # noqa: E402
+
+app.command()(pretrain)
+
 
 @app.command()
 def models(

@@ -1,4 +1,4 @@
-"""Shared pieces of the ``ssltk`` commands: the ``--params``/``--set`` options and one-line user errors."""
+"""Shared pieces of the ``ssltk`` commands: ``--params``/``--set`` and one-line user errors."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def fail(message: str, code: int = USER_ERROR) -> NoReturn:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn :class:`ConfigError` (and its subclasses) raised inside into one line and exit code 2."""
+    """Turn a :class:`ConfigError` (or subclass) raised inside into one line and exit code 2."""
     try:
         yield
     except ConfigError as err:

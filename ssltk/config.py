@@ -2,7 +2,8 @@
 
 Every section of design.md's params.yaml lives here with its defaults, ranges and enums. Unknown
 keys are errors. ``load_config`` reads a file, applies dotted ``--set`` overrides and validates the
-result with the same schema, raising :class:`ConfigError` with one line that names the file and the key.
+result with the same schema, raising :class:`ConfigError` with one line that names the file and
+the key.
 """
 
 from __future__ import annotations

@@ -51,3 +51,17 @@ def test_config_prints_resolved_values():
     result = ssltk("config", "--set", "pretrain.epochs=3")
     assert result.returncode == 0
     assert '"epochs": 3' in result.stdout
+
+
+def test_models_prints_params_and_endpoint_shapes():
+    result = ssltk("models", "--set", "model.arch=revnet50", "--set", "model.widening=4")
+    assert result.returncode == 0, result.stderr
+    assert "pre_logits" in result.stdout and "2048" in result.stdout
+    assert "7,457,640" in result.stdout  # RevNet50 k=4 with its 1000-way head (paper §3.1)
+
+
+def test_models_rejects_an_input_too_small_for_vgg():
+    result = ssltk("models", "--set", "model.arch=vgg19_bn", "--input-size", "20")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "input_size=20" in result.stderr
