@@ -1,0 +1,154 @@
+"""The interface every pretext task implements, and the registry that maps names to tasks."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ssltk.config import Config
+from ssltk.models import build_model, weight_decay_groups
+
+__all__ = [
+    "PretextInputs",
+    "PretextTask",
+    "TaskOutput",
+    "build_task",
+    "register_task",
+    "registered_tasks",
+]
+
+Pool = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PretextInputs:
+    """One prepared batch: what the backbone sees, the pretext labels, the source image count.
+
+    ``inputs``: rotation ``[4B, 3, S, S]``, exemplar ``[copies·B, 3, S, S]``, patch tasks
+    ``[B, grid², 3, p, p]``. ``labels``: one per classified example (per embedding for exemplar).
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    num_images: int
+
+
+@dataclass
+class TaskOutput:
+    """The scalar loss, detached metrics and the number of backbone inputs of one step."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    num_inputs: int
+
+
+class PretextTask(nn.Module, ABC):
+    """A backbone and its pretext head; see :func:`build_task`.
+
+    ``prepare_batch`` turns uint8 images and their per-sample keys into network inputs and labels
+    (every random decision comes from the keys), ``forward`` computes the loss and metrics,
+    ``param_groups`` gives optimizer groups, ``representation`` the linear-evaluation endpoints.
+    """
+
+    name: str = ""
+
+    def __init__(self, config: Config, backbone: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: Config) -> PretextTask:
+        """Build the task, its backbone and head from ``config``."""
+
+    @abstractmethod
+    def prepare_batch(
+        self, images: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
+    ) -> PretextInputs:
+        """uint8 ``[B, 3, H, W]`` images and int64 ``[B]`` keys → inputs on the images' device."""
+
+    @abstractmethod
+    def forward(self, batch: PretextInputs) -> TaskOutput:
+        """Loss and metrics of a prepared batch."""
+
+    @abstractmethod
+    def representation(
+        self, images: torch.Tensor, layers: list[str], *, pool: Pool | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Backbone endpoints ``layers`` of uint8 images, preprocessed as for linear evaluation."""
+
+    def head_param_groups(self) -> list[dict]:
+        """Optimizer groups of the parameters outside the backbone (none by default)."""
+        return []
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Backbone groups (``weight_decay`` on kernels) followed by the head's own groups."""
+        groups = weight_decay_groups(self.backbone, weight_decay) + self.head_param_groups()
+        return [group for group in groups if group["params"]]
+
+
+def select_endpoints(
+    endpoints: dict[str, torch.Tensor], layers: list[str]
+) -> dict[str, torch.Tensor]:
+    """``{layer: endpoints[layer]}``, naming the unknown layer and the available ones if missing."""
+    missing = [layer for layer in layers if layer not in endpoints]
+    if missing:
+        raise ValueError(
+            f"layers: unknown endpoint {missing[0]!r}; available: {', '.join(endpoints)}"
+        )
+    return {layer: endpoints[layer] for layer in layers}
+
+
+def backbone_from_config(
+    config: Config, *, num_classes: int, patch_mode: bool, input_size: int
+) -> nn.Module:
+    model = config.model
+    return build_model(
+        model.arch,
+        widening=model.widening,
+        num_classes=num_classes,
+        last_relu=model.last_relu,
+        patch_mode=patch_mode,
+        representation_size=model.representation_size,
+        memory_saving=model.memory_saving,
+        input_size=input_size,
+    )
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (logits.detach().argmax(dim=1) == labels).float().mean()
+
+
+_REGISTRY: dict[str, type[PretextTask]] = {}
+
+
+def register_task(name: str) -> Callable[[type[PretextTask]], type[PretextTask]]:
+    """Class decorator adding a task to the registry under ``name``."""
+
+    def add(cls: type[PretextTask]) -> type[PretextTask]:
+        if name in _REGISTRY:
+            raise ValueError(f"pretext task {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def registered_tasks() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def build_task(config: Config) -> PretextTask:
+    """The pretext task named by ``config.pretext.task``, with a fresh backbone and head."""
+    name = config.pretext.task
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"pretext.task={name!r}: expected one of {', '.join(_REGISTRY) or '(none registered)'}"
+        )
+    return _REGISTRY[name].from_config(config)

@@ -1,0 +1,81 @@
+"""Exemplar (paper §2.2): embed augmented copies of an image close together, other images apart.
+
+Grayscale is decided once per image (probability ``grayscale_p``) before ``copies`` independent
+training-mode inception crops are drawn, so all copies of an image share it; each copy is then
+standardised. Copies of one image are contiguous and labelled with the image's index in the batch.
+The backbone's ``logits`` (``embed_dim`` outputs) are the embedding, L2-normalised per vector or,
+with ``normalize: faithful_axis0``, along the batch axis as the released code does; the loss is the
+semi-hard triplet loss on squared distances. Evaluation batches are prepared the same way (the
+task is defined by the random copies; their draws still come from the keys alone).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ssltk.config import Config
+from ssltk.data import rng
+from ssltk.data.augment import grayscale_mask, inception_preprocess, standardize, to_gray
+from ssltk.pretext.base import PretextInputs, TaskOutput, backbone_from_config, register_task
+from ssltk.pretext.full_image import FullImageTask
+from ssltk.pretext.triplet import (
+    normalize_embeddings,
+    pairwise_squared_distances,
+    semihard_triplet_loss_from_distances,
+)
+
+__all__ = ["Exemplar", "nearest_neighbour_accuracy"]
+
+STREAM_GRAY = 0x7A30
+STREAM_COPY_KEYS = 0x7A31
+STREAM_INCEPTION = 0x7A32
+
+
+def nearest_neighbour_accuracy(distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction of embeddings whose nearest other embedding has the same label."""
+    others = distances.detach().clone().fill_diagonal_(float("inf"))
+    return (labels[others.argmin(dim=1)] == labels).float().mean()
+
+
+@register_task("exemplar")
+class Exemplar(FullImageTask):
+    """Instance discrimination with a semi-hard triplet loss."""
+
+    @classmethod
+    def from_config(cls, config: Config) -> Exemplar:
+        backbone = backbone_from_config(
+            config,
+            num_classes=config.pretext.exemplar.embed_dim,
+            patch_mode=False,
+            input_size=config.pretext.input_size,
+        )
+        return cls(config, backbone)
+
+    def prepare_batch(
+        self, images: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
+    ) -> PretextInputs:
+        exemplar = self.config.pretext.exemplar
+        batch, copies = images.shape[0], exemplar.copies
+        if batch < 2:
+            raise ValueError(f"exemplar needs at least 2 images per batch, got {batch}")
+        gray = grayscale_mask(keys, STREAM_GRAY, exemplar.grayscale_p)
+        images = to_gray(images, gray)
+        # One derived key per copy, so every copy is an independent draw of the same primitive.
+        copy_keys = rng.bits(keys, STREAM_COPY_KEYS, copies).reshape(-1)
+        x = inception_preprocess(
+            images.repeat_interleave(copies, dim=0),
+            copy_keys,
+            STREAM_INCEPTION,
+            self.config.pretext.input_size,
+            train=True,
+        )
+        labels = torch.arange(batch, device=images.device).repeat_interleave(copies)
+        return PretextInputs(standardize(x), labels, num_images=batch)
+
+    def forward(self, batch: PretextInputs) -> TaskOutput:
+        exemplar = self.config.pretext.exemplar
+        embeddings = self.backbone(batch.inputs)["logits"]
+        distances = pairwise_squared_distances(normalize_embeddings(embeddings, exemplar.normalize))
+        loss = semihard_triplet_loss_from_distances(distances, batch.labels, exemplar.margin)
+        metrics = {"nn_accuracy": nearest_neighbour_accuracy(distances, batch.labels)}
+        return TaskOutput(loss, metrics, num_inputs=batch.inputs.shape[0])

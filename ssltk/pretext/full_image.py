@@ -1,0 +1,41 @@
+"""What Rotation and Exemplar share: a full-image backbone and its linear-evaluation readout."""
+
+from __future__ import annotations
+
+import torch
+
+from ssltk.data.augment import center_crop_offsets, crop, resize_small, to_minus1_1
+from ssltk.pretext.base import Pool, PretextTask, select_endpoints
+from ssltk.pretext.geometry import PAPER_INPUT_SIZE, round_half_up
+
+__all__ = ["FullImageTask"]
+
+#: Linear evaluation resizes the shorter side to 256 for a 224 input (paper §4.3).
+PAPER_EVAL_RESIZE = 256
+
+
+class FullImageTask(PretextTask):
+    """A task whose backbone sees whole ``input_size``² images."""
+
+    @property
+    def eval_resize(self) -> int:
+        """Shorter side before the centre crop: ``round(256 · input_size / 224)``."""
+        size = self.config.pretext.input_size
+        return round_half_up(PAPER_EVAL_RESIZE * size / PAPER_INPUT_SIZE)
+
+    @torch.no_grad()
+    def representation(
+        self, images: torch.Tensor, layers: list[str], *, pool: Pool | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Paper §4.3: shorter side ``eval_resize`` (area), centre ``input_size`` crop, [-1, 1]
+        scaling (no standardisation, also for Exemplar), then the backbone's endpoints ``layers``,
+        each passed through ``pool`` if given.
+        """
+        size = self.config.pretext.input_size
+        resized = resize_small(images, self.eval_resize)
+        offsets = center_crop_offsets(tuple(resized.shape[-2:]), size, images.shape[0])
+        x = to_minus1_1(crop(resized, offsets, size))
+        endpoints = select_endpoints(self.backbone(x), layers)
+        if pool is None:
+            return endpoints
+        return {layer: pool(value) for layer, value in endpoints.items()}

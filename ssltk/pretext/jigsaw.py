@@ -1,0 +1,93 @@
+"""Jigsaw (paper §2.3): classify which of 100 permutations shuffled an image's 3×3 patches.
+
+Each patch is embedded by the backbone in patch mode; for permutation π, slot s of the classifier
+input receives the embedding of patch π[s], and the slots are concatenated slot-major
+(``9 · embed_dim`` features; the original interleaves channels, which is the same dense layer up to
+a fixed reordering of its inputs). Training uses ``perm_subset`` permutations per step shared by
+the whole batch (drawn from the batch key) or, with ``per_image_perms``, drawn per image from its
+key; evaluation scores all permutations for every image. Labels index the full set, so the head
+always has one output per permutation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ssltk.config import Config
+from ssltk.data import rng
+from ssltk.pretext.base import PretextInputs, TaskOutput, accuracy, register_task
+from ssltk.pretext.patches import PatchHead, PatchTask
+from ssltk.pretext.permutations import load_permutations
+
+__all__ = ["Jigsaw", "arrange_slots"]
+
+STREAM_PERMUTATIONS = 0x7A10
+
+
+def arrange_slots(embeddings: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Classifier inputs ``[B·K, P·E]``: for image ``i`` and permutation ``order[i, k]``, slot ``s``
+    holds ``embeddings[i, order[i, k, s]]``; slots are concatenated slot-major.
+
+    ``embeddings`` is ``[B, P, E]``, ``order`` ``[B, K, P]``.
+    """
+    image = torch.arange(embeddings.shape[0], device=embeddings.device)[:, None, None]
+    return embeddings[image, order].flatten(0, 1).flatten(1)
+
+
+@register_task("jigsaw")
+class Jigsaw(PatchTask):
+    """Permutation classification over the patches of a grid."""
+
+    def __init__(self, config: Config) -> None:
+        jigsaw = config.pretext.jigsaw
+        permutations = load_permutations()
+        grid = config.pretext.patches.grid
+        if permutations.shape[1] != grid * grid:
+            raise ValueError(
+                f"pretext.patches.grid={grid}: the permutation set orders "
+                f"{permutations.shape[1]} patches, i.e. a 3×3 grid"
+            )
+        head = PatchHead(
+            grid * grid * jigsaw.embed_dim, jigsaw.hidden, permutations.shape[0], jigsaw.dropout
+        )
+        super().__init__(config, self.patch_backbone(config, jigsaw), head, jigsaw)
+        self.register_buffer("permutations", permutations, persistent=False)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Jigsaw:
+        return cls(config)
+
+    def choose_permutations(
+        self, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
+    ) -> torch.Tensor:
+        """``[B, K]`` indices into the permutation set for each image."""
+        count = self.permutations.shape[0]
+        batch = keys.shape[0]
+        if not train:
+            return torch.arange(count).expand(batch, count)
+        subset = self.config.pretext.jigsaw.perm_subset
+        if self.config.pretext.jigsaw.per_image_perms:
+            return rng.permutation(keys, STREAM_PERMUTATIONS, count)[:, :subset].cpu()
+        shared = rng.permutation(batch_key, STREAM_PERMUTATIONS, count)[0, :subset].cpu()
+        return shared.expand(batch, subset)
+
+    def prepare_batch(
+        self, images: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
+    ) -> PretextInputs:
+        patches = self.sample_patches(images, keys, train=train)
+        chosen = self.choose_permutations(keys, batch_key, train=train)
+        return PretextInputs(
+            patches, chosen.reshape(-1).to(images.device), num_images=images.shape[0]
+        )
+
+    def forward(self, batch: PretextInputs) -> TaskOutput:
+        embeddings = self.embed(batch.inputs)  # [B, 9, E]
+        order = self.permutations[batch.labels].view(embeddings.shape[0], -1, embeddings.shape[1])
+        logits = self.head(arrange_slots(embeddings, order))
+        loss = F.cross_entropy(logits, batch.labels)
+        return TaskOutput(
+            loss,
+            {"accuracy": accuracy(logits, batch.labels)},
+            num_inputs=batch.inputs.shape[0] * batch.inputs.shape[1],
+        )

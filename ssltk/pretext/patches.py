@@ -1,0 +1,158 @@
+"""What Jigsaw and Relative Patch Location share: patch sampling, per-patch embedding, the MLP head.
+
+Training patches (paper §2.3): bilinear resize to ``resize``², grayscale per image with
+probability ``grayscale_p``, a ``crop``² crop (random; centred in eval), a ``grid``×``grid`` grid of
+``cell``² cells and a ``patch``² sub-crop per cell (random jitter; centred in eval), each patch
+standardised. The crop and jitter are folded into per-patch offsets, so one call of
+:func:`kernels.patch_extraction.extract_patches` gathers, grays and standardises every patch of the
+batch without materialising the crop. Patches are in row-major grid order (centre = ``grid²//2``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels.patch_extraction import extract_patches
+from ssltk.config import Config, PatchHeadConfig
+from ssltk.data import rng
+from ssltk.data.augment import (
+    center_crop_offsets,
+    grayscale_mask,
+    random_crop_offsets,
+    resize_bilinear,
+    resize_small,
+)
+from ssltk.pretext.base import (
+    Pool,
+    PretextTask,
+    backbone_from_config,
+    select_endpoints,
+)
+from ssltk.pretext.geometry import PatchLayout, resolve_patch_layout
+
+__all__ = ["PatchHead", "PatchTask", "grid_offsets"]
+
+STREAM_GRAY = 0x7A01
+STREAM_CROP = 0x7A02
+STREAM_JITTER = 0x7A03
+
+HEAD_INIT_STD = 0.005
+HEAD_HIDDEN_BIAS = 0.1
+HEAD_BN_MOMENTUM = 0.003  # TF decay 0.997
+HEAD_BN_EPS = 1e-5
+
+
+class PatchHead(nn.Sequential):
+    """Dense → BN → ReLU → Dropout → Dense, initialised as the released patch head (§2.3)."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float) -> None:
+        super().__init__(
+            nn.Linear(in_features, hidden),
+            nn.BatchNorm1d(hidden, eps=HEAD_BN_EPS, momentum=HEAD_BN_MOMENTUM),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+        for layer, bias in ((self[0], HEAD_HIDDEN_BIAS), (self[4], 0.0)):
+            # TF's truncated normal redraws values beyond two standard deviations.
+            nn.init.trunc_normal_(
+                layer.weight, std=HEAD_INIT_STD, a=-2 * HEAD_INIT_STD, b=2 * HEAD_INIT_STD
+            )
+            nn.init.constant_(layer.bias, bias)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Dense kernels with ``weight_decay``; biases and BN parameters without."""
+        kernels = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+        kernel_ids = {id(p) for p in kernels}
+        others = [p for p in self.parameters() if id(p) not in kernel_ids]
+        return [
+            {"params": kernels, "weight_decay": float(weight_decay)},
+            {"params": others, "weight_decay": 0.0},
+        ]
+
+
+def grid_offsets(grid: int, cell: int, device: torch.device | None = None) -> torch.Tensor:
+    """``[grid², 2]`` top-left (row, col) of each cell in row-major order."""
+    index = torch.arange(grid, device=device) * cell
+    rows, cols = torch.meshgrid(index, index, indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], dim=-1)
+
+
+class PatchTask(PretextTask):
+    """A task whose backbone embeds each patch in patch mode and whose head reads the embeddings."""
+
+    def __init__(
+        self, config: Config, backbone: nn.Module, head: PatchHead, head_config: PatchHeadConfig
+    ) -> None:
+        super().__init__(config, backbone)
+        self.head = head
+        self.head_weight_decay = head_config.weight_decay
+        self.layout: PatchLayout = resolve_patch_layout(
+            config.pretext.patches, config.pretext.input_size
+        )
+
+    @staticmethod
+    def patch_backbone(config: Config, head_config: PatchHeadConfig) -> nn.Module:
+        layout = resolve_patch_layout(config.pretext.patches, config.pretext.input_size)
+        return backbone_from_config(
+            config, num_classes=head_config.embed_dim, patch_mode=True, input_size=layout.patch
+        )
+
+    def sample_patches(
+        self, images: torch.Tensor, keys: torch.Tensor, *, train: bool
+    ) -> torch.Tensor:
+        """uint8 ``[B, 3, H, W]`` → standardised float32 patches ``[B, grid², 3, patch, patch]``."""
+        layout = self.layout
+        device = images.device
+        batch = images.shape[0]
+        resized = resize_bilinear(images, layout.resize)
+        square = (layout.resize, layout.resize)
+        gray = grayscale_mask(keys, STREAM_GRAY, self.config.pretext.patches.grayscale_p)
+        if train:
+            crop = random_crop_offsets(keys, STREAM_CROP, square, layout.crop)
+            jitter = rng.randint(keys, STREAM_JITTER, layout.jitter + 1, n=2 * layout.num_patches)
+            jitter = jitter.view(batch, layout.num_patches, 2)
+        else:
+            crop = center_crop_offsets(square, layout.crop, batch)
+            jitter = torch.full((batch, layout.num_patches, 2), layout.jitter // 2)
+        cells = grid_offsets(layout.grid, layout.cell, device)
+        offsets = crop.to(device)[:, None, :] + cells[None] + jitter.to(device)
+        return extract_patches(resized, offsets, gray.to(device), layout.patch)
+
+    def embed(self, patches: torch.Tensor) -> torch.Tensor:
+        """``[B, P, 3, p, p]`` patches → ``[B, P, embed_dim]`` per-patch embeddings (logits)."""
+        batch, num_patches = patches.shape[:2]
+        logits = self.backbone(patches.flatten(0, 1))["logits"]
+        return logits.view(batch, num_patches, -1)
+
+    def head_param_groups(self) -> list[dict]:
+        return self.head.param_groups(self.head_weight_decay)
+
+    @torch.no_grad()
+    def representation(
+        self, images: torch.Tensor, layers: list[str], *, pool: Pool | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Paper §2.5: shorter side ``input_size`` (area), centre ``grid·patch`` crop, unjittered
+        grid, per-patch standardisation, no grayscale; each endpoint is computed per patch, passed
+        through ``pool`` if given (the per-patch pooling of §4.2) and averaged over the patches.
+        """
+        layout = self.layout
+        batch = images.shape[0]
+        resized = resize_small(images, layout.eval_resize)
+        height, width = resized.shape[-2:]
+        corner = torch.tensor(
+            [(height - layout.eval_crop) // 2, (width - layout.eval_crop) // 2],
+            device=images.device,
+        )
+        offsets = (corner + grid_offsets(layout.grid, layout.patch, images.device)).expand(
+            batch, -1, -1
+        )
+        gray = torch.zeros(batch, dtype=torch.bool, device=images.device)
+        patches = extract_patches(resized, offsets, gray, layout.patch)
+        endpoints = select_endpoints(self.backbone(patches.flatten(0, 1)), layers)
+        out = {}
+        for layer, value in endpoints.items():
+            value = pool(value) if pool is not None else value
+            out[layer] = value.view(batch, layout.num_patches, *value.shape[1:]).mean(dim=1)
+        return out

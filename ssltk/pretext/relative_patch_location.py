@@ -1,0 +1,67 @@
+"""Relative Patch Location (paper §2.4): where is a neighbour patch relative to the centre one?
+
+All 8 (neighbour, centre) pairs of every image are classified; the classifier input is
+``concat(embedding[neighbour], embedding[centre])`` (slot-major, see :mod:`ssltk.pretext.jigsaw`).
+Label ``i`` is the ``i``-th non-centre grid position in row-major order: top-left, top, top-right,
+left, right, bottom-left, bottom, bottom-right.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ssltk.config import Config
+from ssltk.pretext.base import PretextInputs, TaskOutput, accuracy, register_task
+from ssltk.pretext.patches import PatchHead, PatchTask
+
+__all__ = ["RelativePatchLocation", "neighbour_centre_pairs"]
+
+
+def neighbour_centre_pairs(
+    embeddings: torch.Tensor, neighbours: torch.Tensor, centre: int
+) -> torch.Tensor:
+    """``[B·N, 2E]`` rows ``concat(embeddings[i, neighbours[n]], embeddings[i, centre])``,
+    image-major, for ``[B, P, E]`` embeddings."""
+    neighbour = embeddings[:, neighbours]
+    centre_rows = embeddings[:, centre : centre + 1].expand_as(neighbour)
+    return torch.cat([neighbour, centre_rows], dim=-1).flatten(0, 1)
+
+
+@register_task("relative_patch_location")
+class RelativePatchLocation(PatchTask):
+    """Classification of each neighbour's position around the centre patch."""
+
+    def __init__(self, config: Config) -> None:
+        rpl = config.pretext.relative_patch_location
+        grid = config.pretext.patches.grid
+        if grid % 2 == 0:
+            raise ValueError(f"pretext.patches.grid={grid}: needs a centre patch, i.e. an odd grid")
+        positions = grid * grid
+        head = PatchHead(2 * rpl.embed_dim, rpl.hidden, positions - 1, rpl.dropout)
+        super().__init__(config, self.patch_backbone(config, rpl), head, rpl)
+        self.centre = positions // 2
+        neighbours = torch.tensor([i for i in range(positions) if i != self.centre])
+        self.register_buffer("neighbours", neighbours, persistent=False)
+
+    @classmethod
+    def from_config(cls, config: Config) -> RelativePatchLocation:
+        return cls(config)
+
+    def prepare_batch(
+        self, images: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
+    ) -> PretextInputs:
+        patches = self.sample_patches(images, keys, train=train)
+        num_neighbours = self.neighbours.numel()
+        labels = torch.arange(num_neighbours, device=images.device).repeat(images.shape[0])
+        return PretextInputs(patches, labels, num_images=images.shape[0])
+
+    def forward(self, batch: PretextInputs) -> TaskOutput:
+        embeddings = self.embed(batch.inputs)  # [B, P, E]
+        logits = self.head(neighbour_centre_pairs(embeddings, self.neighbours, self.centre))
+        loss = F.cross_entropy(logits, batch.labels)
+        return TaskOutput(
+            loss,
+            {"accuracy": accuracy(logits, batch.labels)},
+            num_inputs=batch.inputs.shape[0] * batch.inputs.shape[1],
+        )

@@ -1,0 +1,63 @@
+"""Rotation (paper §2.1): predict which multiple of 90° an image was rotated by.
+
+Every image is inception-preprocessed once at ``input_size`` and contributes all four rotations to
+the same batch, adjacent: copy ``k`` is rotated ``k × 90°`` counter-clockwise (``numpy.rot90``)
+and labelled ``k``. The 4-way classifier is the backbone's own ``logits`` layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ssltk.config import Config
+from ssltk.data.augment import inception_preprocess
+from ssltk.pretext.base import (
+    PretextInputs,
+    TaskOutput,
+    accuracy,
+    backbone_from_config,
+    register_task,
+)
+from ssltk.pretext.full_image import FullImageTask
+
+__all__ = ["NUM_ROTATIONS", "Rotation", "rotate_all"]
+
+NUM_ROTATIONS = 4
+STREAM_INCEPTION = 0x7A20
+
+
+def rotate_all(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` square images → ``[4B, C, H, W]``: each image's rotations 0..3, adjacent."""
+    rotations = [torch.rot90(x, k, dims=(2, 3)) for k in range(NUM_ROTATIONS)]
+    return torch.stack(rotations, dim=1).flatten(0, 1)
+
+
+@register_task("rotation")
+class Rotation(FullImageTask):
+    """Four-way rotation classification."""
+
+    @classmethod
+    def from_config(cls, config: Config) -> Rotation:
+        backbone = backbone_from_config(
+            config,
+            num_classes=NUM_ROTATIONS,
+            patch_mode=False,
+            input_size=config.pretext.input_size,
+        )
+        return cls(config, backbone)
+
+    def prepare_batch(
+        self, images: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
+    ) -> PretextInputs:
+        size = self.config.pretext.input_size
+        x = inception_preprocess(images, keys, STREAM_INCEPTION, size, train=train)
+        labels = torch.arange(NUM_ROTATIONS, device=images.device).repeat(images.shape[0])
+        return PretextInputs(rotate_all(x), labels, num_images=images.shape[0])
+
+    def forward(self, batch: PretextInputs) -> TaskOutput:
+        logits = self.backbone(batch.inputs)["logits"]
+        loss = F.cross_entropy(logits, batch.labels)
+        return TaskOutput(
+            loss, {"accuracy": accuracy(logits, batch.labels)}, num_inputs=batch.inputs.shape[0]
+        )

@@ -1,0 +1,162 @@
+"""Batched patch extraction: Triton kernel (interpreted on CPU), torch reference, naive loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels.dispatch import force
+from kernels.patch_extraction import (
+    extract_patches,
+    extract_patches_reference,
+    extract_patches_triton,
+)
+
+
+def naive_patches(
+    images: torch.Tensor, offsets: torch.Tensor, gray: torch.Tensor, p: int
+) -> torch.Tensor:
+    """One patch at a time: crop, grayscale, standardise (paper §2.0), written independently."""
+    batch, channels = images.shape[:2]
+    out = torch.empty(batch, offsets.shape[1], channels, p, p, dtype=torch.float64)
+    for b in range(batch):
+        for j in range(offsets.shape[1]):
+            row, col = (int(v) for v in offsets[b, j])
+            patch = images[b, :, row : row + p, col : col + p]
+            if gray[b]:
+                if images.dtype == torch.uint8:
+                    mean = patch.long().sum(0) // channels
+                else:
+                    mean = patch.float().sum(0) / channels
+                patch = mean.expand(channels, p, p)
+            x = patch.double() if images.dtype == torch.uint8 else patch.float().double()
+            n = x.numel()
+            std = x.std(correction=0)
+            out[b, j] = (x - x.mean()) / max(float(std), 1 / math.sqrt(n))
+    return out.float()
+
+
+def _case(seed: int, dtype: torch.dtype, batch: int, channels: int, height: int, width: int,
+          p: int, num_patches: int, border: bool):  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.uint8:
+        images = torch.randint(0, 256, (batch, channels, height, width), generator=g, dtype=dtype)
+    else:
+        images = (torch.rand(batch, channels, height, width, generator=g) * 255).to(dtype)
+    rows = torch.randint(0, height - p + 1, (batch, num_patches), generator=g)
+    cols = torch.randint(0, width - p + 1, (batch, num_patches), generator=g)
+    if border:  # pin patches to every edge and corner
+        rows[:, 0], cols[:, 0] = 0, 0
+        rows[:, -1], cols[:, -1] = height - p, width - p
+    gray = torch.rand(batch, generator=g) < 0.5
+    return images, torch.stack([rows, cols], dim=-1), gray
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from([torch.uint8, torch.float32, torch.float16]),
+    batch=st.integers(1, 3),
+    channels=st.sampled_from([1, 3]),
+    height=st.integers(4, 20),
+    width=st.integers(4, 20),
+    p_frac=st.floats(0.1, 1.0),
+    num_patches=st.integers(1, 4),
+    border=st.booleans(),
+)
+def test_kernel_matches_reference_and_naive_loop(
+    seed, dtype, batch, channels, height, width, p_frac, num_patches, border
+):
+    p = max(1, int(min(height, width) * p_frac))
+    images, offsets, gray = _case(
+        seed, dtype, batch, channels, height, width, p, num_patches, border
+    )
+    naive = naive_patches(images, offsets, gray, p)
+    reference = extract_patches_reference(images, offsets, gray, p)
+    with force("triton"):
+        kernel = extract_patches(images, offsets, gray, p)
+    assert kernel.shape == (batch, num_patches, channels, p, p) and kernel.dtype == torch.float32
+    torch.testing.assert_close(reference, naive, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(kernel, reference, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("gray_on", [True, False])
+def test_kernel_chunked_path_for_large_patches(dtype, gray_on):
+    # 70×70 = 4900 pixels needs more than one tile per patch.
+    images, offsets, _ = _case(3, dtype, 2, 3, 72, 75, 70, 2, border=True)
+    gray = torch.full((2,), gray_on)
+    reference = extract_patches_reference(images, offsets, gray, 70)
+    kernel = extract_patches_triton(images, offsets, gray, 70)
+    torch.testing.assert_close(kernel, reference, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(reference, naive_patches(images, offsets, gray, 70), atol=2e-5,
+                               rtol=1e-5)  # fmt: skip
+
+
+def test_uint8_grayscale_is_truncated_integer_mean():
+    images = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
+    images[0, :, 0, 0] = torch.tensor([1, 1, 0], dtype=torch.uint8)  # mean 2/3 → 0
+    images[0, :, 1, 1] = torch.tensor([255, 255, 254], dtype=torch.uint8)  # 764/3 → 254
+    offsets = torch.zeros(1, 1, 2, dtype=torch.long)
+    gray = torch.tensor([True])
+    expected_gray = torch.tensor([[0.0, 0.0], [0.0, 254.0]])
+    expected = (expected_gray - expected_gray.mean()) / expected_gray.std(correction=0)
+    for mode in ("torch", "triton"):
+        with force(mode):
+            out = extract_patches(images, offsets, gray, 2)
+        for c in range(3):
+            torch.testing.assert_close(out[0, 0, c], expected)
+
+
+def test_constant_patch_uses_minimum_std():
+    images = torch.full((1, 3, 4, 4), 7, dtype=torch.uint8)
+    offsets = torch.tensor([[[1, 1]]])
+    for mode in ("torch", "triton"):
+        with force(mode):
+            out = extract_patches(images, offsets, torch.tensor([False]), 3)
+        assert torch.equal(out, torch.zeros(1, 1, 3, 3, 3))
+
+
+def test_non_contiguous_images():
+    base, offsets, gray = _case(5, torch.float32, 2, 3, 9, 12, 4, 3, border=True)
+    images = base.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # same values, new strides
+    assert not images.is_contiguous()
+    with force("triton"):
+        kernel = extract_patches(images, offsets, gray, 4)
+    torch.testing.assert_close(kernel, extract_patches_reference(base, offsets, gray, 4))
+
+
+def test_dispatch_uses_reference_on_cpu_by_default():
+    images, offsets, gray = _case(7, torch.uint8, 2, 3, 10, 10, 5, 2, border=False)
+    with force("auto"):
+        out = extract_patches(images, offsets, gray, 5)
+    assert torch.equal(out, extract_patches_reference(images, offsets, gray, 5))
+
+
+@pytest.mark.parametrize(
+    "row, col", [(-1, 0), (0, -2), (6, 0), (0, 7)], ids=["top", "left", "bottom", "right"]
+)
+def test_out_of_bounds_offset_names_the_offset(row, col):
+    images = torch.zeros(2, 3, 10, 11, dtype=torch.uint8)
+    offsets = torch.zeros(2, 3, 2, dtype=torch.long)
+    offsets[1, 2] = torch.tensor([row, col])
+    with pytest.raises(ValueError, match=rf"offsets\[1, 2\] = \({row}, {col}\)"):
+        extract_patches(images, offsets, torch.zeros(2, dtype=torch.bool), 5)
+
+
+def test_bad_arguments_are_named():
+    images = torch.zeros(2, 3, 8, 8)
+    offsets = torch.zeros(2, 1, 2, dtype=torch.long)
+    gray = torch.zeros(2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="patch_size"):
+        extract_patches(images, offsets, gray, 9)
+    with pytest.raises(ValueError, match="gray"):
+        extract_patches(images, offsets, gray.long(), 4)
+    with pytest.raises(ValueError, match="offsets"):
+        extract_patches(images, offsets.float(), gray, 4)
+    with pytest.raises(ValueError, match="images"):
+        extract_patches(images.long(), offsets, gray, 4)
