@@ -1,0 +1,310 @@
+"""MLflow conventions of ssltk, all in one place.
+
+One experiment per study (``tracking.experiment``), created up front. A pretraining run carries the
+flattened config as params, ``ssltk.*`` tags (kind, task, arch, widening, git commit, data hash,
+library versions, device), step metrics ``train/*`` and epoch metrics ``epoch/*``, and the
+artifacts ``config/params.yaml`` and ``checkpoint/<file>`` (with its ``.sha256`` sidecar). Eval
+runs are tagged ``ssltk.kind=eval`` and ``ssltk.pretrain_run_id`` and log ``probe/<method>/top<k>/
+<layer>`` metrics, which are also written back to the pretraining run.
+
+The tracking URI defaults to the project's SQLite store as an absolute path, and artifacts of a
+SQLite store go to ``mlruns/`` beside the database file, so a run started from a temporary copy of
+the project (``dvc exp run``) still lands in the project's store. mlflow is imported lazily and
+kept quiet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import re
+import subprocess
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ssltk.config import PROJECT_ROOT, Config, dump_config
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+TAG_KIND = "ssltk.kind"
+TAG_TASK = "ssltk.task"
+TAG_ARCH = "ssltk.arch"
+TAG_WIDENING = "ssltk.widening"
+TAG_GIT_COMMIT = "ssltk.git_commit"
+TAG_GIT_DIRTY = "ssltk.git_dirty"
+TAG_DATA_HASH = "ssltk.data_hash"
+TAG_DEVICE = "ssltk.device"
+TAG_WORLD_SIZE = "ssltk.world_size"
+TAG_FAILURE = "ssltk.failure"
+TAG_PRETRAIN_RUN_ID = "ssltk.pretrain_run_id"
+TAG_VERSION_PREFIX = "ssltk.version."
+TAG_RESUMED_PREFIX = "ssltk.resumed_with."
+MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+
+KIND_PRETRAIN = "pretrain"
+KIND_EVAL = "eval"
+
+CONFIG_ARTIFACT = "config/params.yaml"
+CHECKPOINT_ARTIFACT_DIR = "checkpoint"
+
+#: Libraries whose versions every run records.
+TRACKED_LIBRARIES = ("torch", "numpy", "triton", "ssltk")
+
+
+def train_metric(name: str) -> str:
+    return f"train/{name}"
+
+
+def epoch_metric(name: str) -> str:
+    return f"epoch/{name}"
+
+
+def probe_metric(method: str, k: int, layer: str) -> str:
+    """``probe/<method>/top<k>/<layer>``, e.g. ``probe/lbfgs/top1/pre_logits``."""
+    return f"probe/{method}/top{k}/{layer}"
+
+
+def run_name(config: Config) -> str:
+    """``<task>-<arch>-w<widening>``: also the default output directory name."""
+    return f"{config.pretext.task}-{config.model.arch}-w{config.model.widening}"
+
+
+def quiet_mlflow() -> None:
+    """Silence mlflow's and alembic's INFO chatter and mlflow's warnings.
+
+    mlflow sets up its own logger when imported, so it is imported first and then turned down.
+    """
+    import mlflow  # noqa: F401
+
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module=r"mlflow(\..*)?")
+    warnings.filterwarnings("ignore", message=r".*mlflow.*", category=FutureWarning)
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    """A quiet ``MlflowClient`` for ``tracking_uri`` (the SQLite file's folder is created)."""
+    quiet_mlflow()
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    prefix = "sqlite:///"
+    return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """``file://<db folder>/mlruns/<experiment>`` for SQLite stores; mlflow's default otherwise."""
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("_") or "default"
+    return (db.parent.resolve() / "mlruns" / slug).as_uri()
+
+
+def ensure_experiment(mlflow_client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created (with its artifact location) if missing."""
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    return mlflow_client.create_experiment(
+        name, artifact_location=artifact_location(tracking_uri, name)
+    )
+
+
+def git_state(cwd: Path | None = None) -> tuple[str, bool | None]:
+    """``(commit, dirty)`` of the git checkout at ``cwd``; ``("unknown", None)`` outside one."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+    return commit, dirty
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def param_value(value: Any) -> str:
+    """How a config value is written as an MLflow param: strings as-is, the rest as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def pretrain_tags(
+    config: Config, *, data_hash: str, device: str, world_size: int = 1
+) -> dict[str, str]:
+    commit, dirty = git_state()
+    if dirty is None:  # not run from a checkout: the code's own (editable) source tree
+        commit, dirty = git_state(PROJECT_ROOT)
+    tags = {
+        TAG_KIND: KIND_PRETRAIN,
+        TAG_TASK: config.pretext.task,
+        TAG_ARCH: config.model.arch,
+        TAG_WIDENING: str(config.model.widening),
+        TAG_GIT_COMMIT: commit,
+        MLFLOW_GIT_COMMIT: commit,
+        TAG_GIT_DIRTY: "unknown" if dirty is None else str(dirty).lower(),
+        TAG_DATA_HASH: data_hash,
+        TAG_DEVICE: device,
+        TAG_WORLD_SIZE: str(world_size),
+        "mlflow.runName": run_name(config),
+    }
+    tags.update({f"{TAG_VERSION_PREFIX}{k}": v for k, v in library_versions().items()})
+    return tags
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclass
+class TrackedRun:
+    """One MLflow run that the engine logs to (only rank 0 holds one)."""
+
+    client: MlflowClient
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+    def log_metrics(self, rows: Iterable[tuple[int, Mapping[str, float]]]) -> None:
+        """``rows`` of ``(step, {name: value})``, sent in as few requests as allowed."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(name, float(value), now, step)
+            for step, values in rows
+            for name, value in values.items()
+        ]
+        for chunk in _chunks(metrics, 1000):
+            self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for chunk in _chunks(items, 100):
+            self.client.log_batch(self.run_id, tags=chunk, synchronous=True)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, param_value(v)[:6000]) for k, v in params.items()]
+        for chunk in _chunks(items, 100):
+            self.client.log_batch(self.run_id, params=chunk, synchronous=True)
+
+    def log_artifact(self, path: Path, artifact_dir: str) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def finish(self, status: str = "FINISHED", failure: str | None = None) -> None:
+        """End the run as FINISHED, FAILED or KILLED (``failure`` is kept as a tag)."""
+        if failure:
+            self.set_tags({TAG_FAILURE: failure[:5000]})
+        self.client.set_terminated(self.run_id, status)
+
+
+def start_pretrain_run(
+    config: Config,
+    *,
+    data_hash: str,
+    device: str,
+    world_size: int = 1,
+    resume_run_id: str | None = None,
+    stale_run_id: str | None = None,
+) -> TrackedRun:
+    """Create the pretraining run, or reopen ``resume_run_id`` when the store still has it.
+
+    ``stale_run_id`` is an earlier attempt that left no checkpoint; if it is still RUNNING it is
+    marked KILLED before a new run starts.
+
+    A reopened run keeps its params; values that changed since (e.g. ``pretrain.epochs`` raised
+    to train longer) are recorded as ``ssltk.resumed_with.<key>`` tags, since MLflow params are
+    write-once.
+    """
+    uri = config.tracking.resolved_uri()
+    mlflow_client = client(uri)
+    experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment, uri)
+    params = config.flat()
+    tags = pretrain_tags(config, data_hash=data_hash, device=device, world_size=world_size)
+
+    existing = _find_run(mlflow_client, resume_run_id) if resume_run_id else None
+    if existing is not None and existing.info.experiment_id == experiment_id:
+        run = TrackedRun(mlflow_client, existing.info.run_id, experiment_id, uri)
+        mlflow_client.update_run(run.run_id, status="RUNNING")
+        logged = existing.data.params
+        missing = {k: v for k, v in params.items() if k not in logged}
+        changed = {
+            f"{TAG_RESUMED_PREFIX}{k}": param_value(v)
+            for k, v in params.items()
+            if k in logged and logged[k] != param_value(v)[:6000]
+        }
+        run.log_params(missing)
+        run.set_tags({**tags, **changed})
+        run.log_text(dump_config(config), CONFIG_ARTIFACT)
+        return run
+
+    stale = _find_run(mlflow_client, stale_run_id) if stale_run_id else None
+    if stale is not None and stale.info.status == "RUNNING":
+        mlflow_client.set_terminated(stale.info.run_id, "KILLED")
+    created = mlflow_client.create_run(experiment_id, tags=tags, run_name=run_name(config))
+    run = TrackedRun(mlflow_client, created.info.run_id, experiment_id, uri)
+    run.log_params(params)
+    run.log_text(dump_config(config), CONFIG_ARTIFACT)
+    return run
+
+
+def _find_run(mlflow_client: MlflowClient, run_id: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def fetch_checkpoint(mlflow_client: MlflowClient, run_id: str, destination: Path) -> Path:
+    """Download a pretraining run's checkpoint into ``destination``, verified by its sidecar."""
+    from ssltk.train.checkpoint import SIDECAR_SUFFIX, verify_checkpoint
+
+    destination.mkdir(parents=True, exist_ok=True)
+    folder = Path(
+        mlflow_client.download_artifacts(run_id, CHECKPOINT_ARTIFACT_DIR, str(destination))
+    )
+    files = sorted(p for p in folder.iterdir() if not p.name.endswith(SIDECAR_SUFFIX))
+    if not files:
+        raise FileNotFoundError(
+            f"run {run_id}: no checkpoint under artifacts/{CHECKPOINT_ARTIFACT_DIR}"
+        )
+    verify_checkpoint(files[-1])
+    return files[-1]

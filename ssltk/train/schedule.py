@@ -1,0 +1,102 @@
+"""The pretraining learning-rate schedule (paper §5.1): linear warm-up from 0, then step decays.
+
+Everything is expressed in epochs in the config and converted to global steps with
+``steps_per_epoch = floor(num_images / global_batch)``; the last partial batch is dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ssltk.config import PretrainConfig
+
+#: The batch size (in source images) that ``base_lr`` refers to.
+LR_REFERENCE_BATCH = 256
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """Full global batches in one pass over ``num_images`` images."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    steps = num_images // batch_size
+    if steps == 0:
+        raise ValueError(
+            f"pretrain.batch_size={batch_size} is larger than the training split "
+            f"({num_images} images)"
+        )
+    return steps
+
+
+def peak_lr(base_lr: float, batch_size: int) -> float:
+    """Linear scaling: ``base_lr`` per 256 images times the global batch in images."""
+    return base_lr * batch_size / LR_REFERENCE_BATCH
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """``lr(step)`` for the update made at 0-based global ``step``.
+
+    During warm-up the rate is ``peak * step / warmup_steps`` (so the first update has rate 0);
+    afterwards it is ``peak * decay_factor ** k`` where ``k`` counts the decay boundaries reached
+    (``step >= boundary``). Boundaries are ``floor(decay_epoch * steps_per_epoch)``.
+    """
+
+    peak: float
+    warmup_steps: float
+    boundaries: tuple[int, ...]
+    decay_factor: float
+
+    def __post_init__(self) -> None:
+        if self.peak <= 0 or not math.isfinite(self.peak):
+            raise ValueError(f"peak learning rate must be positive and finite, got {self.peak}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if list(self.boundaries) != sorted(self.boundaries):
+            raise ValueError(f"decay boundaries must be increasing, got {list(self.boundaries)}")
+        if not 0 < self.decay_factor <= 1:
+            raise ValueError(f"decay_factor must be in (0, 1], got {self.decay_factor}")
+
+    @classmethod
+    def from_epochs(
+        cls,
+        *,
+        base_lr: float,
+        batch_size: int,
+        steps_per_epoch: int,
+        warmup_epochs: float,
+        decay_epochs: Sequence[float],
+        decay_factor: float,
+    ) -> StepSchedule:
+        return cls(
+            peak=peak_lr(base_lr, batch_size),
+            warmup_steps=warmup_epochs * steps_per_epoch,
+            boundaries=tuple(math.floor(e * steps_per_epoch) for e in decay_epochs),
+            decay_factor=decay_factor,
+        )
+
+    @classmethod
+    def from_config(cls, config: PretrainConfig, steps_per_epoch: int) -> StepSchedule:
+        return cls.from_epochs(
+            base_lr=config.base_lr,
+            batch_size=config.batch_size,
+            steps_per_epoch=steps_per_epoch,
+            warmup_epochs=config.warmup_epochs,
+            decay_epochs=config.decay_epochs,
+            decay_factor=config.decay_factor,
+        )
+
+    def __call__(self, step: int) -> float:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step < self.warmup_steps:
+            return self.peak * step / self.warmup_steps
+        decays = sum(step >= b for b in self.boundaries)
+        return self.peak * self.decay_factor**decays
+
+
+def total_steps(config: PretrainConfig, steps_per_epoch: int) -> int:
+    """Updates in the whole run: ``epochs * steps_per_epoch``, capped by ``max_steps``."""
+    steps = config.epochs * steps_per_epoch
+    return min(steps, config.max_steps) if config.max_steps is not None else steps
