@@ -10,9 +10,29 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of every rank's input is the sum of all ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.clone()
+        dist.all_reduce(out)
+        return out
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum of ``x`` over all processes."""
+    return _AllReduceSum.apply(x)
 
 
 class GlobalBatchNorm(_BatchNorm):
@@ -31,11 +51,11 @@ class GlobalBatchNorm(_BatchNorm):
         shape = [1, -1] + [1] * (input.dim() - 2)
         x = input.float()
         local_count = x.new_tensor([x.numel() / x.shape[1]])
-        totals = dist_fn.all_reduce(torch.cat([x.sum(dims), local_count]))
+        totals = all_reduce_sum(torch.cat([x.sum(dims), local_count]))
         count = totals[-1]
         mean = totals[:-1] / count
         centred = x - mean.reshape(shape)
-        var = dist_fn.all_reduce(centred.square().sum(dims)) / count
+        var = all_reduce_sum(centred.square().sum(dims)) / count
         out = centred * torch.rsqrt(var + self.eps).reshape(shape)
         if self.affine:
             out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
