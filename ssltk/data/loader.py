@@ -1,0 +1,158 @@
+"""A deterministic, resumable, shardable batch loader over a prepared split.
+
+The order of an epoch is a permutation drawn from ``(seed, epoch)`` by :mod:`ssltk.data.rng`, never
+from torch's global generator, and every batch's indices are fixed before any worker starts. Workers
+only gather/decode images, so batch ``b`` holds the same images for any worker count, after a resume
+at ``start_step`` and, concatenated over ranks, for any ``world_size``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ssltk.data import rng
+from ssltk.data.dataset import PreparedSplit
+from ssltk.data.errors import DataError
+
+# The epoch order uses a batch key at a step no real batch reaches, on its own stream.
+_ORDER_STEP = 2**63 - 1
+_ORDER_STREAM = 0x0DE7
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One rank's share of a global batch."""
+
+    images: torch.Tensor  # uint8 [B, 3, S, S]
+    labels: torch.Tensor  # int64 [B]; -1 where unlabeled
+    indices: torch.Tensor  # int64 [B], item indices in the split
+    keys: torch.Tensor  # int64 [B], rng.sample_keys(seed, epoch, indices)
+    epoch: int
+    step: int
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class _Gather(Dataset):
+    """Item ``i`` is the images of the ``i``-th index batch; run in DataLoader workers."""
+
+    def __init__(self, split: PreparedSplit, batches: list[torch.Tensor]):
+        self.split = split
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.split.images(self.batches[i])
+
+
+class DeterministicLoader:
+    """Batches of ``split`` in a seeded order; ``batch_size`` is the global batch over all ranks."""
+
+    def __init__(
+        self,
+        split: PreparedSplit,
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size < 1:
+            raise DataError(f"batch_size must be positive, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
+        if batch_size % world_size:
+            raise DataError(
+                f"batch_size {batch_size} is not divisible by world_size {world_size}: every rank "
+                "must take an equal share of the global batch"
+            )
+        if workers < 0:
+            raise DataError(f"workers must be >= 0, got {workers}")
+        if drop_last and batch_size > len(split):
+            raise DataError(
+                f"batch_size {batch_size} is larger than split {split.name!r} ({len(split)} "
+                "images): with drop_last no batch would be produced"
+            )
+        self.split = split
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.workers = workers
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def per_rank_batch_size(self) -> int:
+        return self.batch_size // self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """``floor(N / batch_size)`` with ``drop_last``, else ``ceil(N / batch_size)``."""
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The epoch's item order, int64 ``[N]``: a permutation from ``(seed, epoch)``."""
+        n = len(self.split)
+        if not self.shuffle:
+            return torch.arange(n, dtype=torch.int64)
+        key = rng.batch_key(self.seed, epoch, _ORDER_STEP)
+        return rng.permutation(key, _ORDER_STREAM, n)[0]
+
+    def _shard(self, global_batch: torch.Tensor) -> torch.Tensor:
+        if len(global_batch) == self.batch_size:
+            share = self.per_rank_batch_size
+            return global_batch[self.rank * share : (self.rank + 1) * share]
+        return torch.tensor_split(global_batch, self.world_size)[self.rank]  # a last partial batch
+
+    def batch_indices(self, epoch: int, step: int) -> torch.Tensor:
+        """This rank's item indices for ``step`` of ``epoch``."""
+        if not 0 <= step < self.steps_per_epoch:
+            raise IndexError(f"step {step} is not in 0..{self.steps_per_epoch - 1}")
+        order = self.order(epoch)
+        return self._shard(order[step * self.batch_size : (step + 1) * self.batch_size])
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` from ``start_step`` on (resume mid-epoch with the next step)."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise DataError(f"start_step {start_step} is not in 0..{self.steps_per_epoch}")
+        order = self.order(epoch)
+        steps = range(start_step, self.steps_per_epoch)
+        index_batches = [
+            self._shard(order[s * self.batch_size : (s + 1) * self.batch_size]) for s in steps
+        ]
+        images = self._images(index_batches)
+        for step, indices, pixels in zip(steps, index_batches, images, strict=True):
+            yield Batch(
+                images=pixels,
+                labels=self.split.labels[indices],
+                indices=indices,
+                keys=rng.sample_keys(self.seed, epoch, indices),
+                epoch=epoch,
+                step=step,
+            )
+
+    def _images(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        if self.workers == 0 or not index_batches:
+            return (self.split.images(indices) for indices in index_batches)
+        loader = DataLoader(
+            _Gather(self.split, index_batches),
+            batch_size=None,
+            shuffle=False,
+            num_workers=min(self.workers, len(index_batches)),
+        )
+        return iter(loader)

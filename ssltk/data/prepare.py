@@ -1,0 +1,286 @@
+"""``ssltk prepare``: turn a source into a prepared dataset directory with a manifest.
+
+Layout of ``data.prepared_dir``::
+
+    manifest.json                 source, counts, class names, image size, hashes, skipped images
+    <split>_labels.npy            int64 [N] (-1 for unlabeled)
+    <split>_images.npy            uint8 [N, 3, S, S]        storage "arrays" (read memory-mapped)
+    <split>_files.txt             relative paths under root storage "files" (decoded lazily)
+
+Splits are ``train``, ``val`` (held out from train per class, chosen by ``seed``), ``test`` and, for
+STL-10, ``unlabeled``. The directory is written under a temporary name and renamed into place, so an
+interrupted run never leaves something that looks prepared. Two runs with the same inputs write
+identical bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from tqdm import tqdm
+
+from ssltk.config import Config
+from ssltk.data import rng
+from ssltk.data.errors import BadImageError, DataError
+from ssltk.data.sources import EncodedSplit, Source, SourceSplit, open_source
+
+FORMAT = "ssltk-prepared/1"
+SPLIT_ORDER = ("train", "val", "test", "unlabeled")
+MANIFEST = "manifest.json"
+# The held-out split draws from its own (epoch, stream) so it never correlates with augmentation.
+_HOLDOUT_EPOCH = 2**32 - 1
+_HOLDOUT_STREAM = 0x7E1D_0C7
+
+
+def held_out_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Train items held out as ``val``: per class ``round(n_c · fraction)``, chosen by ``seed``."""
+    count = len(labels)
+    keys = rng.sample_keys(seed, _HOLDOUT_EPOCH, torch.arange(count, dtype=torch.int64))
+    scores = rng.uniform(keys, _HOLDOUT_STREAM, 1)[:, 0].numpy()
+    mask = np.zeros(count, dtype=bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        take = math.floor(len(members) * fraction + 0.5)
+        mask[members[np.argsort(scores[members], kind="stable")[:take]]] = True
+    return mask
+
+
+class _ArrayWriter:
+    """Appends images to ``<split>_images.npy`` (memory-mapped) and hashes what it stores."""
+
+    def __init__(self, directory: Path, split: str, capacity: int, size: int) -> None:
+        self.directory, self.split, self.size = directory, split, size
+        self.path = directory / f"{split}_images.npy"
+        shape = (capacity, 3, size, size)
+        self.images = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8, shape=shape)
+        self.labels: list[int] = []
+        self.digest = hashlib.sha256()
+
+    def add(self, image: np.ndarray, label: int) -> None:
+        self.images[len(self.labels)] = image
+        self.digest.update(image.tobytes())
+        self.labels.append(label)
+
+    def close(self) -> dict[str, Any]:
+        count = len(self.labels)
+        self.images.flush()
+        if count < len(self.images):  # images were skipped: keep only the rows written
+            kept = self.directory / f"{self.split}_images.kept.npy"
+            shape = (count, 3, self.size, self.size)
+            out = np.lib.format.open_memmap(kept, mode="w+", dtype=np.uint8, shape=shape)
+            for start in range(0, count, 4096):
+                out[start : start + 4096] = self.images[start : start + 4096]
+            out.flush()
+            del out
+            os.replace(kept, self.path)
+        del self.images
+        labels = _save_labels(self.directory, self.split, self.labels, self.digest)
+        return {"images": self.path.name, "files": None, "labels": labels}
+
+
+class _FileListWriter:
+    """Records checked files as ``<split>_files.txt`` (paths relative to the source root)."""
+
+    def __init__(self, directory: Path, split: str, root: Path) -> None:
+        self.directory, self.split, self.root = directory, split, root
+        self.names: list[str] = []
+        self.labels: list[int] = []
+        self.digest = hashlib.sha256()
+
+    def add(self, relpath: str, label: int) -> None:
+        self.digest.update(f"{relpath}\t{(self.root / relpath).stat().st_size}\n".encode())
+        self.names.append(relpath)
+        self.labels.append(label)
+
+    def close(self) -> dict[str, Any]:
+        path = self.directory / f"{self.split}_files.txt"
+        path.write_text("".join(f"{name}\n" for name in self.names), encoding="utf-8")
+        labels = _save_labels(self.directory, self.split, self.labels, self.digest)
+        return {"images": None, "files": path.name, "labels": labels}
+
+
+def _save_labels(directory: Path, split: str, labels: list[int], digest: Any) -> str:
+    array = np.asarray(labels, dtype=np.int64)
+    np.save(directory / f"{split}_labels.npy", array)
+    digest.update(array.astype("<i8").tobytes())
+    return f"{split}_labels.npy"
+
+
+def _targets(source: Source, fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """For each source split, the output split of each item (``train`` items may go to ``val``)."""
+    targets = {
+        name: np.full(len(split), name, dtype=object) for name, split in source.splits.items()
+    }
+    held = held_out_mask(source.splits["train"].labels, fraction, seed)
+    targets["train"][held] = "val"
+    return targets
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="img", disable=not (enabled and sys.stderr.isatty()))
+
+
+def _write_arrays(
+    split: SourceSplit, targets: np.ndarray, writers: dict[str, _ArrayWriter], ctx: _Context
+) -> None:
+    with _progress(len(split), ctx.desc, ctx.progress) as bar:
+        for index, (image, reason) in enumerate(split.decoded(ctx.size, ctx.workers)):
+            bar.update()
+            if image is None:
+                ctx.bad(split.name_of(index), reason)
+                continue
+            label = int(split.labels[index])
+            writers[targets[index]].add(image, label)
+
+
+def _write_files(
+    split: EncodedSplit, targets: np.ndarray, writers: dict[str, _FileListWriter], ctx: _Context
+) -> None:
+    with _progress(len(split), ctx.desc, ctx.progress) as bar:
+        for index, reason in enumerate(split.checked(ctx.size, ctx.workers)):
+            bar.update()
+            if reason:
+                ctx.bad(split.name_of(index), reason)
+                continue
+            writers[targets[index]].add(split.names[index], int(split.labels[index]))
+
+
+class _Context:
+    def __init__(self, config: Config, progress: bool) -> None:
+        self.size = config.data.image_size
+        self.workers = config.data.workers
+        self.progress = progress
+        self.fail = config.data.on_bad_image == "fail"
+        self.skipped: list[str] = []
+        self.desc = ""
+
+    def bad(self, name: str, reason: str) -> None:
+        if self.fail:
+            raise BadImageError(name, reason)
+        self.skipped.append(name)
+
+
+def _storage(source: Source, limit: int) -> str:
+    total = sum(len(split) for split in source.splits.values())
+    on_disk = all(split.files() is not None for split in source.splits.values())
+    return "files" if total > limit and on_disk else "arrays"
+
+
+def _write_splits(
+    source: Source, config: Config, storage: str, directory: Path, ctx: _Context
+) -> dict[str, dict[str, Any]]:
+    """Write every split into ``directory``; returns the manifest's ``splits`` section."""
+    targets = _targets(source, config.data.val_fraction, config.seed)
+    entries: dict[str, dict[str, Any]] = {}
+    for name, split in source.splits.items():
+        outputs = ("train", "val") if name == "train" else (name,)
+        ctx.desc = f"{source.name} {name}"
+        if storage == "files":
+            assert isinstance(split, EncodedSplit) and split.root is not None
+            files = {out: _FileListWriter(directory, out, split.root) for out in outputs}
+            _write_files(split, targets[name], files, ctx)
+            writers: dict[str, Any] = files
+        else:
+            arrays = {
+                out: _ArrayWriter(directory, out, int((targets[name] == out).sum()), ctx.size)
+                for out in outputs
+            }
+            _write_arrays(split, targets[name], arrays, ctx)
+            writers = arrays
+        for out, writer in writers.items():
+            stored = writer.close()
+            labels = np.asarray(writer.labels, dtype=np.int64)
+            labeled = bool((labels >= 0).all())
+            counts = np.bincount(labels, minlength=len(source.class_names)) if labeled else None
+            entries[out] = {
+                "count": len(labels),
+                "labeled": labeled,
+                "class_counts": counts.tolist() if counts is not None else None,
+                **stored,
+                "sha256": writer.digest.hexdigest(),
+            }
+    return {name: entries[name] for name in SPLIT_ORDER if name in entries}
+
+
+def _content_hash(manifest: dict[str, Any]) -> str:
+    summary = {
+        "format": manifest["format"],
+        "storage": manifest["storage"],
+        "image_size": manifest["image_size"],
+        "class_names": manifest["class_names"],
+        "splits": {name: entry.get("sha256") for name, entry in manifest["splits"].items()},
+    }
+    return hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()
+
+
+def _clear_stale(out: Path) -> None:
+    """Remove temporary dirs left by prepare runs that were killed (their process is gone)."""
+    for stale in out.parent.glob(f".{out.name}.*-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(config: Config, *, progress: bool = True) -> dict[str, Any]:
+    """Write ``config.data.prepared_dir`` from ``config.data``; returns the manifest.
+
+    Raises :class:`~ssltk.data.errors.DataError` (a ``ConfigError``) naming the path, file or image
+    at fault. Under ``data.on_bad_image: skip`` unreadable images are left out and counted in the
+    manifest's ``skipped_images`` (their names in ``skipped``).
+    """
+    data = config.data
+    out = Path(data.prepared_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"data.prepared_dir: {out} exists and is not a directory")
+    source = open_source(data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        ctx = _Context(config, progress)
+        storage = _storage(source, data.max_in_memory_images)
+        splits = _write_splits(source, config, storage, tmp, ctx)
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "source": source.name,
+            "layout": source.layout,
+            "root": str(source.root) if source.root is not None else None,
+            "storage": storage,
+            "image_size": data.image_size,
+            "native_size": source.native_size,
+            "seed": config.seed,
+            "val_fraction": data.val_fraction,
+            "class_names": source.class_names,
+            "num_classes": len(source.class_names),
+            "counts": {name: entry["count"] for name, entry in splits.items()},
+            "splits": splits,
+            "skipped_images": len(ctx.skipped),
+            "skipped": ctx.skipped,
+        }
+        manifest["content_hash"] = _content_hash(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
