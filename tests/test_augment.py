@@ -218,6 +218,14 @@ def test_crop_and_resize_is_slice_then_resize(seed, batch, out):
         np.testing.assert_allclose(got[i].numpy(), expected, atol=1e-6)
 
 
+def test_crop_and_resize_flip_equals_flipping_afterwards():
+    x = random_images(5, (3, 3, 9, 13))
+    boxes = torch.tensor([[0, 0, 9, 13], [1, 2, 5, 7], [3, 4, 6, 9]])
+    flip = torch.tensor([True, False, True])
+    expected = hflip(crop_and_resize(x, boxes, (6, 10)), flip)
+    assert torch.equal(crop_and_resize(x, boxes, (6, 10), flip=flip), expected)
+
+
 def test_crop_and_resize_rejects_boxes_outside_the_image():
     with pytest.raises(ValueError, match="box"):
         crop_and_resize(torch.zeros(1, 3, 8, 8), torch.tensor([[4, 0, 5, 8]]), 4)
@@ -314,6 +322,13 @@ def test_adjust_saturation_matches_tf_hsv_round_trip(seed, factors):
     got = adjust_saturation(x, torch.tensor(factors, dtype=torch.float32))
     for i, factor in enumerate(factors):
         np.testing.assert_allclose(got[i].numpy(), ref_saturation(x[i].numpy(), factor), atol=1e-5)
+
+
+def test_adjust_saturation_leaves_its_input_alone():
+    x = random_images(4, (2, 3, 5, 5))
+    before = x.clone()
+    adjust_saturation(x, torch.tensor([0.3, 1.7]))
+    assert torch.equal(x, before)
 
 
 def test_saturation_factors_and_identity():

@@ -260,12 +260,18 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """
     check_images(x, "adjust_saturation", channels=3)
     check_float(x, "adjust_saturation")
-    factor = _per_image(factor, x, "adjust_saturation", "factor").to(x.dtype).clamp_min(0.0)
+    return _saturate_(x.clone(), _per_image(factor, x, "adjust_saturation", "factor"))
+
+
+def _saturate_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """In-place :func:`adjust_saturation` of a tensor we own; ``factor`` is ``[B, 1, 1, 1]``."""
     value = x.amax(1, keepdim=True)
     spread = value - x.amin(1, keepdim=True)
     # Grey pixels (spread 0) get ratio f (v / 0 = inf), harmless since then v - c = 0 everywhere.
-    ratio = torch.where(value > 0, torch.minimum(factor, value / spread), 0.0)
-    return value - ratio * (value - x)
+    limit = torch.minimum(factor.to(x.dtype).clamp_min(0.0), value / spread)
+    ratio = torch.where(value > 0, limit, 0.0)
+    # value - ratio * (value - x), with the same float operations, in place.
+    return x.neg_().add_(value).mul_(ratio).neg_().add_(value)
 
 
 def grayscale_mask(keys: torch.Tensor, stream: int, p: float) -> torch.Tensor:
@@ -425,11 +431,11 @@ def apply_inception(
     brightness → saturation → clip to [0, 1] → ``(x - 0.5) * 2``.
     """
     x = _unit_range(images, "apply_inception")
-    x = crop_and_resize(x, params.boxes, pair(out_size, "apply_inception", "out_size"))
-    x = hflip(x, params.flip)
-    x = adjust_brightness(x, params.brightness)
-    x = adjust_saturation(x, params.saturation)
-    return (x.clamp(0.0, 1.0) - 0.5) * 2.0
+    size = pair(out_size, "apply_inception", "out_size")
+    x = crop_and_resize(x, params.boxes, size, flip=params.flip)
+    x += _per_image(params.brightness, x, "apply_inception", "brightness").to(x.dtype)
+    x = _saturate_(x, _per_image(params.saturation, x, "apply_inception", "saturation"))
+    return x.clamp_(0.0, 1.0).sub_(0.5).mul_(2.0)
 
 
 def inception_preprocess(
@@ -455,4 +461,4 @@ def inception_preprocess(
     x = _unit_range(images, "inception_preprocess")
     boxes = central_crop_boxes(in_hw, 0.875, images.shape[0])
     x = crop_and_resize(x, boxes, pair(out_size, "inception_preprocess", "out_size"))
-    return (x - 0.5) * 2.0
+    return x.sub_(0.5).mul_(2.0)

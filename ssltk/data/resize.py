@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssltk.data._checks import check_images, pair
+from ssltk.data._checks import check_images, check_per_image, pair
 
 __all__ = ["crop_and_resize", "resize_area", "resize_bilinear", "resize_small", "small_side_size"]
 
@@ -43,13 +43,19 @@ def _legacy_grid(
 
 
 def crop_and_resize(
-    x: torch.Tensor, boxes: torch.Tensor, out_hw: int | tuple[int, int]
+    x: torch.Tensor,
+    boxes: torch.Tensor,
+    out_hw: int | tuple[int, int],
+    *,
+    flip: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Crop each image to its box, then TF1-bilinear resize it to ``out_hw`` (aspect ignored).
 
     ``boxes`` is ``[B, 4]`` integer ``(top, left, height, width)`` in pixels, inside the image. The
     result equals ``tf.image.resize_images(tf.slice(image, box), out_hw)`` per image: neighbours are
-    clamped to the box, never read from outside it. Returns float32 ``[B, C, *out_hw]``.
+    clamped to the box, never read from outside it. ``flip`` (``[B]`` bool) mirrors the chosen
+    outputs left-right, exactly as a flip afterwards but free (the sampling grid is mirrored).
+    Returns float32 ``[B, C, *out_hw]``.
     """
     check_images(x, "crop_and_resize")
     out_h, out_w = pair(out_hw, "crop_and_resize", "out_hw")
@@ -69,23 +75,29 @@ def crop_and_resize(
         )
     y0, y1, wy = _legacy_grid(top, box_h, out_h)
     x0, x1, wx = _legacy_grid(left, box_w, out_w)
+    if flip is not None:
+        check_per_image(flip, batch, "crop_and_resize", "flip")
+        mirror = flip.to(device=x.device, dtype=torch.bool)[:, None]
+        x0, x1, wx = (torch.where(mirror, t.flip(1), t) for t in (x0, x1, wx))
 
     # Interpolate along x for every input row first, then pick and blend the two source rows of
     # each output row. Each x-blend equals TF's per-pixel "top"/"bottom" value bit for bit, and
     # the row step copies whole contiguous rows, so this is much cheaper than gathering four
-    # neighbours per output pixel.
+    # neighbours per output pixel. In-place steps run the same float operations as
+    # ``a + (b - a) * w`` with fewer temporaries.
     x = x.to(torch.float32)
     col0 = x0[:, None, None, :].expand(batch, channels, height, out_w)
     col1 = x1[:, None, None, :].expand(batch, channels, height, out_w)
-    left_px, right_px = x.gather(3, col0), x.gather(3, col1)
-    blended = left_px + (right_px - left_px) * wx[:, None, None, :]
+    blended = x.gather(3, col0)
+    blended += x.gather(3, col1).sub_(blended).mul_(wx[:, None, None, :])
     rows = blended.view(batch * channels * height, out_w)
     planes = torch.arange(batch * channels, device=x.device).view(batch, channels, 1) * height
     upper = rows.index_select(0, (planes + y0[:, None, :]).reshape(-1))
     lower = rows.index_select(0, (planes + y1[:, None, :]).reshape(-1))
     upper = upper.view(batch, channels, out_h, out_w)
     lower = lower.view(batch, channels, out_h, out_w)
-    return upper + (lower - upper) * wy[:, None, :, None]
+    upper += lower.sub_(upper).mul_(wy[:, None, :, None])
+    return upper
 
 
 def resize_bilinear(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
