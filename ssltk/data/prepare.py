@@ -79,7 +79,8 @@ class _ArrayWriter:
             shape = (count, 3, self.size, self.size)
             out = np.lib.format.open_memmap(kept, mode="w+", dtype=np.uint8, shape=shape)
             for start in range(0, count, 4096):
-                out[start : start + 4096] = self.images[start : start + 4096]
+                stop = min(start + 4096, count)
+                out[start:stop] = self.images[start:stop]
             out.flush()
             del out
             os.replace(kept, self.path)

@@ -45,17 +45,26 @@ _DECODE_CHUNK = 32
 
 
 def resize_and_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """RGB ``[3, size, size]`` uint8: shorter side to ``size`` (box filter), then centre crop."""
+    """RGB ``[3, size, size]`` uint8: shorter side to ``size`` (area filter), then centre crop.
+
+    The area average is computed in float (PIL's box filter on 32-bit float planes) and rounded
+    once, to nearest with ties to even: PIL's 8-bit path rounds between its two separable passes,
+    which biases a 2× reduction upwards by about half a grey level.
+    """
     image = image.convert("RGB")
     width, height = image.size
-    if (width, height) != (size, size):
-        ratio = size / min(width, height)
-        new_w, new_h = max(size, round(width * ratio)), max(size, round(height * ratio))
-        if (new_w, new_h) != (width, height):
-            image = image.resize((new_w, new_h), Image.Resampling.BOX)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+    ratio = size / min(width, height)
+    new_w, new_h = max(size, round(width * ratio)), max(size, round(height * ratio))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    if (new_w, new_h) == (width, height):
+        pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+        return pixels[:, top : top + size, left : left + size].copy()
+    planes = [
+        np.asarray(plane.convert("F").resize((new_w, new_h), Image.Resampling.BOX))
+        for plane in image.split()
+    ]
+    crop = np.stack(planes)[:, top : top + size, left : left + size]
+    return np.clip(np.rint(crop), 0, 255).astype(np.uint8)
 
 
 def decode_image(data: bytes | Path, size: int) -> np.ndarray:
@@ -209,9 +218,14 @@ def _scan_class_dirs(split_dir: Path) -> dict[str, list[str]]:
 
 
 def _tree_labels(
-    per_split: dict[str, dict[str, list[str]]], where: str
+    per_split: dict[str, dict[str, list[str]]], where: str, dir_names: dict[str, str] | None = None
 ) -> tuple[list[str], dict[str, tuple[list[str], np.ndarray]]]:
-    """Class names from ``train`` and ``(paths, labels)`` per split; checks classes agree."""
+    """Class names from ``train`` and ``(paths, labels)`` per split; checks classes agree.
+
+    ``dir_names`` maps a split to its folder's name where they differ (ImageNet's ``val/`` is the
+    test split), for messages.
+    """
+    dir_names = dir_names or {}
     classes = sorted(per_split["train"])
     if not classes:
         raise DataError(f"{where}/train has no class folders (expected train/<class>/<image>)")
@@ -222,7 +236,8 @@ def _tree_labels(
         labels: list[int] = []
         for name, files in by_class.items():
             if name not in index:
-                raise DataError(f"{where}/{split}/{name}: class folder not present in train/")
+                folder = dir_names.get(split, split)
+                raise DataError(f"{where}/{folder}/{name}: class folder not present in train/")
             if not files and split == "train":
                 raise DataError(f"{where}/train/{name}: class folder holds no images")
             paths.extend(files)
@@ -242,7 +257,8 @@ def _disk_tree(root: Path, test_dirs: Sequence[str], source: str) -> Source:
     if len(present) > 1:
         raise DataError(f"{root}: both {' and '.join(present)}/ exist; keep one as the test split")
     dirs = {"train": root / "train", "test": root / present[0]}
-    classes, splits = _tree_labels({k: _scan_class_dirs(d) for k, d in dirs.items()}, str(root))
+    scanned = {k: _scan_class_dirs(d) for k, d in dirs.items()}
+    classes, splits = _tree_labels(scanned, str(root), {"test": present[0]})
     return Source(
         name=source,
         class_names=classes,
@@ -320,7 +336,7 @@ def _load_cifar_pickle(path: Path) -> dict[str, object]:
     try:
         with path.open("rb") as handle:
             raw = _ArrayUnpickler(handle, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+    except Exception as err:  # a corrupt pickle can fail in many ways; all mean the same here
         raise DataError(f"{path}: not a CIFAR-10 python batch ({_failure(err)})") from None
     if not isinstance(raw, dict):
         raise DataError(f"{path}: not a CIFAR-10 python batch (top level is {type(raw).__name__})")
