@@ -19,16 +19,22 @@ class DatasetNotFoundError(DataError):
     """``data.root`` (or another dataset location) does not exist."""
 
     def __init__(self, path: Path | str, what: str = "dataset root") -> None:
-        self.path = Path(path)
+        self.path, self.what = Path(path), what
         super().__init__(f"{what} not found: {self.path}")
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.path, self.what)
 
 
 class MissingFileError(DataError):
     """A file the dataset format requires is absent."""
 
     def __init__(self, path: Path | str, hint: str = "") -> None:
-        self.path = Path(path)
+        self.path, self.hint = Path(path), hint
         super().__init__(f"required file missing: {self.path}{f' ({hint})' if hint else ''}")
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.path, self.hint)
 
 
 class BadImageError(DataError):
@@ -39,6 +45,9 @@ class BadImageError(DataError):
         self.reason = reason
         hint = "set data.on_bad_image: skip to leave such images out"
         super().__init__(f"unreadable image {name}: {reason} ({hint})")
+
+    def __reduce__(self) -> tuple:  # workers send it back pickled
+        return type(self), (self.name, self.reason)
 
 
 class PreparedDataError(DataError):

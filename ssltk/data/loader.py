@@ -39,7 +39,12 @@ class Batch:
 
 
 class _Gather(Dataset):
-    """Item ``i`` is the images of the ``i``-th index batch; run in DataLoader workers."""
+    """Item ``i`` is the images of the ``i``-th index batch; run in DataLoader workers.
+
+    A :class:`DataError` (e.g. an image file that went bad after ``prepare``) is returned rather
+    than raised, so the main process re-raises it with its own type and one-line message instead
+    of DataLoader's wrapped traceback.
+    """
 
     def __init__(self, split: PreparedSplit, batches: list[torch.Tensor]):
         self.split = split
@@ -48,8 +53,11 @@ class _Gather(Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.split.images(self.batches[i])
+    def __getitem__(self, i: int) -> torch.Tensor | DataError:
+        try:
+            return self.split.images(self.batches[i])
+        except DataError as err:
+            return err
 
 
 class DeterministicLoader:
@@ -155,4 +163,11 @@ class DeterministicLoader:
             shuffle=False,
             num_workers=min(self.workers, len(index_batches)),
         )
-        return iter(loader)
+        return _raise_errors(loader)
+
+
+def _raise_errors(loader: DataLoader) -> Iterator[torch.Tensor]:
+    for item in loader:
+        if isinstance(item, DataError):
+            raise item
+        yield item

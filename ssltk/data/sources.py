@@ -160,23 +160,35 @@ class ArraySplit(SourceSplit):
 
 @dataclass
 class EncodedSplit(SourceSplit):
-    """Encoded images: bytes read from an archive, or files under ``root`` (decoded lazily)."""
+    """Encoded images: files under ``root`` (``names`` relative to it, decoded lazily), or
+    ``blobs`` of bytes read from an archive (``names`` then only label them in messages)."""
 
-    items: Sequence[bytes | Path]
     names: Sequence[str]
     labels: np.ndarray
     root: Path | None = None
+    blobs: Sequence[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.root is None) == (self.blobs is None):
+            raise ValueError("EncodedSplit needs exactly one of root (files) or blobs (bytes)")
+
+    def _items(self) -> Iterator[bytes | Path]:
+        if self.blobs is not None:
+            return iter(self.blobs)
+        assert self.root is not None
+        return (self.root / name for name in self.names)
 
     def name_of(self, index: int) -> str:
         return str(self.root / self.names[index]) if self.root is not None else self.names[index]
 
     def decoded(self, size: int, workers: int = 0) -> Iterator[tuple[np.ndarray | None, str]]:
-        return _ordered_map(_decode_or_reason, ((item, size) for item in self.items), workers)
+        return _ordered_map(_decode_or_reason, ((item, size) for item in self._items()), workers)
 
     def checked(self, size: int, workers: int = 0) -> Iterator[str]:
         """For files on disk: ``''`` for each decodable file in order, else the reason it is not."""
-        assert self.root is not None, "checked() is for files on disk"
-        return _ordered_map(_check_or_reason, ((item, size) for item in self.items), workers)
+        if self.root is None:
+            raise ValueError("checked() reads files on disk; this split holds archive bytes")
+        return _ordered_map(_check_or_reason, ((item, size) for item in self._items()), workers)
 
     def files(self) -> tuple[Path, list[str]] | None:
         return (self.root, list(self.names)) if self.root is not None else None
@@ -263,7 +275,7 @@ def _disk_tree(root: Path, test_dirs: Sequence[str], source: str) -> Source:
         name=source,
         class_names=classes,
         splits={
-            split: EncodedSplit([root / p for p in paths], paths, labels, root=root)
+            split: EncodedSplit(paths, labels, root=root)
             for split, (paths, labels) in splits.items()
         },
         root=root,
@@ -299,7 +311,9 @@ def _archive_tree(archive: Path, source: str) -> Source:
         name=source,
         class_names=classes,
         splits={
-            split: EncodedSplit([members[n] for n in ns], [f"{archive}:{n}" for n in ns], labels)
+            split: EncodedSplit(
+                [f"{archive}:{n}" for n in ns], labels, blobs=[members[n] for n in ns]
+            )
             for split, (ns, labels) in splits.items()
         },
         root=None,
@@ -473,7 +487,7 @@ def _file_list(root: Path, list_path: Path) -> Source:
     for split, pairs in entries.items():
         paths = [p for p, _ in pairs]
         labels = np.asarray([index[label] for _, label in pairs], dtype=np.int64)
-        splits[split] = EncodedSplit([root / p for p in paths], paths, labels, root=root)
+        splits[split] = EncodedSplit(paths, labels, root=root)
     return Source("imagefolder", classes, splits, root=root, layout="file_list")
 
 
