@@ -66,8 +66,37 @@ def _check_inputs(
         )
 
 
+def _check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    if (
+        tuple(out.shape) != shape
+        or out.dtype != torch.float32
+        or out.device != device
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out: expected a contiguous float32 tensor of shape {shape} on {device}, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device}"
+            + ("" if out.is_contiguous() else " (not contiguous)")
+        )
+
+
+def _output(
+    images: torch.Tensor, num_patches: int, patch_size: int, out: torch.Tensor | None
+) -> torch.Tensor:
+    batch, channels = images.shape[:2]
+    shape = (batch, num_patches, channels, patch_size, patch_size)
+    if out is None:
+        return torch.empty(shape, dtype=torch.float32, device=images.device)
+    return out
+
+
 def extract_patches(
-    images: torch.Tensor, offsets: torch.Tensor, gray: torch.Tensor, patch_size: int
+    images: torch.Tensor,
+    offsets: torch.Tensor,
+    gray: torch.Tensor,
+    patch_size: int,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gather patches, apply the per-image grayscale flag and standardise each patch.
 
@@ -76,90 +105,123 @@ def extract_patches(
         offsets: ``[B, P, 2]`` integer top-left corners ``(row, col)`` of each patch.
         gray: ``[B]`` bool, whether image ``b`` is turned to grayscale.
         patch_size: side ``p`` of the square patches.
+        out: optional contiguous float32 ``[B, P, C, p, p]`` buffer to write into.
 
     Returns:
         ``[B, P, C, p, p]`` float32 standardised patches on the images' device.
     """
     _check_inputs(images, offsets, gray, patch_size)
+    if out is not None:
+        batch, channels = images.shape[:2]
+        shape = (batch, offsets.shape[1], channels, patch_size, patch_size)
+        _check_out(out, shape, images.device)
     offsets = offsets.to(device=images.device, dtype=torch.int64)
     gray = gray.to(images.device)
     if use_triton(images):
-        return extract_patches_triton(images, offsets, gray, patch_size)
-    return extract_patches_reference(images, offsets, gray, patch_size)
+        return extract_patches_triton(images, offsets, gray, patch_size, out=out)
+    return extract_patches_reference(images, offsets, gray, patch_size, out=out)
+
+
+def _channel_mean(patches: torch.Tensor) -> torch.Tensor:
+    """``[B, P, p, p]`` float32 mean over the channels of ``[B, P, C, p, p]`` patches; uint8
+    patches get the truncated integer mean."""
+    channels = patches.shape[2]
+    if patches.dtype == torch.uint8:
+        total = patches[:, :, 0].to(torch.int32)
+        for channel in range(1, channels):
+            total += patches[:, :, channel]
+        return total.div_(channels, rounding_mode="floor").float()
+    total = patches[:, :, 0].clone()
+    for channel in range(1, channels):
+        total += patches[:, :, channel]
+    return total.div_(channels)
 
 
 def extract_patches_reference(
-    images: torch.Tensor, offsets: torch.Tensor, gray: torch.Tensor, patch_size: int
+    images: torch.Tensor,
+    offsets: torch.Tensor,
+    gray: torch.Tensor,
+    patch_size: int,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Vectorised torch reference of :func:`extract_patches` (no validation, no Python loops)."""
-    batch, channels = images.shape[:2]
+    """Vectorised torch reference of :func:`extract_patches` (no validation, no Python loops).
+
+    Each patch row is a run of ``p`` consecutive values of the flattened image, so one
+    ``index_select`` over the (overlapping) view of all such runs gathers every row of every patch
+    at copy speed; grayscale and standardisation then work in place on the output.
+    """
+    batch, channels, height, width = images.shape
     num_patches = offsets.shape[1]
-    span = torch.arange(patch_size, device=images.device)
-    rows = offsets[..., 0, None] + span  # [B, P, p]
-    cols = offsets[..., 1, None] + span
-    image_index = torch.arange(batch, device=images.device)[:, None, None, None]
-    # Channels-last gather keeps each pixel's channels together for the grayscale mean.
-    patches = images.permute(0, 2, 3, 1)[image_index, rows[..., :, None], cols[..., None, :]]
-    if images.dtype != torch.uint8:
-        patches = patches.float()
+    out = _output(images, num_patches, patch_size, out)
+    if out.numel() == 0:
+        return out
+    device = images.device
+    flat = images.contiguous().reshape(-1)
+    runs = flat.as_strided((flat.numel() - patch_size + 1, patch_size), (1, 1))
+    span = torch.arange(patch_size, device=device)
+    starts = (
+        torch.arange(batch, device=device)[:, None, None, None] * (channels * height * width)
+        + torch.arange(channels, device=device)[:, None] * (height * width)
+        + (offsets[..., 0, None, None] + span) * width
+        + offsets[..., 1, None, None]
+    ).reshape(-1)  # [B·P·C·p] starts of the patch rows, in output order
+    if images.dtype == torch.float32:
+        torch.index_select(runs, 0, starts, out=out.view(-1, patch_size))
+        gray_source = out
+    else:
+        gathered = runs.index_select(0, starts).view(out.shape)
+        out.copy_(gathered)
+        # uint8 grays from the integers (truncated mean); other dtypes after conversion.
+        gray_source = gathered if images.dtype == torch.uint8 else out
     if bool(gray.any()):
-        if images.dtype == torch.uint8:
-            mean = patches.sum(dim=-1, keepdim=True, dtype=torch.int32).div(
-                channels, rounding_mode="floor"
-            )
-        else:
-            mean = patches.sum(dim=-1, keepdim=True) / channels
-        flag = gray[:, None, None, None, None]
-        patches = torch.where(flag, mean.to(patches.dtype), patches)
-    out = torch.empty(
-        (batch, num_patches, channels, patch_size, patch_size),
-        dtype=torch.float32,
-        device=images.device,
-    )
-    out.copy_(patches.permute(0, 1, 4, 2, 3))
-    size = channels * patch_size * patch_size
-    flat = out.view(batch, num_patches, size)
-    mean = flat.sum(dim=-1, keepdim=True) / size
-    centred = flat - mean
-    var = centred.square().sum(dim=-1, keepdim=True) / size
-    denom = var.sqrt().clamp_min(1.0 / math.sqrt(size))
-    torch.div(centred, denom, out=flat)
+        mean = _channel_mean(gray_source)
+        torch.where(gray[:, None, None, None, None], mean[:, :, None], out, out=out)
+    rows = out.view(batch * num_patches, -1)
+    size = rows.shape[1]
+    rows.sub_(rows.sum(1, keepdim=True) / size)
+    std = torch.linalg.vector_norm(rows, dim=1, keepdim=True) / math.sqrt(size)
+    rows.div_(std.clamp_min_(1.0 / math.sqrt(size)))
     return out
 
 
 @triton.jit
 def _load_tile(
-    image_base,
-    row0,
-    col0,
+    corner,
     is_gray,
     chunk,
     stride_c,
     stride_h,
     stride_w,
-    CHANNELS: tl.constexpr,
-    CHANNELS_PAD: tl.constexpr,
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
     PATCH: tl.constexpr,
     TILE: tl.constexpr,
     IS_UINT8: tl.constexpr,
 ):
-    """One ``[CHANNELS_PAD, TILE]`` float32 tile of a patch, grayscale applied; padding is 0."""
-    channel = tl.arange(0, CHANNELS_PAD)[:, None]
+    """Chunk ``chunk`` of a patch as a ``[C_PAD, TILE]`` float32 tile, grayscale applied, padding 0.
+
+    ``corner`` points at the patch's top-left pixel in channel 0.
+    """
+    channel = tl.arange(0, C_PAD)[:, None]
     pixel = chunk * TILE + tl.arange(0, TILE)[None, :]
-    mask = (channel < CHANNELS) & (pixel < PATCH * PATCH)
-    row = row0 + (pixel // PATCH).to(tl.int64)
-    col = col0 + (pixel % PATCH).to(tl.int64)
-    source = image_base + channel.to(tl.int64) * stride_c + row * stride_h + col * stride_w
-    raw = tl.load(source, mask=mask, other=0)
+    mask = (channel < C) & (pixel < PATCH * PATCH)
+    row = (pixel // PATCH).to(tl.int64)
+    col = (pixel % PATCH).to(tl.int64)
+    raw = tl.load(
+        corner + channel.to(tl.int64) * stride_c + row * stride_h + col * stride_w,
+        mask=mask,
+        other=0,
+    )
     if IS_UINT8:
         values = raw.to(tl.int32)
-        mean = tl.sum(values, axis=0) // CHANNELS
-        values = tl.where(is_gray, tl.broadcast_to(mean[None, :], values.shape), values)
+        gray = tl.sum(values, axis=0) // C
+        values = tl.where(is_gray, tl.broadcast_to(gray[None, :], values.shape), values)
         values = values.to(tl.float32)
     else:
         values = raw.to(tl.float32)
-        mean = tl.sum(values, axis=0) / CHANNELS
-        values = tl.where(is_gray, tl.broadcast_to(mean[None, :], values.shape), values)
+        gray = tl.sum(values, axis=0) / C
+        values = tl.where(is_gray, tl.broadcast_to(gray[None, :], values.shape), values)
     return tl.where(mask, values, 0.0), mask
 
 
@@ -171,78 +233,73 @@ def _extract_patches_kernel(
     out_ptr,
     num_patches,
     stride_b,
-    stride_c,
-    stride_h,
-    stride_w,
+    s_c,
+    s_h,
+    s_w,
     min_std,
-    CHANNELS: tl.constexpr,
-    CHANNELS_PAD: tl.constexpr,
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
     PATCH: tl.constexpr,
     TILE: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
     IS_UINT8: tl.constexpr,
 ):
+    """One program per patch: sum, centred sum of squares, normalised store."""
     patch_id = tl.program_id(0).to(tl.int64)
     image = patch_id // num_patches
     row0 = tl.load(offsets_ptr + 2 * patch_id)
     col0 = tl.load(offsets_ptr + 2 * patch_id + 1)
     is_gray = tl.load(gray_ptr + image) != 0
-    image_base = images_ptr + image * stride_b
-    size: tl.constexpr = CHANNELS * PATCH * PATCH
-    out_base = out_ptr + patch_id * size
-    channel = tl.arange(0, CHANNELS_PAD)[:, None].to(tl.int64)
+    corner = images_ptr + image * stride_b + row0 * s_h + col0 * s_w
+    size: tl.constexpr = C * PATCH * PATCH
+    out_base = out_ptr + patch_id * size + tl.arange(0, C_PAD)[:, None].to(tl.int64) * PATCH * PATCH
     if NUM_CHUNKS == 1:
         # The whole patch fits one tile: read it once and keep it in registers.
         values, mask = _load_tile(
-            image_base, row0, col0, is_gray, 0, stride_c, stride_h, stride_w,
-            CHANNELS, CHANNELS_PAD, PATCH, TILE, IS_UINT8,
-        )  # fmt: skip
+            corner, is_gray, 0, s_c, s_h, s_w, C, C_PAD, PATCH, TILE, IS_UINT8
+        )
         mean = tl.sum(tl.sum(values, axis=1), axis=0) / size
         centred = tl.where(mask, values - mean, 0.0)
         var = tl.sum(tl.sum(centred * centred, axis=1), axis=0) / size
         denom = tl.maximum(tl.sqrt(var), min_std)
-        pixel = tl.arange(0, TILE)[None, :]
-        tl.store(out_base + channel * (PATCH * PATCH) + pixel, centred / denom, mask=mask)
+        tl.store(out_base + tl.arange(0, TILE)[None, :], centred / denom, mask=mask)
     else:
+        # Larger patches: the same two reductions and the store, chunk by chunk.
         total = 0.0
         for chunk in range(NUM_CHUNKS):
-            values, mask = _load_tile(
-                image_base, row0, col0, is_gray, chunk, stride_c, stride_h, stride_w,
-                CHANNELS, CHANNELS_PAD, PATCH, TILE, IS_UINT8,
-            )  # fmt: skip
+            values, _ = _load_tile(
+                corner, is_gray, chunk, s_c, s_h, s_w, C, C_PAD, PATCH, TILE, IS_UINT8
+            )
             total += tl.sum(tl.sum(values, axis=1), axis=0)
         mean = total / size
         squares = 0.0
         for chunk in range(NUM_CHUNKS):
             values, mask = _load_tile(
-                image_base, row0, col0, is_gray, chunk, stride_c, stride_h, stride_w,
-                CHANNELS, CHANNELS_PAD, PATCH, TILE, IS_UINT8,
-            )  # fmt: skip
+                corner, is_gray, chunk, s_c, s_h, s_w, C, C_PAD, PATCH, TILE, IS_UINT8
+            )
             centred = tl.where(mask, values - mean, 0.0)
             squares += tl.sum(tl.sum(centred * centred, axis=1), axis=0)
         denom = tl.maximum(tl.sqrt(squares / size), min_std)
         for chunk in range(NUM_CHUNKS):
             values, mask = _load_tile(
-                image_base, row0, col0, is_gray, chunk, stride_c, stride_h, stride_w,
-                CHANNELS, CHANNELS_PAD, PATCH, TILE, IS_UINT8,
-            )  # fmt: skip
-            pixel = chunk * TILE + tl.arange(0, TILE)[None, :]
-            tl.store(
-                out_base + channel * (PATCH * PATCH) + pixel, (values - mean) / denom, mask=mask
+                corner, is_gray, chunk, s_c, s_h, s_w, C, C_PAD, PATCH, TILE, IS_UINT8
             )
+            pixel = chunk * TILE + tl.arange(0, TILE)[None, :]
+            tl.store(out_base + pixel, (values - mean) / denom, mask=mask)
 
 
 def extract_patches_triton(
-    images: torch.Tensor, offsets: torch.Tensor, gray: torch.Tensor, patch_size: int
+    images: torch.Tensor,
+    offsets: torch.Tensor,
+    gray: torch.Tensor,
+    patch_size: int,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton kernel of :func:`extract_patches` (no validation; offsets must be int64)."""
     batch, channels = images.shape[:2]
     num_patches = offsets.shape[1]
-    out = torch.empty(
-        (batch, num_patches, channels, patch_size, patch_size),
-        dtype=torch.float32,
-        device=images.device,
-    )
+    out = _output(images, num_patches, patch_size, out)
     if out.numel() == 0:
         return out
     pixels = patch_size * patch_size
@@ -257,8 +314,8 @@ def extract_patches_triton(
         num_patches,
         *images.stride(),
         1.0 / math.sqrt(channels * pixels),
-        CHANNELS=channels,
-        CHANNELS_PAD=channels_pad,
+        C=channels,
+        C_PAD=channels_pad,
         PATCH=patch_size,
         TILE=tile,
         NUM_CHUNKS=triton.cdiv(pixels, tile),

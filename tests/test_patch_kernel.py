@@ -40,8 +40,17 @@ def naive_patches(
     return out.float()
 
 
-def _case(seed: int, dtype: torch.dtype, batch: int, channels: int, height: int, width: int,
-          p: int, num_patches: int, border: bool):  # fmt: skip
+def _case(
+    seed: int,
+    dtype: torch.dtype,
+    batch: int,
+    channels: int,
+    height: int,
+    width: int,
+    p: int,
+    num_patches: int,
+    border: bool,
+):
     g = torch.Generator().manual_seed(seed)
     if dtype == torch.uint8:
         images = torch.randint(0, 256, (batch, channels, height, width), generator=g, dtype=dtype)
@@ -93,8 +102,9 @@ def test_kernel_chunked_path_for_large_patches(dtype, gray_on):
     reference = extract_patches_reference(images, offsets, gray, 70)
     kernel = extract_patches_triton(images, offsets, gray, 70)
     torch.testing.assert_close(kernel, reference, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(reference, naive_patches(images, offsets, gray, 70), atol=2e-5,
-                               rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        reference, naive_patches(images, offsets, gray, 70), atol=2e-5, rtol=1e-5
+    )
 
 
 def test_uint8_grayscale_is_truncated_integer_mean():
@@ -160,3 +170,39 @@ def test_bad_arguments_are_named():
         extract_patches(images, offsets.float(), gray, 4)
     with pytest.raises(ValueError, match="images"):
         extract_patches(images.long(), offsets, gray, 4)
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_out_buffer_is_filled_and_returned(mode):
+    images, offsets, gray = _case(11, torch.uint8, 2, 3, 12, 12, 5, 3, border=True)
+    buffer = torch.full((2, 3, 3, 5, 5), float("nan"))
+    with force(mode):
+        result = extract_patches(images, offsets, gray, 5, out=buffer)
+    assert result is buffer
+    torch.testing.assert_close(buffer, naive_patches(images, offsets, gray, 5), atol=2e-5, rtol=0)
+
+
+def test_bad_out_buffer_is_named():
+    images, offsets, gray = _case(11, torch.uint8, 2, 3, 12, 12, 5, 3, border=False)
+    wrong_shape = torch.empty(2, 3, 3, 5, 4)
+    wrong_dtype = torch.empty(2, 3, 3, 5, 5, dtype=torch.float64)
+    strided = torch.empty(2, 3, 3, 5, 10)[..., ::2]
+    for bad in (wrong_shape, wrong_dtype, strided):
+        with pytest.raises(ValueError, match="out: expected a contiguous float32"):
+            extract_patches(images, offsets, gray, 5, out=bad)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [9, 64, 70])
+def test_cuda_kernel_matches_cpu_reference(dtype, p):
+    images, offsets, gray = _case(p, dtype, 16, 3, 96, 101, p, 9, border=True)
+    expected = extract_patches_reference(images, offsets, gray, p)
+    with force("auto"):
+        got = extract_patches(images.cuda(), offsets.cuda(), gray.cuda(), p)
+    assert got.is_cuda
+    torch.testing.assert_close(got.cpu(), expected, atol=2e-5, rtol=1e-5)
+    strided = images.cuda().transpose(2, 3).contiguous().transpose(2, 3)
+    from_strided = extract_patches_triton(strided, offsets.cuda(), gray.cuda(), p)
+    torch.testing.assert_close(from_strided.cpu(), expected, atol=2e-5, rtol=1e-5)

@@ -75,7 +75,10 @@ class Exemplar(FullImageTask):
     def forward(self, batch: PretextInputs) -> TaskOutput:
         exemplar = self.config.pretext.exemplar
         embeddings = self.backbone(batch.inputs)["logits"]
-        distances = pairwise_squared_distances(normalize_embeddings(embeddings, exemplar.normalize))
+        # Semi-hard selection compares distances closely: keep them in float32 under autocast.
+        with torch.autocast(embeddings.device.type, enabled=False):
+            normalised = normalize_embeddings(embeddings.float(), exemplar.normalize)
+            distances = pairwise_squared_distances(normalised)
         loss = semihard_triplet_loss_from_distances(distances, batch.labels, exemplar.margin)
         metrics = {"nn_accuracy": nearest_neighbour_accuracy(distances, batch.labels)}
         return TaskOutput(loss, metrics, num_inputs=batch.inputs.shape[0])
