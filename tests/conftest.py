@@ -25,7 +25,9 @@ def project_root() -> Path:
 def cifar_mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The unpacked ``cifar10-mini`` ImageFolder tree (skips when the archive is absent)."""
     if not CIFAR_MINI.is_file():
-        pytest.skip(f"real-image archive not found at {CIFAR_MINI} (../shared/data beside the project)")
+        pytest.skip(
+            f"real-image archive not found at {CIFAR_MINI} (../shared/data beside the project)"
+        )
     target = tmp_path_factory.mktemp("cifar10-mini")
     with tarfile.open(CIFAR_MINI) as archive:
         archive.extractall(target, filter="data")

@@ -68,7 +68,9 @@ def test_bad_params_file_names_the_key(tmp_path: Path, tree: dict, culprit: str)
 
 def test_overrides_are_validated_by_the_same_schema(tmp_path: Path):
     path = write(tmp_path, {"pretrain": {"epochs": 3}})
-    config = load_config(path, ["pretrain.epochs=7", "model.arch=revnet50", "study.widenings=[4, 8]"])
+    config = load_config(
+        path, ["pretrain.epochs=7", "model.arch=revnet50", "study.widenings=[4, 8]"]
+    )
     assert config.pretrain.epochs == 7
     assert config.model.arch == "revnet50"
     assert config.study.widenings == [4, 8]
