@@ -1,0 +1,343 @@
+"""``ssltk pretrain`` end to end on a tiny real dataset (40 CIFAR-10 images, 32 px, ResNet50 w1).
+
+Determinism across runs and loader worker counts, SIGKILL mid-epoch and bit-identical resume,
+skipping a truncated checkpoint, stopping on a NaN loss, the MLflow record, and two-process DDP
+(gloo) against one process on the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import Result
+from typer.testing import CliRunner
+
+from ssltk import tracking
+from ssltk.cli import app
+from ssltk.config import dump_config, load_config
+from ssltk.data.prepare import prepare
+from ssltk.pretext import build_task
+from ssltk.train.checkpoint import load_checkpoint, sidecar_path
+from ssltk.train.determinism import seed_everything
+from ssltk.train.engine import FAULT_ENV
+from ssltk.train.schedule import StepSchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "ssltk" / "assets" / "cifar10-demo.tar.gz"
+PER_CLASS = 4  # 40 training images: 5 steps per epoch at batch 8
+STEPS = 20  # 4 epochs
+CHECKPOINTS = (3, 6, 9, 12, 15, 18, 20)
+
+#: One intra-op thread: on a shared two-core machine OpenMP barriers otherwise stall for seconds.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SSLTK_INJECT_NAN_AT_STEP": ""}
+
+
+def tiny_imagefolder(root: Path, per_class: int) -> Path:
+    """``per_class`` training images (and one test image) per class, from the demo archive."""
+    taken: dict[str, int] = {}
+    with tarfile.open(DEMO) as archive:
+        for member in archive:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 3 or parts[-3] != "train":
+                continue
+            label = parts[-2]
+            count = taken.get(label, 0)
+            if count > per_class:
+                continue
+            taken[label] = count + 1
+            split = "train" if count < per_class else "val"
+            target = root / split / label / parts[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.extractfile(member).read())
+    return root
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    params: Path
+    store: Path
+
+    def run_json(self, out: Path) -> dict:
+        return json.loads((out / "run.json").read_text())
+
+    def client(self):
+        return tracking.client(f"sqlite:///{self.store}")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pretrain")
+    store = root / "mlflow.db"
+    params = {
+        "seed": 5,
+        "data": {
+            "source": "imagefolder",
+            "root": str(tiny_imagefolder(root / "images", PER_CLASS)),
+            "val_fraction": 0,
+            "prepared_dir": str(root / "prepared"),
+        },
+        "model": {"arch": "resnet50_v1", "widening": 1},
+        "pretext": {
+            "task": "jigsaw",  # dropout in its head exercises the checkpointed RNG state
+            "input_size": 32,
+            "jigsaw": {"embed_dim": 16, "hidden": 32, "perm_subset": 4},
+        },
+        "pretrain": {
+            "epochs": STEPS // 5,
+            "batch_size": 8,
+            "base_lr": 0.1,
+            "warmup_epochs": 0.5,
+            "decay_epochs": [1.2, 3],
+            "checkpoint_every": 3,
+            "keep_checkpoints": 10,
+            "log_every": 2,
+            "device": "cpu",
+        },
+        "tracking": {"uri": f"sqlite:///{store}", "experiment": "e2e"},
+    }
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    prepare(load_config(path), progress=False)
+    yield Workspace(root, path, store)
+    torch.set_num_threads(threads)
+
+
+def cli(workspace: Workspace, out: Path, *args: str, env: dict | None = None) -> Result:
+    runner = CliRunner(env={FAULT_ENV: None, **(env or {})})
+    argv = ["pretrain", "--params", str(workspace.params), "--out", str(out), *args]
+    return runner.invoke(app, argv, catch_exceptions=False)
+
+
+def checkpoint_hashes(out: Path) -> dict[int, str]:
+    return {
+        int(p.name[5:13]): p.read_text().split()[0]
+        for p in sorted((out / "checkpoints").glob("ckpt-*.pt.sha256"))
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(workspace: Workspace) -> Path:
+    """An uninterrupted run: 20 steps over 4 epochs, checkpoints every 3 steps and at the end."""
+    out = workspace.root / "reference"
+    result = cli(workspace, out)
+    assert result.exit_code == 0, result.output
+    assert list(checkpoint_hashes(out)) == list(CHECKPOINTS)
+    return out
+
+
+def test_same_seed_gives_identical_checkpoints_with_0_and_2_workers(workspace, reference):
+    out = workspace.root / "workers2"
+    result = cli(workspace, out, "--set", "pretrain.workers=2")
+    assert result.exit_code == 0, result.output
+    assert checkpoint_hashes(out) == checkpoint_hashes(reference)
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(
+        (reference / "metrics.json").read_text()
+    )
+
+    other = workspace.root / "seed6"
+    result = cli(workspace, other, "--set", "seed=6", "--set", "pretrain.max_steps=3")
+    assert result.exit_code == 0, result.output
+    assert checkpoint_hashes(other)[3] != checkpoint_hashes(reference)[3]
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(workspace, reference):
+    out = workspace.root / "killed"
+    first = out / "checkpoints" / "ckpt-00000003.pt.sha256"
+    command = [sys.executable, "-m", "ssltk", "pretrain", "--params", str(workspace.params)]
+    process = subprocess.Popen(
+        [*command, "--out", str(out)],
+        env=SUBPROCESS_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    before = workspace.run_json(out)
+    assert before["status"] == "running", "the run ended before it could be killed"
+    killed_at = max(checkpoint_hashes(out))
+    assert killed_at < STEPS and killed_at % 5, "killed mid-epoch, before the end"
+
+    result = cli(workspace, out)
+    assert result.exit_code == 0, result.output
+    assert checkpoint_hashes(out)[STEPS] == checkpoint_hashes(reference)[STEPS]
+    after = workspace.run_json(out)
+    assert after["run_id"] == before["run_id"] and after["status"] == "finished"
+    assert workspace.client().get_run(after["run_id"]).info.status == "FINISHED"
+
+
+def test_truncated_newest_checkpoint_is_skipped_on_resume(workspace, reference):
+    out = workspace.root / "truncated"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    newest = out / "checkpoints" / f"ckpt-{STEPS:08d}.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    result = cli(workspace, out)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and newest.name in warnings[0]
+    assert checkpoint_hashes(out) == checkpoint_hashes(reference)
+    assert "steps" in json.loads((out / "metrics.json").read_text())
+
+
+def test_nan_loss_stops_with_one_line_failed_run_and_good_checkpoint(workspace):
+    out = workspace.root / "nan"
+    result = cli(workspace, out, env={FAULT_ENV: "4"})
+    assert result.exit_code == 3
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output
+    assert "loss is nan at step 4" in errors[0] and "ckpt-00000003.pt" in errors[0]
+    assert list(checkpoint_hashes(out)) == [3]
+    assert load_checkpoint(out / "checkpoints" / "ckpt-00000003.pt")["position"]["global_step"] == 3
+    record = workspace.run_json(out)
+    assert record["status"] == "failed" and "step 4" in record["failure"]
+    run = workspace.client().get_run(record["run_id"])
+    assert run.info.status == "FAILED"
+    assert "loss is nan at step 4" in run.data.tags[tracking.TAG_FAILURE]
+    assert not (out / "metrics.json").exists()
+
+
+def test_mlflow_run_has_params_tags_metrics_and_artifacts(workspace, reference):
+    config = load_config(workspace.params)
+    record = workspace.run_json(reference)
+    assert record["tracking_uri"] == f"sqlite:///{workspace.store}"
+    assert record["checkpoint"] == str(reference / "checkpoints" / f"ckpt-{STEPS:08d}.pt")
+    client = workspace.client()
+    run = client.get_run(record["run_id"])
+    assert run.info.status == "FINISHED" and run.info.experiment_id == record["experiment_id"]
+    assert client.get_experiment(run.info.experiment_id).name == "e2e"
+    assert run.data.params == {k: tracking.param_value(v) for k, v in config.flat().items()}
+
+    tags = run.data.tags
+    manifest = json.loads((workspace.root / "prepared" / "manifest.json").read_text())
+    assert tags[tracking.TAG_KIND] == "pretrain" and tags[tracking.TAG_TASK] == "jigsaw"
+    assert tags[tracking.TAG_ARCH] == "resnet50_v1" and tags[tracking.TAG_WIDENING] == "1"
+    assert tags[tracking.TAG_DATA_HASH] == manifest["content_hash"]
+    assert tags[tracking.TAG_DEVICE] == "cpu" and tags[tracking.TAG_GIT_COMMIT]
+    for library in ("torch", "numpy", "triton", "ssltk", "python"):
+        assert tags[f"{tracking.TAG_VERSION_PREFIX}{library}"]
+
+    def history(name: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
+
+    schedule = StepSchedule.from_config(config.pretrain, steps_per_epoch=5)
+    lrs = history("train/lr")
+    assert [s for s, _ in lrs] == list(range(STEPS))
+    assert [v for _, v in lrs] == pytest.approx([schedule(s) for s in range(STEPS)])
+    assert [s for s, _ in history("train/loss")] == list(range(STEPS))
+    assert [s for s, _ in history("train/accuracy")] == list(range(STEPS))
+    assert history("train/images_per_sec") and all(
+        v > 0 for _, v in history("train/images_per_sec")
+    )
+    epoch_loss = history("epoch/loss")
+    assert [s for s, _ in epoch_loss] == [0, 1, 2, 3]
+    losses = [v for _, v in history("train/loss")]
+    assert epoch_loss[-1][1] == pytest.approx(sum(losses[15:]) / 5)
+    metrics = json.loads((reference / "metrics.json").read_text())
+    assert metrics["loss"] == pytest.approx(epoch_loss[-1][1]) and metrics["steps"] == STEPS
+
+    artifacts = workspace.root / "artifacts"
+    local = client.download_artifacts(run.info.run_id, tracking.CONFIG_ARTIFACT, str(artifacts))
+    assert Path(local).read_text() == dump_config(config)
+    fetched = tracking.fetch_checkpoint(client, run.info.run_id, artifacts)
+    assert fetched.read_bytes() == Path(record["checkpoint"]).read_bytes()
+    assert sidecar_path(fetched).read_text().split()[0] == record["checkpoint_sha256"]
+
+
+def test_resume_with_a_changed_config_is_a_user_error(workspace, reference):
+    out = workspace.root / "changed"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    result = cli(workspace, out, "--set", "pretrain.base_lr=0.2")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pretrain.base_lr" in lines[0] and "--restart" in lines[0]
+
+    result = cli(workspace, out, "--set", "pretrain.base_lr=0.2", "--set", "pretrain.max_steps=1")
+    assert result.exit_code == 2  # still the old checkpoints
+    result = cli(
+        workspace,
+        out,
+        "--restart",
+        "--set",
+        "pretrain.base_lr=0.2",
+        "--set",
+        "pretrain.max_steps=1",
+    )
+    assert result.exit_code == 0, result.output
+    assert list(checkpoint_hashes(out)) == [1]
+
+
+def test_torchrun_two_processes_match_one_process_on_the_global_batch(workspace):
+    # One update from the first batch. In fp32 this tiny network's gradients are ill-conditioned
+    # on some batches (a few % off the fp64 gradient in one process already) and noise grows
+    # chaotically over updates, so longer runs would measure that, not DDP.
+    overrides = [
+        "pretext.task=rotation",
+        "pretrain.distributed.sync_bn=true",
+        "pretrain.max_steps=1",
+        "pretrain.warmup_epochs=0",
+    ]
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    single = workspace.root / "single"
+    result = cli(workspace, single, *sets)
+    assert result.exit_code == 0, result.output
+
+    double = workspace.root / "ddp"
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    command = ["-m", "ssltk", "pretrain", "--params", str(workspace.params), "--out", str(double)]
+    proc = subprocess.run(
+        [*launcher, *command, *sets],
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("pretrained 1 steps") == 1  # only rank 0 reports
+
+    one = load_checkpoint(single / "checkpoints" / "ckpt-00000001.pt")["model"]
+    two = load_checkpoint(double / "checkpoints" / "ckpt-00000001.pt")
+    assert two["world_size"] == 2 and len(two["rng"]) == 2
+    two = two["model"]
+    seed_everything(5)
+    initial = build_task(load_config(workspace.params, overrides)).state_dict()
+    assert one.keys() == two.keys() == initial.keys()
+    for name, value in one.items():
+        if not value.is_floating_point():
+            assert torch.equal(two[name], value), name
+        elif name.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-6, msg=name)
+        else:  # the two updates agree to 1e-3 of their size, and the update is not empty
+            update = (value - initial[name]).norm().item()
+            assert (two[name] - value).norm().item() <= 1e-3 * update + 1e-7, name
+            assert update > 0 or name.endswith("bias"), name
+
+    metrics_one = json.loads((single / "metrics.json").read_text())
+    metrics_two = json.loads((double / "metrics.json").read_text())
+    assert metrics_two["loss"] == pytest.approx(metrics_one["loss"], rel=1e-4)
+    run = workspace.client().get_run(workspace.run_json(double)["run_id"])
+    assert run.data.tags[tracking.TAG_WORLD_SIZE] == "2" and run.info.status == "FINISHED"
