@@ -126,9 +126,9 @@ def uncouple_conv1x1_reference(y: Tensor, h: Tensor, weight: Tensor) -> Tensor:
 @triton.jit
 def _widen(x):
     # Arithmetic precision: fp64 stays fp64, everything else computes in fp32.
-    if x.dtype == tl.float64:
-        return x
-    return x.to(tl.float32)
+    if x.dtype != tl.float64:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -141,7 +141,7 @@ def _round_to(x, dtype: tl.constexpr):
         bits = x32.to(tl.int32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         rounded = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-        return tl.where(x32 != x32, x32, rounded).to(dtype)
+        x = tl.where(x32 != x32, x32, rounded)
     return x.to(dtype)
 
 
@@ -154,13 +154,16 @@ def _coupling_kernel(
     o_n, o_c, o_h, o_w,
     INVERSE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # One program: one (sample, channel) row of the half tensor, BLOCK pixels of it.
+    # One program: BLOCK pixels of one (sample, channel) row of the half tensor; a 1-d grid of
+    # rows × pixel blocks (CUDA limits the 2nd and 3rd grid axes to 65535).
     # With a = src[:, :half], b = src[:, half:]:
     #   forward  out = [b | a + f]      inverse  out = [b - f | a]
-    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    pixel_blocks = tl.cdiv(height * width, BLOCK)
+    row = pid // pixel_blocks
     n = row // half
     c = row % half
-    pix = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pix = (pid % pixel_blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = pix < height * width
     ph = pix // width
     pw = pix % width
@@ -195,9 +198,13 @@ def _coupling_conv1x1_kernel(
     # acc = W[m, :] @ h[n, :, p] over K, then the epilogue writes both halves of the coupling.
     # K_DIM (F's bottleneck width) is a compile-time constant: a network has only a few, and
     # Triton 3.6's interpreter cannot loop over a runtime bound under NumPy 2.4.
-    n = tl.program_id(2).to(tl.int64)
-    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rp = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 1-d grid ordered (sample, pixel block, channel block): neighbouring programs share h tiles.
+    pid = tl.program_id(0).to(tl.int64)
+    m_blocks = tl.cdiv(half, BLOCK_M)
+    p_blocks = tl.cdiv(height * width, BLOCK_N)
+    n = pid // (m_blocks * p_blocks)
+    rm = (pid % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rp = (pid // m_blocks % p_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K).to(tl.int64)
     m_mask = rm < half
     p_mask = rp < height * width
@@ -253,7 +260,7 @@ def _launch_coupling(src: Tensor, fx: Tensor, inverse: bool) -> Tensor:
     if out.numel() == 0:
         return out
     block = min(1024, max(16, triton.next_power_of_2(height * width)))
-    grid = (n * half, triton.cdiv(height * width, block))
+    grid = (n * half * triton.cdiv(height * width, block),)
     _coupling_kernel[grid](
         src, fx, out, half, height, width,
         *src.stride(), *fx.stride(), *out.stride(),
@@ -276,7 +283,7 @@ def _launch_coupling_conv1x1(src: Tensor, h: Tensor, weight: Tensor, inverse: bo
     # Triton 3.6's interpreter mis-computes low-precision tl.dot; bf16/fp16 products are exact in
     # fp32, so upcasting there gives the same result the GPU's low-precision dot accumulates.
     dot_fp32 = h.dtype == torch.float32 or _interpreting()
-    grid = (triton.cdiv(half, block_m), triton.cdiv(pixels, block_n), n)
+    grid = (triton.cdiv(half, block_m) * triton.cdiv(pixels, block_n) * n,)
     _coupling_conv1x1_kernel[grid](
         src, h, weight, out, half, height, width,
         *src.stride(), *h.stride(), weight.stride(0), weight.stride(1), *out.stride(),

@@ -308,3 +308,36 @@ def test_parameters_outside_f_are_rejected():
     unit.scale = nn.Parameter(torch.ones(1))
     with pytest.raises(ValueError, match=r"units\[0\]: has parameters outside"):
         reversible_sequence(torch.zeros(1, 8, 2, 2), [unit])
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_revnet50_fused_kernels_match_plain(bf16):
+    torch.manual_seed(0)
+    plain = build_model("revnet50", widening=1, num_classes=10, memory_saving=False).cuda()
+    saving = build_model("revnet50", widening=1, num_classes=10, memory_saving=True).cuda()
+    saving.load_state_dict(plain.state_dict())
+    for module in plain.modules():  # the plain model keeps the fp32 coupling stream too
+        if isinstance(module, ReversibleStage):
+            module.units[0].register_forward_pre_hook(lambda _, args: (args[0].float(),))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 64, 64, generator=gen).cuda()
+    labels = torch.randint(0, 10, (8,), generator=gen).cuda()
+    # The fused kernels compute fp32 convs in IEEE fp32; compare with cuDNN doing the same.
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for model in (plain, saving):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)["logits"]
+            F.cross_entropy(logits.float(), labels).backward()
+    # bf16: F's last conv is the fused GEMM, not cuDNN, so its bf16 roundings differ slightly.
+    limits = (2.0, 0.05) if bf16 else (MAX_ANGLE_DEG, MAX_REL_ERR)
+    for stage in ("block1", "block2", "block3", "block4"):
+        grads = [flat_grads(getattr(m, stage)) for m in (plain, saving)]
+        assert_grads_agree(*grads, *limits)
+    tol = {"rtol": 1e-3, "atol": 1e-4} if bf16 else {"rtol": 1e-4, "atol": 1e-5}
+    for (name, a), b in zip(plain.named_buffers(), saving.buffers(), strict=True):
+        torch.testing.assert_close(a, b, **tol, msg=name)

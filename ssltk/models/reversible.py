@@ -46,27 +46,69 @@ from kernels.revnet_coupling import couple, couple_conv1x1, uncouple, uncouple_c
 __all__ = ["invert_sequence", "reversible_sequence"]
 
 
-class _Prefix:
-    """The layers of F before its last conv, run in order."""
+class _Unit:
+    """What backward needs to know about one unit, gathered once per call.
 
-    def __init__(self, layers: Sequence[nn.Module]) -> None:
-        self.layers = tuple(layers)
+    ``layers`` run F; when F is a Sequential ending in a plain 1×1 conv, ``conv`` is that conv
+    and ``layers`` are the ones before it (the fused kernels then do the conv and the coupling).
+    ``all_params`` are F's parameters that require grad, ``params`` those of ``layers``;
+    ``norms`` are F's BN layers.
+    """
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __init__(self, unit: nn.Module, index: int) -> None:
+        f = getattr(unit, "f", None)
+        if not isinstance(f, nn.Module):
+            raise ValueError(
+                f"units[{index}]: a reversible unit needs its residual function as `.f`"
+            )
+        direct = list(unit._parameters.values()) + [
+            p for child in unit.children() if child is not f for p in child.parameters()
+        ]
+        if any(p is not None for p in direct):
+            raise ValueError(
+                f"units[{index}]: has parameters outside `.f`, which the reversible backward "
+                "would not differentiate"
+            )
+        self.conv = _last_conv1x1(f)
+        self.layers: tuple[nn.Module, ...] = tuple(f)[:-1] if self.conv is not None else (f,)
+        trainable = [p for p in f.parameters() if p.requires_grad]
+        self.all_params = tuple(trainable)
+        weight = self.conv.weight if self.conv is not None else None
+        self.params = tuple(p for p in trainable if p is not weight)
+        self.norms = tuple(m for m in f.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+    def hidden(self, x2: Tensor) -> Tensor:
+        """F(x2), or with a fused conv the input of F's last conv (as autocast would feed it)."""
         for layer in self.layers:
-            x = layer(x)
-        return x
+            x2 = layer(x2)
+        return x2 if self.conv is None else _autocast_input(x2)
 
-    def parameters(self) -> Iterator[nn.Parameter]:
-        for layer in self.layers:
-            yield from layer.parameters()
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.hidden(x[:, x.shape[1] // 2 :])
+        return couple(x, h) if self.conv is None else couple_conv1x1(x, h, self.conv.weight)
+
+    def inverse(self, y: Tensor, h: Tensor) -> Tensor:
+        """The unit's input from its output ``y`` and ``h = hidden(y1)``."""
+        return uncouple(y, h) if self.conv is None else uncouple_conv1x1(y, h, self.conv.weight)
+
+    @contextmanager
+    def running_stats_frozen(self) -> Iterator[None]:
+        """Training-mode BN layers use batch statistics but leave their running stats alone."""
+        frozen = [m for m in self.norms if m.training and m.track_running_stats]
+        for m in frozen:
+            m.track_running_stats = False
+        try:
+            yield
+        finally:
+            for m in frozen:
+                m.track_running_stats = True
 
 
-def _last_conv1x1(f: nn.Module) -> tuple[_Prefix, nn.Conv2d] | None:
-    """``(everything before, last conv)`` when F is a Sequential ending in a plain 1×1 conv."""
+def _last_conv1x1(f: nn.Module) -> nn.Conv2d | None:
+    """F's last layer when F is a Sequential ending in a plain 1×1 conv without bias."""
     if not isinstance(f, nn.Sequential) or len(f) < 2:
         return None
-    *layers, last = f
+    last = f[-1]
     plain_1x1 = (
         isinstance(last, nn.Conv2d)
         and last.kernel_size == (1, 1)
@@ -76,7 +118,7 @@ def _last_conv1x1(f: nn.Module) -> tuple[_Prefix, nn.Conv2d] | None:
         and last.groups == 1
         and last.bias is None
     )
-    return (_Prefix(layers), last) if plain_1x1 else None
+    return last if plain_1x1 else None
 
 
 def _autocast_input(h: Tensor) -> Tensor:
@@ -98,34 +140,8 @@ def _conv1x1_grads(grad_fx: Tensor, h: Tensor, weight: Tensor) -> tuple[Tensor, 
     return grad_h, grad_w.to(weight.dtype)
 
 
-@contextmanager
-def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
-    """Training-mode BN layers use batch statistics but leave their running statistics alone."""
-    norms = [
-        m
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-    ]
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
-
-
-def _unit_forward(unit: nn.Module, x: Tensor) -> Tensor:
-    half = x.shape[1] // 2
-    split = _last_conv1x1(unit.f)
-    if split is None:
-        return couple(x, unit.f(x[:, half:]))
-    prefix, conv = split
-    return couple_conv1x1(x, _autocast_input(prefix(x[:, half:])), conv.weight)
-
-
 def _unit_backward(
-    unit: nn.Module, y: Tensor, grad_y: Tensor, x: Tensor | None, need_input_grad: bool
+    unit: _Unit, y: Tensor, grad_y: Tensor, x: Tensor | None, need_input_grad: bool
 ) -> tuple[Tensor, Tensor | None, dict[nn.Parameter, Tensor]]:
     """One unit's input, the gradient w.r.t. it (if ``need_input_grad``) and F's parameter
     gradients, from its output ``y`` and ``grad_y`` with one recomputation of F. The input is
@@ -133,39 +149,33 @@ def _unit_backward(
     half = y.shape[1] // 2
     x2 = (y[:, :half] if x is None else x[:, half:]).detach().requires_grad_(need_input_grad)
     grad_y1, grad_y2 = grad_y[:, :half], grad_y[:, half:]
-    split = _last_conv1x1(unit.f)
-    with torch.enable_grad(), _running_stats_frozen(unit.f):
-        if split is None:
-            params = [p for p in unit.f.parameters() if p.requires_grad]
-            fx = unit.f(x2)
-            if x is None:
-                x = uncouple(y, fx.detach())
-            root, root_grad, grads = fx, grad_y2, {}
-        else:
-            prefix, conv = split
-            params = [p for p in prefix.parameters() if p.requires_grad]
-            h = _autocast_input(prefix(x2))
-            if x is None:
-                x = uncouple_conv1x1(y, h.detach(), conv.weight)
-            grad_h, grad_w = _conv1x1_grads(grad_y2, h.detach(), conv.weight)
-            root, root_grad = h, grad_h
-            grads = {conv.weight: grad_w} if conv.weight.requires_grad else {}
-        inputs = [x2, *params] if need_input_grad else params
-        found: Sequence[Tensor | None] = [None] * len(inputs)
-        if inputs and root.requires_grad:
-            found = torch.autograd.grad(root, inputs, root_grad, allow_unused=True)
+    with torch.enable_grad(), unit.running_stats_frozen():
+        h = unit.hidden(x2)
+    if x is None:
+        x = unit.inverse(y, h.detach())
+    grads: dict[nn.Parameter, Tensor] = {}
+    if unit.conv is None:
+        grad_h = grad_y2
+    else:
+        grad_h, grad_w = _conv1x1_grads(grad_y2, h.detach(), unit.conv.weight)
+        if unit.conv.weight.requires_grad:
+            grads[unit.conv.weight] = grad_w
+    inputs = [x2, *unit.params] if need_input_grad else list(unit.params)
+    found: Sequence[Tensor | None] = [None] * len(inputs)
+    if inputs and h.requires_grad:
+        found = torch.autograd.grad(h, inputs, grad_h, allow_unused=True)
     grad_x = None
     if need_input_grad:
         grad_x2, found = found[0], found[1:]
         # d/dx of [x2 | x1 + F(x2)] is again a coupling: [grad_y2 | grad_y1 + dF/dx2 · grad_y2].
         grad_x = torch.cat([grad_y2, grad_y1], 1) if grad_x2 is None else couple(grad_y, grad_x2)
-    grads.update((p, g) for p, g in zip(params, found, strict=True) if g is not None)
+    grads.update((p, g) for p, g in zip(unit.params, found, strict=True) if g is not None)
     return x, grad_x, grads
 
 
 class _ReversibleSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, units: tuple[nn.Module, ...], *params: nn.Parameter) -> Tensor:
+    def forward(ctx, x: Tensor, units: tuple[_Unit, ...], *params: nn.Parameter) -> Tensor:
         device = x.device.type
         ctx.units, ctx.params = units, params
         ctx.autocast = (
@@ -175,7 +185,7 @@ class _ReversibleSequence(torch.autograd.Function):
         )
         y = x
         for unit in units:
-            y = _unit_forward(unit, y)
+            y = unit.forward(y)
         # The stage input is kept too: the first unit's F then sees exactly the forward's input.
         # RevNet zero-pads channels between stages, so that input has all-zero channels whose BN
         # output sits exactly on ReLU's kink; reconstruction leaves ~1e-7 noise there, which
@@ -201,56 +211,40 @@ class _ReversibleSequence(torch.autograd.Function):
         return (grad_y, None, *(grads.get(p) for p in ctx.params))
 
 
-def _check_units(x: Tensor, units: Sequence[nn.Module]) -> None:
+def _plan(x: Tensor, units: Sequence[nn.Module]) -> tuple[_Unit, ...]:
     if x.dim() != 4 or x.shape[1] % 2:
         raise ValueError(f"x: expected [N, C, H, W] with an even C, got shape {tuple(x.shape)}")
-    for i, unit in enumerate(units):
-        f = getattr(unit, "f", None)
-        if not isinstance(f, nn.Module):
-            raise ValueError(f"units[{i}]: a reversible unit needs its residual function as `.f`")
-        outside = {id(p) for p in unit.parameters()} - {id(p) for p in f.parameters()}
-        if outside:
-            raise ValueError(
-                f"units[{i}]: has parameters outside `.f`, which the reversible backward "
-                "would not differentiate"
-            )
+    return tuple(_Unit(unit, i) for i, unit in enumerate(units))
 
 
 def reversible_sequence(x: Tensor, units: Sequence[nn.Module]) -> Tensor:
     """Apply reversible ``units`` (each ``y = [x2 | x1 + unit.f(x2)]``) to ``x`` and keep only the
-    output for backward; inputs are reconstructed from it unit by unit during backward.
+    stage input and output for backward; the units' inputs are reconstructed from the output
+    during backward.
 
     Gradients equal plain autograd's up to reconstruction rounding. Without autograd (no grad
     mode, or nothing requiring grad) the units simply run.
     """
-    units = tuple(units)
-    _check_units(x, units)
-    if not units:
+    plan = _plan(x, units)
+    if not plan:
         return x
     if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()  # the coupling stream stays fp32 under autocast (see the module docstring)
-    params = list({id(p): p for u in units for p in u.parameters() if p.requires_grad}.values())
+    params = list({id(p): p for unit in plan for p in unit.all_params}.values())
     if not torch.is_grad_enabled() or not (x.requires_grad or params):
         with torch.no_grad():
-            for unit in units:
-                x = _unit_forward(unit, x)
+            for unit in plan:
+                x = unit.forward(x)
         return x
-    return _ReversibleSequence.apply(x, units, *params)
+    return _ReversibleSequence.apply(x, plan, *params)
 
 
 @torch.no_grad()
 def invert_sequence(y: Tensor, units: Sequence[nn.Module]) -> Tensor:
     """Reconstruct the input of ``units`` from their output ``y``, the way the memory-saving
     backward does (BN on batch statistics, running statistics untouched)."""
-    units = tuple(units)
-    _check_units(y, units)
-    for unit in reversed(units):
-        half = y.shape[1] // 2
-        split = _last_conv1x1(unit.f)
-        with _running_stats_frozen(unit.f):
-            if split is None:
-                y = uncouple(y, unit.f(y[:, :half]))
-            else:
-                prefix, conv = split
-                y = uncouple_conv1x1(y, _autocast_input(prefix(y[:, :half])), conv.weight)
+    for unit in reversed(_plan(y, units)):
+        with unit.running_stats_frozen():
+            h = unit.hidden(y[:, : y.shape[1] // 2])
+        y = unit.inverse(y, h)
     return y
