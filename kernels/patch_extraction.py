@@ -56,13 +56,15 @@ def _check_inputs(
         raise ValueError(f"patch_size={patch_size} exceeds the {height}×{width} images")
     if offsets.numel() == 0:
         return
-    rows, cols = offsets[..., 0], offsets[..., 1]
-    outside = (rows < 0) | (cols < 0) | (rows > height - patch_size) | (cols > width - patch_size)
+    # One host sync: the error must name the offending offset.
+    limit = torch.tensor([height - patch_size, width - patch_size], device=offsets.device)
+    outside = (offsets < 0) | (offsets > limit)
     if bool(outside.any()):
-        b, j = (int(i) for i in outside.nonzero()[0])
+        b, j = (int(i) for i in outside.any(dim=-1).nonzero()[0])
+        row, col = (int(v) for v in offsets[b, j])
         raise ValueError(
-            f"offsets[{b}, {j}] = ({int(rows[b, j])}, {int(cols[b, j])}) puts a "
-            f"{patch_size}×{patch_size} patch outside the {height}×{width} image"
+            f"offsets[{b}, {j}] = ({row}, {col}) puts a {patch_size}×{patch_size} patch outside "
+            f"the {height}×{width} image"
         )
 
 
@@ -309,7 +311,7 @@ def extract_patches_triton(
     _extract_patches_kernel[(batch * num_patches,)](
         images,
         offsets.contiguous(),
-        gray.to(torch.uint8),
+        gray.contiguous().view(torch.uint8),
         out,
         num_patches,
         *images.stride(),
