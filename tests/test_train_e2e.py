@@ -178,6 +178,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(workspace, reference):
     result = cli(workspace, out)
     assert result.exit_code == 0, result.output
     assert checkpoint_hashes(out)[STEPS] == checkpoint_hashes(reference)[STEPS]
+    assert (out / "curve.csv").read_text() == (reference / "curve.csv").read_text()
     after = workspace.run_json(out)
     assert after["run_id"] == before["run_id"] and after["status"] == "finished"
     assert workspace.client().get_run(after["run_id"]).info.status == "FINISHED"
@@ -248,6 +249,9 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(workspace, reference):
     epoch_loss = history("epoch/loss")
     assert [s for s, _ in epoch_loss] == [0, 1, 2, 3]
     losses = [v for _, v in history("train/loss")]
+    curve = (reference / "curve.csv").read_text().splitlines()
+    assert curve[0] == "step,lr,loss,accuracy" and len(curve) == STEPS + 1
+    assert [float(row.split(",")[2]) for row in curve[1:]] == pytest.approx(losses)
     assert epoch_loss[-1][1] == pytest.approx(sum(losses[15:]) / 5)
     metrics = json.loads((reference / "metrics.json").read_text())
     assert metrics["loss"] == pytest.approx(epoch_loss[-1][1]) and metrics["steps"] == STEPS

@@ -13,7 +13,7 @@ from torch import nn
 from ssltk.config import Config, ConfigError
 from ssltk.pretext import PretextInputs, TaskOutput
 from ssltk.train.engine import RESUMABLE_KEYS, Trainer, trajectory
-from ssltk.train.meters import EpochMeter, MetricWindow, first_non_finite
+from ssltk.train.meters import CurveFile, EpochMeter, MetricWindow, first_non_finite
 from ssltk.train.schedule import StepSchedule
 from ssltk.train.sync_bn import GlobalBatchNorm, convert_to_global_bn
 
@@ -155,6 +155,20 @@ def test_epoch_meter_survives_a_state_round_trip():
     assert copy.means() == {} and copy.latest() == {"loss": 2.0, "accuracy": 0.75}
     copy.add({"loss": 5.0, "accuracy": 0.0})
     assert copy.latest() == {"loss": 5.0, "accuracy": 0.0}
+
+
+def test_curve_file_appends_and_truncates_to_a_checkpoint(tmp_path):
+    curve = CurveFile(tmp_path / "curve.csv")
+    curve.append([(0, {"loss": 2.5, "lr": 0.0}), (1, {"loss": 2.0, "lr": 0.1})])
+    curve.append([(2, {"loss": 1.5, "lr": 0.1})])
+    with open(curve.path, "a") as f:
+        f.write("3,1.2")  # a line cut short by a kill
+    curve.truncate(2)
+    assert curve.path.read_text() == "step,loss,lr\n0,2.5,0.0\n1,2.0,0.1\n"
+    curve.append([(2, {"loss": 1.5, "lr": 0.1})])
+    assert curve.path.read_text().splitlines()[-1] == "2,1.5,0.1"
+    curve.reset()
+    assert not curve.path.exists()
 
 
 def test_trajectory_keeps_what_shapes_the_weights():

@@ -43,7 +43,7 @@ from ssltk.train.checkpoint import (
     write_atomic,
 )
 from ssltk.train.determinism import deterministic_mode, rng_state, seed_everything, set_rng_state
-from ssltk.train.meters import EpochMeter, MetricWindow, first_non_finite
+from ssltk.train.meters import CurveFile, EpochMeter, MetricWindow, first_non_finite
 from ssltk.train.progress import Progress
 from ssltk.train.schedule import StepSchedule, total_steps
 from ssltk.train.sync_bn import convert_sync_bn
@@ -52,6 +52,7 @@ FAULT_ENV = "SSLTK_INJECT_NAN_AT_STEP"
 CHECKPOINT_FORMAT = 1
 RUN_JSON = "run.json"
 METRICS_JSON = "metrics.json"
+CURVE_CSV = "curve.csv"
 CHECKPOINT_DIR = "checkpoints"
 
 #: Config keys that may change between a checkpoint and its resumption: they do not alter the
@@ -207,6 +208,7 @@ class _PretrainRun:
         self.global_step = 0
         self.meter = EpochMeter()
         self.window = MetricWindow()
+        self.curve = CurveFile(out_dir / CURVE_CSV)
 
     # ---------------------------------------------------------------------------------- set-up
 
@@ -277,7 +279,7 @@ class _PretrainRun:
             if self.restart:
                 if self.ckpt_dir.is_dir():
                     remove_checkpoints(self.ckpt_dir)
-                for name in (RUN_JSON, METRICS_JSON):
+                for name in (RUN_JSON, METRICS_JSON, CURVE_CSV):
                     (self.out_dir / name).unlink(missing_ok=True)
             else:
                 found = latest_valid_checkpoint(self.ckpt_dir, map_location=self.context.device)
@@ -332,6 +334,10 @@ class _PretrainRun:
             stale_run_id=previous if self.resume_state is None else None,
         )
         self._write_run_json(status="running")
+        if self.resume_state is None:
+            self.curve.reset()
+        else:
+            self.curve.truncate(self.global_step)
 
     # -------------------------------------------------------------------------------- training
 
@@ -420,6 +426,7 @@ class _PretrainRun:
             ]
             logged.append((rows[-1][0], {tracking.train_metric("images_per_sec"): images_per_sec}))
             self.tracked.log_metrics(logged)
+            self.curve.append(rows)
         if self.progress is not None:
             count = len(rows)
             means = {
