@@ -248,14 +248,18 @@ def time_steps(
     return {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
 
-def model_comparison(args, device: torch.device, memory: Memory) -> dict[str, dict[str, float]]:
+def model_comparison(
+    args, device: torch.device, memory: Memory, amp: bool = False
+) -> dict[str, dict[str, float]]:
     models = variants(args.width, device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(device)
     labels = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
 
     def loss_fn(model: nn.Module) -> torch.Tensor:
-        return F.cross_entropy(model(x)["logits"], labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)["logits"]
+        return F.cross_entropy(logits.float(), labels)
 
     for model in models.values():  # warm up once so the memory figures exclude first-call costs
         loss_fn(model).backward()
@@ -263,6 +267,20 @@ def model_comparison(args, device: torch.device, memory: Memory) -> dict[str, di
     for name, (fastest, median) in time_steps(models, loss_fn, args.steps, device).items():
         results[name]["time"], results[name]["time_median"] = fastest, median
     return results
+
+
+def print_comparison(title: str, models: dict[str, dict[str, float]]) -> None:
+    print(f"\n{title}; step ms = fastest (median) of the timed steps")
+    print(f"{'way':<16}{'saved MiB':>10}{'in stages':>10}{'held MiB':>10}{'peak MiB':>10}"
+          f"{'step ms':>18}{'saved ×':>9}{'time ×':>8}")  # fmt: skip
+    base = models["plain"]
+    for name, r in models.items():
+        step = f"{1e3 * r['time']:.1f} ({1e3 * r['time_median']:.1f})"
+        print(
+            f"{name:<16}{mib(r['saved']):>10}{mib(r['saved_in_stages']):>10}{mib(r['held']):>10}"
+            f"{mib(r['peak']):>10}{step:>18}{r['saved'] / base['saved']:>9.3f}"
+            f"{r['time'] / base['time']:>8.3f}"
+        )
 
 
 def depth_sweep(args, device: torch.device, memory: Memory) -> dict[int, dict[str, dict]]:
@@ -360,18 +378,25 @@ def drift(args, device: torch.device, bf16: bool) -> dict[str, list[float]]:
 # ----------------------------------------------------------------------------- kernels (CUDA)
 
 
-def cuda_time(fn: Callable[[], torch.Tensor], repeats: int = 30) -> float:
-    fn()
+def cuda_time(fn: Callable[[], torch.Tensor]) -> float:
+    """GPU time of one call in seconds, replayed from a CUDA graph so that Python and launch
+    overhead do not count (the median of Triton's measurements)."""
+    from triton.testing import do_bench_cudagraph
+
+    fn()  # compile and allocate outside the capture
     torch.cuda.synchronize()
-    times = []
+    return do_bench_cudagraph(fn, rep=50) / 1e3
+
+
+def launch_time(fn: Callable[[], torch.Tensor], repeats: int = 50) -> float:
+    """Host time per call with the device kept busy: Python, checks and kernel launch."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    host = (time.perf_counter() - start) / repeats
+    torch.cuda.synchronize()
+    return host
 
 
 def kernel_comparison(args) -> list[dict]:
@@ -403,7 +428,9 @@ def kernel_comparison(args) -> list[dict]:
             with dispatch.force("triton"):
                 out = kernel()
                 t_kernel = cuda_time(kernel)
-            expected = reference()
+                host = launch_time(kernel)
+            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+                expected = reference()
             t_ref = cuda_time(reference)
             moved = 2 * x.numel() * x.element_size() + (h if "conv" in name else fx).nbytes
             rows.append(
@@ -414,6 +441,7 @@ def kernel_comparison(args) -> list[dict]:
                     "reference_ms": 1e3 * t_ref,
                     "speedup": t_ref / t_kernel,
                     "kernel_GBps": moved / t_kernel / 1e9,
+                    "host_us_per_call": 1e6 * host,
                     "max_abs_diff": (out - expected).abs().max().item(),
                 }
             )
@@ -441,13 +469,16 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
     cpu_defaults = (1, 8, 64, 3) if args.quick else (1, 16, 96, 5)
-    cuda_defaults = (2, 16, 128, 5) if args.quick else (4, 32, 128, 10)
+    cuda_defaults = (2, 16, 128, 5) if args.quick else (4, 64, 128, 10)
     defaults = cuda_defaults if device.type == "cuda" else cpu_defaults
     for name, value in zip(("width", "batch", "size", "steps"), defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if device.type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
+    # Memory saving runs F without TF32 (see ssltk.models.reversible); the plain and checkpointed
+    # models do the same here, so that all three do identical arithmetic.
+    torch.backends.cudnn.allow_tf32 = False
     memory = Memory(device)
     where = "CUDA allocator" if memory.cuda else "process RSS" if memory.peak_available else "n/a"
     print(
@@ -456,19 +487,12 @@ def main() -> int:
     )
 
     models = model_comparison(args, device, memory)
-    print("\nTraining step (forward + backward); step ms = fastest (median) of the timed steps")
-    print(f"{'way':<16}{'saved MiB':>10}{'in stages':>10}{'held MiB':>10}{'peak MiB':>10}"
-          f"{'step ms':>18}{'saved ×':>9}{'time ×':>8}")  # fmt: skip
-    base = models["plain"]
-    for name, r in models.items():
-        step = f"{1e3 * r['time']:.1f} ({1e3 * r['time_median']:.1f})"
-        print(
-            f"{name:<16}{mib(r['saved']):>10}{mib(r['saved_in_stages']):>10}{mib(r['held']):>10}"
-            f"{mib(r['peak']):>10}{step:>18}{r['saved'] / base['saved']:>9.3f}"
-            f"{r['time'] / base['time']:>8.3f}"
-        )
+    print_comparison("Training step (forward + backward), fp32", models)
     print("  'in stages': saved while a reversible stage ran; the rest is stem, pool and head.")
     print("  Checkpoint keeps unit inputs outside autograd's saved-tensor hooks: see 'held'.")
+    amp_models = model_comparison(args, device, memory, amp=True) if memory.cuda else None
+    if amp_models:
+        print_comparison("Training step, bf16 autocast", amp_models)
 
     sweep = depth_sweep(args, device, memory)
     print(f"\nDepth sweep: one stage, {64 * args.width} channels, batch {args.batch}, "
@@ -495,16 +519,18 @@ def main() -> int:
 
     kernels = kernel_comparison(args) if device.type == "cuda" else []
     if kernels:
-        print(f"\nCoupling kernels vs torch references, batch {args.kernel_batch} × 256 × 56²")
+        print(f"\nCoupling kernels vs torch references, batch {args.kernel_batch} × 256 × 56²"
+              " (GPU time from CUDA-graph replay; host µs = Python + launch per call)")  # fmt: skip
         print(f"{'op':<18}{'F dtype':<10}{'kernel ms':>10}{'ref ms':>9}{'speedup':>9}"
-              f"{'GB/s':>8}{'max|diff|':>11}")  # fmt: skip
+              f"{'GB/s':>8}{'host µs':>9}{'max|diff|':>11}")  # fmt: skip
         for r in kernels:
             print(
                 f"{r['op']:<18}{r['dtype']:<10}{r['kernel_ms']:>10.3f}{r['reference_ms']:>9.3f}"
-                f"{r['speedup']:>9.2f}{r['kernel_GBps']:>8.0f}{r['max_abs_diff']:>11.2e}"
+                f"{r['speedup']:>9.2f}{r['kernel_GBps']:>8.0f}{r['host_us_per_call']:>9.0f}"
+                f"{r['max_abs_diff']:>11.2e}"
             )
 
-    saving = models["memory-saving"]
+    base, saving = models["plain"], models["memory-saving"]
     figures = {
         "device": str(device),
         "width": args.width,
@@ -522,6 +548,13 @@ def main() -> int:
         if base["peak"] > 0
         else None,
         "checkpoint_time_ratio": models["checkpoint/unit"]["time"] / base["time"],
+        "bf16_saved_bytes_ratio": amp_models["memory-saving"]["saved"]
+        / amp_models["plain"]["saved"]
+        if amp_models
+        else None,
+        "bf16_time_ratio": amp_models["memory-saving"]["time"] / amp_models["plain"]["time"]
+        if amp_models
+        else None,
         "depth16_time_ratio": sweep[16]["memory-saving"]["time"] / sweep[16]["plain"]["time"],
         "recon_max_abs_fp32": drift32["recon_max_abs"],
         "recon_max_abs_bf16": drift16["recon_max_abs"],

@@ -38,6 +38,8 @@ __all__ = [
     "couple_conv1x1",
     "couple_conv1x1_reference",
     "couple_reference",
+    "coupling",
+    "coupling_conv1x1",
     "uncouple",
     "uncouple_conv1x1",
     "uncouple_conv1x1_reference",
@@ -97,13 +99,19 @@ def _check_conv_operands(src_name: str, src: Tensor, h: Tensor, weight: Tensor) 
 def couple_reference(x: Tensor, fx: Tensor) -> Tensor:
     """``[x2 | x1 + fx]`` for ``x = [x1 | x2]``, in plain torch."""
     half = x.shape[1] // 2
-    return torch.cat([x[:, half:], x[:, :half] + fx], dim=1).to(torch.result_type(x, fx))
+    out = x.new_empty(x.shape, dtype=torch.result_type(x, fx))
+    out[:, :half] = x[:, half:]
+    torch.add(x[:, :half], fx, out=out[:, half:])
+    return out
 
 
 def uncouple_reference(y: Tensor, fx: Tensor) -> Tensor:
     """``[y2 - fx | y1]`` for ``y = [y1 | y2]``, in plain torch."""
     half = y.shape[1] // 2
-    return torch.cat([y[:, half:] - fx, y[:, :half]], dim=1).to(torch.result_type(y, fx))
+    out = y.new_empty(y.shape, dtype=torch.result_type(y, fx))
+    torch.sub(y[:, half:], fx, out=out[:, :half])
+    out[:, half:] = y[:, :half]
+    return out
 
 
 def _conv1x1(h: Tensor, weight: Tensor) -> Tensor:
@@ -152,7 +160,7 @@ def _coupling_kernel(
     s_n, s_c, s_h, s_w,
     f_n, f_c, f_h, f_w,
     o_n, o_c, o_h, o_w,
-    INVERSE: tl.constexpr, BLOCK: tl.constexpr,
+    INVERSE: tl.constexpr, PIX_CONTIG: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK pixels of one (sample, channel) row of the half tensor; a 1-d grid of
     # rows × pixel blocks (CUDA limits the 2nd and 3rd grid axes to 65535).
@@ -165,16 +173,24 @@ def _coupling_kernel(
     c = row % half
     pix = (pid % pixel_blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = pix < height * width
-    ph = pix // width
-    pw = pix % width
+    if PIX_CONTIG:  # every tensor stores a channel's H×W pixels densely: vectorisable offsets
+        s_pix = pix
+        f_pix = pix
+        o_pix = pix
+    else:
+        ph = pix // width
+        pw = pix % width
+        s_pix = ph * s_h + pw * s_w
+        f_pix = ph * f_h + pw * f_w
+        o_pix = ph * o_h + pw * o_w
 
-    src_row = src_ptr + n * s_n + c * s_c + ph * s_h + pw * s_w
+    src_row = src_ptr + n * s_n + c * s_c + s_pix
     a = tl.load(src_row, mask=mask)
     b = tl.load(src_row + half * s_c, mask=mask)
-    f = tl.load(f_ptr + n * f_n + c * f_c + ph * f_h + pw * f_w, mask=mask)
+    f = tl.load(f_ptr + n * f_n + c * f_c + f_pix, mask=mask)
 
     out_dtype: tl.constexpr = out_ptr.dtype.element_ty
-    out_row = out_ptr + n * o_n + c * o_c + ph * o_h + pw * o_w
+    out_row = out_ptr + n * o_n + c * o_c + o_pix
     if INVERSE:
         tl.store(out_row, _round_to(_widen(b) - _widen(f), out_dtype), mask=mask)
         tl.store(out_row + half * o_c, a.to(out_dtype), mask=mask)
@@ -191,7 +207,7 @@ def _coupling_conv1x1_kernel(
     h_n, h_c, h_h, h_w,
     w_o, w_i,
     o_n, o_c, o_h, o_w,
-    K_DIM: tl.constexpr, INVERSE: tl.constexpr, DOT_FP32: tl.constexpr,
+    K_DIM: tl.constexpr, INVERSE: tl.constexpr, DOT_FP32: tl.constexpr, PIX_CONTIG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # One program: output channels [m0, m0 + BLOCK_M) × pixels [p0, p0 + BLOCK_N) of one sample;
@@ -208,9 +224,17 @@ def _coupling_conv1x1_kernel(
     rk = tl.arange(0, BLOCK_K).to(tl.int64)
     m_mask = rm < half
     p_mask = rp < height * width
-    ph = rp // width
-    pw = rp % width
-    h_pix = n * h_n + ph * h_h + pw * h_w
+    if PIX_CONTIG:
+        s_pix = rp
+        h_pix = rp
+        o_pix = rp
+    else:
+        ph = rp // width
+        pw = rp % width
+        s_pix = ph * s_h + pw * s_w
+        h_pix = ph * h_h + pw * h_w
+        o_pix = ph * o_h + pw * o_w
+    h_pix = h_pix + n * h_n
 
     compute_dtype: tl.constexpr = h_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -237,10 +261,10 @@ def _coupling_conv1x1_kernel(
     fx = _round_to(acc, compute_dtype).to(tl.float32)
     out_dtype: tl.constexpr = out_ptr.dtype.element_ty
     mask = m_mask[:, None] & p_mask[None, :]
-    src_tile = src_ptr + n * s_n + rm[:, None] * s_c + (ph * s_h + pw * s_w)[None, :]
+    src_tile = src_ptr + n * s_n + rm[:, None] * s_c + s_pix[None, :]
     a = tl.load(src_tile, mask=mask)
     b = tl.load(src_tile + half * s_c, mask=mask)
-    out_tile = out_ptr + n * o_n + rm[:, None] * o_c + (ph * o_h + pw * o_w)[None, :]
+    out_tile = out_ptr + n * o_n + rm[:, None] * o_c + o_pix[None, :]
     if INVERSE:
         tl.store(out_tile, _round_to(b.to(tl.float32) - fx, out_dtype), mask=mask)
         tl.store(out_tile + half * o_c, a.to(out_dtype), mask=mask)
@@ -251,6 +275,14 @@ def _coupling_conv1x1_kernel(
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pixels_contiguous(*tensors: Tensor) -> bool:
+    """Whether each [N, C, H, W] tensor stores every channel's H×W pixels densely, row-major."""
+    _, _, height, width = tensors[0].shape
+    return all(
+        (width == 1 or t.stride(3) == 1) and (height == 1 or t.stride(2) == width) for t in tensors
+    )
 
 
 def _launch_coupling(src: Tensor, fx: Tensor, inverse: bool) -> Tensor:
@@ -264,7 +296,7 @@ def _launch_coupling(src: Tensor, fx: Tensor, inverse: bool) -> Tensor:
     _coupling_kernel[grid](
         src, fx, out, half, height, width,
         *src.stride(), *fx.stride(), *out.stride(),
-        INVERSE=inverse, BLOCK=block,
+        INVERSE=inverse, PIX_CONTIG=_pixels_contiguous(src, fx, out), BLOCK=block,
     )  # fmt: skip
     return out
 
@@ -288,6 +320,7 @@ def _launch_coupling_conv1x1(src: Tensor, h: Tensor, weight: Tensor, inverse: bo
         src, h, weight, out, half, height, width,
         *src.stride(), *h.stride(), weight.stride(0), weight.stride(1), *out.stride(),
         K_DIM=k_dim, INVERSE=inverse, DOT_FP32=dot_fp32,
+        PIX_CONTIG=_pixels_contiguous(src, h, out),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     return out
@@ -296,38 +329,44 @@ def _launch_coupling_conv1x1(src: Tensor, h: Tensor, weight: Tensor, inverse: bo
 # ----------------------------------------------------------------------------- custom ops
 
 
+def coupling(src: Tensor, fx: Tensor, *, inverse: bool = False) -> Tensor:
+    """``couple`` (or with ``inverse``, ``uncouple``) without argument checks, custom-op dispatch
+    or autograd: kernel or reference as ``kernels.dispatch`` picks. For callers that have checked
+    the shapes already and run outside autograd (the reversible backward)."""
+    if use_triton(src, fx):
+        return _launch_coupling(src, fx, inverse)
+    return uncouple_reference(src, fx) if inverse else couple_reference(src, fx)
+
+
+def coupling_conv1x1(src: Tensor, h: Tensor, weight: Tensor, *, inverse: bool = False) -> Tensor:
+    """``couple_conv1x1`` (or ``uncouple_conv1x1``), unchecked like :func:`coupling`. fp64 runs
+    the reference: the kernel accumulates in fp32."""
+    wide = torch.float64 in (src.dtype, h.dtype, weight.dtype)
+    if use_triton(src, h, weight) and not wide:
+        return _launch_coupling_conv1x1(src, h, weight, inverse)
+    if inverse:
+        return uncouple_conv1x1_reference(src, h, weight)
+    return couple_conv1x1_reference(src, h, weight)
+
+
 @torch.library.custom_op("ssltk::revnet_couple", mutates_args=())
 def _couple_op(x: Tensor, fx: Tensor) -> Tensor:
-    if use_triton(x, fx):
-        return _launch_coupling(x, fx, inverse=False)
-    return couple_reference(x, fx)
+    return coupling(x, fx)
 
 
 @torch.library.custom_op("ssltk::revnet_uncouple", mutates_args=())
 def _uncouple_op(y: Tensor, fx: Tensor) -> Tensor:
-    if use_triton(y, fx):
-        return _launch_coupling(y, fx, inverse=True)
-    return uncouple_reference(y, fx)
-
-
-def _fused_kernel_applies(src: Tensor, h: Tensor, weight: Tensor) -> bool:
-    # fp64 has no tensor-core dot and the kernel accumulates in fp32: fp64 runs the reference.
-    wide = torch.float64 in (src.dtype, h.dtype, weight.dtype)
-    return use_triton(src, h, weight) and not wide
+    return coupling(y, fx, inverse=True)
 
 
 @torch.library.custom_op("ssltk::revnet_couple_conv1x1", mutates_args=())
 def _couple_conv1x1_op(x: Tensor, h: Tensor, weight: Tensor) -> Tensor:
-    if _fused_kernel_applies(x, h, weight):
-        return _launch_coupling_conv1x1(x, h, weight, inverse=False)
-    return couple_conv1x1_reference(x, h, weight)
+    return coupling_conv1x1(x, h, weight)
 
 
 @torch.library.custom_op("ssltk::revnet_uncouple_conv1x1", mutates_args=())
 def _uncouple_conv1x1_op(y: Tensor, h: Tensor, weight: Tensor) -> Tensor:
-    if _fused_kernel_applies(y, h, weight):
-        return _launch_coupling_conv1x1(y, h, weight, inverse=True)
-    return uncouple_conv1x1_reference(y, h, weight)
+    return coupling_conv1x1(y, h, weight, inverse=True)
 
 
 @_couple_op.register_fake
