@@ -240,6 +240,23 @@ def test_each_parameter_gradient_is_accumulated_exactly_once():
     assert counts == {name: 1 for name, _ in saving.named_parameters()}
 
 
+def test_residual_function_runs_without_tf32_and_the_flag_is_restored():
+    _, saving = stage_pair(16, 2, entry=False, seed=11)
+    seen: list[bool] = []
+    for module in saving.modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.allow_tf32))
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        saving(torch.randn(2, 16, 3, 3, requires_grad=True)).sum().backward()
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+    # 2 units × (2 hooked convs before the fused last one) × (forward + recomputation)
+    assert seen == [False] * 8
+
+
 def saved_bytes(fn) -> int:
     """Bytes autograd keeps for backward while ``fn`` runs (each storage counted once)."""
     storages: dict[int, int] = {}

@@ -92,15 +92,16 @@ class _Unit:
     def forward(self, x: Tensor) -> Tensor:
         with _no_tf32():
             h = self.hidden(x[:, x.shape[1] // 2 :])
-        if self.conv is None:
-            return coupling(x, h)
-        return coupling_conv1x1(x, h, self.conv.weight)
+            if self.conv is None:
+                return coupling(x, h)
+            return coupling_conv1x1(x, h, self.conv.weight)
 
     def inverse(self, y: Tensor, h: Tensor) -> Tensor:
         """The unit's input from its output ``y`` and ``h = hidden(y1)``."""
-        if self.conv is None:
-            return coupling(y, h, inverse=True)
-        return coupling_conv1x1(y, h, self.conv.weight, inverse=True)
+        with _no_tf32():
+            if self.conv is None:
+                return coupling(y, h, inverse=True)
+            return coupling_conv1x1(y, h, self.conv.weight, inverse=True)
 
     @contextmanager
     def recomputing(self) -> Iterator[None]:
