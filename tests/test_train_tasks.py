@@ -148,4 +148,8 @@ def test_compiled_step_matches_eager(params, recorded, tmp_path):
     run(params, tmp_path / "eager", *cell)
     run(params, tmp_path / "compiled", *cell, "pretrain.compile=true")
     eager, compiled = recorded[0].losses(), recorded[1].losses()
-    assert compiled == pytest.approx(eager, rel=1e-3)
+    # cuDNN runs fp32 convolutions in TF32 by default and inductor picks other kernels and
+    # layouts, so the two agree to TF32 precision compounded over 50 layers, not to fp32
+    # rounding (on an H200: 0.7% at step 0; eager CUDA vs CPU differ by 0.2% already).
+    assert compiled == pytest.approx(eager, rel=2e-2)
+    assert all(math.isfinite(x) for x in compiled) and compiled != eager
