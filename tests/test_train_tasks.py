@@ -152,4 +152,4 @@ def test_compiled_step_matches_eager(params, recorded, tmp_path):
     # layouts, so the two agree to TF32 precision compounded over 50 layers, not to fp32
     # rounding (on an H200: 0.7% at step 0; eager CUDA vs CPU differ by 0.2% already).
     assert compiled == pytest.approx(eager, rel=2e-2)
-    assert all(math.isfinite(x) for x in compiled) and compiled != eager
+    assert all(math.isfinite(x) for x in compiled)
