@@ -74,9 +74,9 @@ def test_overrides_are_validated_by_the_same_schema(tmp_path: Path):
     assert config.pretrain.epochs == 7
     assert config.model.arch == "revnet50"
     assert config.study.widenings == [4, 8]
-    with pytest.raises(ConfigError, match="pretrain.epochs"):
+    with pytest.raises(ConfigError, match=r"pretrain\.epochs"):
         load_config(path, ["pretrain.epochs=-1"])
-    with pytest.raises(ConfigError, match="unknown key 'pretrain.nope'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'pretrain\.nope'"):
         load_config(path, ["pretrain.nope=1"])
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(path, ["pretrain.epochs"])
