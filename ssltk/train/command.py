@@ -31,10 +31,13 @@ def pretrain(
 ) -> None:
     """Pretrain one (task, arch, widening); log it to MLflow; write DIR/run.json and metrics.json.
 
-    Resumes from the newest valid checkpoint in DIR/checkpoints unless --restart. Under
-    `torchrun --nproc-per-node N -m ssltk pretrain ...` each process trains on its 1/N share of
-    every global batch and gradients are averaged, so an update equals the single-process update
-    on the global batch (BatchNorm too with pretrain.distributed.sync_bn=true).
+    Resumes from the newest valid checkpoint in DIR/checkpoints unless --restart.
+
+    Under `torchrun --nproc-per-node N -m ssltk pretrain`, each process takes 1/N of each batch.
+
+    Gradients are averaged: an update equals the one-process update on the global batch.
+
+    BatchNorm sees the global batch with pretrain.distributed.sync_bn=true, else each process's.
     """
     config = read_config(params, set_)
     from ssltk.train.engine import DivergenceError
