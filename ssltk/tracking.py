@@ -28,7 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ssltk.config import PROJECT_ROOT, Config, dump_config
+from ssltk.config import PROJECT_ROOT, Config, ConfigError, dump_config
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -157,27 +157,34 @@ def param_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def pretrain_tags(
-    config: Config, *, data_hash: str, device: str, world_size: int = 1
-) -> dict[str, str]:
+def provenance_tags(device: str) -> dict[str, str]:
+    """Git commit (and whether the tree was dirty), library versions and device."""
     commit, dirty = git_state()
     if dirty is None:  # not run from a checkout: the code's own (editable) source tree
         commit, dirty = git_state(PROJECT_ROOT)
     tags = {
+        TAG_GIT_COMMIT: commit,
+        MLFLOW_GIT_COMMIT: commit,
+        TAG_GIT_DIRTY: "unknown" if dirty is None else str(dirty).lower(),
+        TAG_DEVICE: device,
+    }
+    tags.update({f"{TAG_VERSION_PREFIX}{k}": v for k, v in library_versions().items()})
+    return tags
+
+
+def pretrain_tags(
+    config: Config, *, data_hash: str, device: str, world_size: int = 1
+) -> dict[str, str]:
+    return {
         TAG_KIND: KIND_PRETRAIN,
         TAG_TASK: config.pretext.task,
         TAG_ARCH: config.model.arch,
         TAG_WIDENING: str(config.model.widening),
-        TAG_GIT_COMMIT: commit,
-        MLFLOW_GIT_COMMIT: commit,
-        TAG_GIT_DIRTY: "unknown" if dirty is None else str(dirty).lower(),
         TAG_DATA_HASH: data_hash,
-        TAG_DEVICE: device,
         TAG_WORLD_SIZE: str(world_size),
         "mlflow.runName": run_name(config),
+        **provenance_tags(device),
     }
-    tags.update({f"{TAG_VERSION_PREFIX}{k}": v for k, v in library_versions().items()})
-    return tags
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -282,6 +289,41 @@ def start_pretrain_run(
     run.log_params(params)
     run.log_text(dump_config(config), CONFIG_ARTIFACT)
     return run
+
+
+def start_eval_run(config: Config, pretrain_run_id: str, *, device: str) -> TrackedRun:
+    """An eval run in the study's experiment, tagged with the pretraining run it evaluates (whose
+    task, arch, widening and data hash it copies); params are the ``eval.*`` values.
+    """
+    uri = config.tracking.resolved_uri()
+    mlflow_client = client(uri)
+    experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment, uri)
+    pretrain = _find_run(mlflow_client, pretrain_run_id)
+    if pretrain is None:
+        raise ConfigError(f"--run-id {pretrain_run_id}: no such run in {uri}")
+    copied = (TAG_TASK, TAG_ARCH, TAG_WIDENING, TAG_DATA_HASH)
+    tags = {
+        TAG_KIND: KIND_EVAL,
+        TAG_PRETRAIN_RUN_ID: pretrain_run_id,
+        **{k: v for k, v in pretrain.data.tags.items() if k in copied},
+        "mlflow.runName": f"eval-{pretrain.data.tags.get('mlflow.runName', pretrain_run_id)}",
+        **provenance_tags(device),
+    }
+    created = mlflow_client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"])
+    run = TrackedRun(mlflow_client, created.info.run_id, experiment_id, uri)
+    run.log_params({k: v for k, v in config.flat().items() if k.startswith("eval.")})
+    run.log_text(dump_config(config), CONFIG_ARTIFACT)
+    return run
+
+
+def open_run(config: Config, run_id: str) -> TrackedRun:
+    """An existing run, e.g. the pretraining run that an evaluation writes its figures back to."""
+    uri = config.tracking.resolved_uri()
+    mlflow_client = client(uri)
+    found = _find_run(mlflow_client, run_id)
+    if found is None:
+        raise ConfigError(f"--run-id {run_id}: no such run in {uri}")
+    return TrackedRun(mlflow_client, run_id, found.info.experiment_id, uri)
 
 
 def _find_run(mlflow_client: MlflowClient, run_id: str) -> Any:

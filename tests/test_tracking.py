@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ssltk import tracking
-from ssltk.config import Config, dump_config, load_config
+from ssltk.config import Config, ConfigError, dump_config, load_config
 from ssltk.train.checkpoint import save_checkpoint, sidecar_path
 
 
@@ -129,3 +129,24 @@ def test_checkpoint_artifact_round_trip(store: Path, tmp_path: Path):
     fetched = tracking.fetch_checkpoint(run.client, run.run_id, tmp_path / "fetched")
     assert fetched.name == "ckpt-00000012.pt"
     assert fetched.read_bytes() == info.path.read_bytes()
+
+
+def test_eval_run_points_at_its_pretraining_run(store: Path):
+    config = config_for(store, "eval.method=sgd")
+    pretrain = tracking.start_pretrain_run(config, data_hash="d", device="cpu")
+    run = tracking.start_eval_run(config, pretrain.run_id, device="cuda:0")
+    got = run.client.get_run(run.run_id)
+    tags = got.data.tags
+    assert tags[tracking.TAG_KIND] == "eval"
+    assert tags[tracking.TAG_PRETRAIN_RUN_ID] == pretrain.run_id
+    assert (tags[tracking.TAG_TASK], tags[tracking.TAG_DATA_HASH]) == ("jigsaw", "d")
+    assert tags["mlflow.runName"] == "eval-jigsaw-revnet50-w2" and tags["ssltk.device"] == "cuda:0"
+    assert got.data.params["eval.method"] == "sgd"
+    assert all(key.startswith("eval.") for key in got.data.params)
+
+    back = tracking.open_run(config, pretrain.run_id)
+    metric = tracking.probe_metric("sgd", 1, "pre_logits")
+    back.log_metrics([(0, {metric: 0.42})])
+    assert run.client.get_run(pretrain.run_id).data.metrics[metric] == 0.42
+    with pytest.raises(ConfigError, match="no such run"):
+        tracking.start_eval_run(config, "f" * 32, device="cpu")

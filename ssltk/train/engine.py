@@ -296,7 +296,8 @@ class _PretrainRun:
         hint = "use --restart to start over, or another --out"
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ConfigError(
-                f"{name}: checkpoint format {state.get('format')!r}, expected 1; {hint}"
+                f"{name}: checkpoint format {state.get('format')!r}, "
+                f"expected {CHECKPOINT_FORMAT}; {hint}"
             )
         saved, now = state["trajectory"], trajectory(self.config)
         for key in sorted(set(saved) | set(now)):
