@@ -207,3 +207,12 @@ def test_lazily_decoded_image_gone_bad_is_a_one_line_error(tmp_path: Path, worke
         list(loader.epoch(0))
     assert "\n" not in str(info.value)
     assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)
+
+
+def test_workers_leave_the_global_torch_generator_alone(demo: PreparedDataset) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    loader = DeterministicLoader(demo.split("val"), 100, seed=0, workers=2)
+    assert sum(1 for _ in loader.epoch(0)) == loader.steps_per_epoch == 5
+    assert torch.equal(torch.rand(3), expected)

@@ -162,6 +162,9 @@ class DeterministicLoader:
             batch_size=None,
             shuffle=False,
             num_workers=min(self.workers, len(index_batches)),
+            # Workers only decode; their base seed must not come from (and advance) torch's
+            # global generator, which the model's dropout draws from.
+            generator=torch.Generator().manual_seed(self.seed),
         )
         return _raise_errors(loader)
 

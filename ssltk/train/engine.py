@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from ssltk import tracking
 from ssltk.config import Config, ConfigError
 from ssltk.data import rng
 from ssltk.data.dataset import PreparedDataset
-from ssltk.data.loader import Batch, DeterministicLoader
+from ssltk.data.loader import DeterministicLoader
 from ssltk.pretext import PretextInputs, PretextTask, build_task
 from ssltk.train import distributed
 from ssltk.train.checkpoint import (
@@ -365,23 +364,11 @@ class _PretrainRun:
         finally:
             bar.close()
 
-    def _batches(self, epoch: int, first: int) -> Iterator[Batch]:
-        """The loader's batches, fetched without touching the model's random stream (a torch
-        DataLoader with workers draws their seeds from the global generator).
-        """
-        batches = self.loader.epoch(epoch, start_step=first)
-        while True:
-            with torch.random.fork_rng(devices=[]):
-                batch = next(batches, None)
-            if batch is None:
-                return
-            yield batch
-
     def _train_epoch(self) -> None:
         epoch, first = divmod(self.global_step, self.steps_per_epoch)
         epoch_clock = time.perf_counter()
         device = self.context.device
-        for epoch_steps, batch in enumerate(self._batches(epoch, first), start=1):
+        for epoch_steps, batch in enumerate(self.loader.epoch(epoch, start_step=first), start=1):
             images = batch.images.to(device, non_blocking=True)
             keys = batch.keys.to(device, non_blocking=True)
             with torch.no_grad():
