@@ -273,12 +273,74 @@ def saved_bytes(fn) -> int:
 
 
 @pytest.mark.parametrize("depth", [2, 6])
-def test_saved_memory_is_stage_input_and_output_only(depth):
+def test_saved_memory_is_stage_output_only(depth):
     plain, saving = stage_pair(16, depth, entry=False, seed=8)
     x = torch.randn(2, 16, 5, 5, requires_grad=True)
     tensor_bytes = x.numel() * x.element_size()
-    assert saved_bytes(lambda: saving(x)) == 2 * tensor_bytes
+    assert saved_bytes(lambda: saving(x)) == tensor_bytes
     assert saved_bytes(lambda: plain(x)) > depth * tensor_bytes
+
+
+def bn_inputs_of_first_unit(units: nn.ModuleList, x: torch.Tensor, **kwargs) -> list:
+    """What the first unit's first BN sees: in the forward pass, then in the recomputation."""
+    seen: list[torch.Tensor] = []
+    handle = units[0].f[0].register_forward_pre_hook(lambda _, a: seen.append(a[0].detach()))
+    try:
+        reversible_sequence(x.clone().requires_grad_(), units, **kwargs).sum().backward()
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_zero_padded_channels_are_exactly_zero_again_when_f_is_recomputed():
+    _, saving = stage_pair(32, 4, entry=True, seed=12)
+    x = saving.entry(torch.randn(4, 16, 6, 6, generator=torch.Generator().manual_seed(12)))
+    zeros = PoolAndPadChannels.zero_channels(32)
+    # F of the first unit sees x2 = channels 16..31, of which 24..31 are padding.
+    forward, recomputed = bn_inputs_of_first_unit(saving.units, x, zero_channels=zeros)
+    assert not forward[:, 8:].any()
+    assert torch.equal(recomputed[:, 8:], forward[:, 8:])
+    torch.testing.assert_close(recomputed[:, :8], forward[:, :8], rtol=0, atol=1e-5)
+    # Control: without the hint, reconstruction leaves noise in those channels.
+    _, noisy = bn_inputs_of_first_unit(saving.units, x)
+    assert noisy[:, 8:].any()
+
+
+def test_zero_channels_outside_the_x2_half_change_nothing():
+    _, saving = stage_pair(16, 3, entry=False, seed=13)
+    x = torch.randn(2, 16, 3, 3)
+    x[:, :4] = 0  # in x1, which no F of the first unit sees
+    hinted = copy.deepcopy(saving.units)
+    xs, xh = x.clone().requires_grad_(), x.clone().requires_grad_()
+    reversible_sequence(xs, saving.units).square().sum().backward()
+    reversible_sequence(xh, hinted, zero_channels=[slice(0, 4)]).square().sum().backward()
+    assert torch.equal(xs.grad, xh.grad)
+    assert torch.equal(flat_grads(saving.units), flat_grads(hinted))
+
+
+@pytest.mark.parametrize(
+    ("zero_channels", "match"),
+    [
+        ([(0, 4)], r"zero_channels\[0\]: expected a slice"),
+        ([slice(0, 4), slice(8, 16, 2)], r"zero_channels\[1\]: expected a step of 1"),
+    ],
+)
+def test_bad_zero_channels_raise_clear_errors(zero_channels, match):
+    with pytest.raises(ValueError, match=match):
+        reversible_sequence(
+            torch.zeros(1, 16, 2, 2), [ReversibleUnit(16)], zero_channels=zero_channels
+        )
+
+
+def test_pool_and_pad_names_its_zero_channels():
+    x = torch.randn(2, 8, 4, 4) + 3
+    out = PoolAndPadChannels(2)(x)
+    zeros = PoolAndPadChannels.zero_channels(out.shape[1])
+    mask = torch.zeros(out.shape[1], dtype=torch.bool)
+    for channels in zeros:
+        mask[channels] = True
+    assert mask.sum() == 8
+    assert not out[:, mask].any() and out[:, ~mask].ne(0).all()
 
 
 def test_invert_sequence_reconstructs_input_without_touching_running_stats():

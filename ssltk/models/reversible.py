@@ -26,6 +26,14 @@ statistics, being means over N·H·W values, move by far less than that. Reusing
 statistics instead would mix values of one input with derivatives at another for no measurable
 gain. Units must be deterministic (no dropout).
 
+Structurally zero input channels: RevNet's stage transition zero-pads the channels, so the first
+unit's F normalises channels that are exactly zero; BN maps them to exactly its bias, on ReLU's
+kink at initialisation. Reconstruction leaves ~1e-7 noise there, which BN (dividing by
+``sqrt(eps)`` instead of a real standard deviation) amplifies until ReLU derivatives flip and the
+gradient turns visibly (0.28° on RevNet50). The caller names such channels (``zero_channels``)
+and backward resets them to exact zero in the first unit's reconstructed ``x2`` before F runs;
+noise in the other channels is harmless, so the stage input need not be stored.
+
 TF32: F runs with cuDNN's TF32 convolutions switched off. Reconstruction is exact only up to
 ~1e-7, and TF32 rounds F's inputs to 10 mantissa bits, so that tiny error flips TF32 roundings,
 F's recomputed output moves by ~1e-3 and the error grows unit by unit (measured on an H200: 34°
@@ -165,18 +173,29 @@ def _conv1x1_grads(grad_fx: Tensor, h: Tensor, weight: Tensor) -> tuple[Tensor, 
 
 
 def _unit_backward(
-    unit: _Unit, y: Tensor, grad_y: Tensor, x: Tensor | None, need_input_grad: bool
-) -> tuple[Tensor, Tensor | None, dict[nn.Parameter, Tensor]]:
-    """One unit's input, the gradient w.r.t. it (if ``need_input_grad``) and F's parameter
-    gradients, from its output ``y`` and ``grad_y`` with one recomputation of F. The input is
-    reconstructed from ``y`` unless it is given as ``x``."""
+    unit: _Unit,
+    y: Tensor,
+    grad_y: Tensor,
+    *,
+    need_input_grad: bool,
+    reconstruct: bool,
+    zero_x2: Sequence[tuple[int, int]] = (),
+) -> tuple[Tensor | None, Tensor | None, dict[nn.Parameter, Tensor]]:
+    """One unit's input (if ``reconstruct``), the gradient w.r.t. it (if ``need_input_grad``) and
+    F's parameter gradients, from its output ``y`` and ``grad_y`` with one recomputation of F.
+    ``zero_x2`` are channel ranges of ``x2`` known to be exactly zero; they are reset before F
+    runs."""
     half = y.shape[1] // 2
-    x2 = (y[:, :half] if x is None else x[:, half:]).detach().requires_grad_(need_input_grad)
+    x2 = y[:, :half].detach()
+    if zero_x2:
+        x2 = x2.clone()
+        for start, stop in zero_x2:
+            x2[:, start:stop] = 0
+    x2.requires_grad_(need_input_grad)
     grad_y1, grad_y2 = grad_y[:, :half], grad_y[:, half:]
     with torch.enable_grad(), unit.recomputing():
         h = unit.hidden(x2)
-    if x is None:
-        x = unit.inverse(y, h.detach())
+    x = unit.inverse(y, h.detach()) if reconstruct else None
     grads: dict[nn.Parameter, Tensor] = {}
     if unit.conv is None:
         grad_h = grad_y2
@@ -199,9 +218,15 @@ def _unit_backward(
 
 class _ReversibleSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, units: tuple[_Unit, ...], *params: nn.Parameter) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        units: tuple[_Unit, ...],
+        zero_x2: tuple[tuple[int, int], ...],
+        *params: nn.Parameter,
+    ) -> Tensor:
         device = x.device.type
-        ctx.units, ctx.params = units, params
+        ctx.units, ctx.zero_x2, ctx.params = units, zero_x2, params
         ctx.autocast = (
             device,
             torch.is_autocast_enabled(device),
@@ -210,29 +235,28 @@ class _ReversibleSequence(torch.autograd.Function):
         y = x
         for unit in units:
             y = unit.forward(y)
-        # The stage input is kept too: the first unit's F then sees exactly the forward's input.
-        # RevNet zero-pads channels between stages, so that input has all-zero channels whose BN
-        # output sits exactly on ReLU's kink; reconstruction leaves ~1e-7 noise there, which
-        # would flip the ReLU's derivative and visibly change the gradient.
-        ctx.save_for_backward(x, y)
+        ctx.save_for_backward(y)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):
-        x, y = ctx.saved_tensors
+        (y,) = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
         grads: dict[nn.Parameter, Tensor] = {}
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             for i in reversed(range(len(ctx.units))):
-                need_input_grad = i > 0 or ctx.needs_input_grad[0]
-                known_input = x if i == 0 else None
                 y, grad_y, unit_grads = _unit_backward(
-                    ctx.units[i], y, grad_y, known_input, need_input_grad
+                    ctx.units[i],
+                    y,
+                    grad_y,
+                    need_input_grad=i > 0 or ctx.needs_input_grad[0],
+                    reconstruct=i > 0,  # nothing needs the stage input itself
+                    zero_x2=ctx.zero_x2 if i == 0 else (),
                 )
                 for p, g in unit_grads.items():
                     grads[p] = grads[p] + g if p in grads else g
-        return (grad_y, None, *(grads.get(p) for p in ctx.params))
+        return (grad_y, None, None, *(grads.get(p) for p in ctx.params))
 
 
 def _plan(x: Tensor, units: Sequence[nn.Module]) -> tuple[_Unit, ...]:
@@ -241,15 +265,39 @@ def _plan(x: Tensor, units: Sequence[nn.Module]) -> tuple[_Unit, ...]:
     return tuple(_Unit(unit, i) for i, unit in enumerate(units))
 
 
-def reversible_sequence(x: Tensor, units: Sequence[nn.Module]) -> Tensor:
+def _zero_x2_ranges(zero_channels: Sequence[slice], channels: int) -> tuple[tuple[int, int], ...]:
+    """``zero_channels`` (slices of the stage input's channels) as ranges within its ``x2`` half,
+    the only half the first unit's F sees."""
+    half = channels // 2
+    ranges = []
+    for i, channel_slice in enumerate(zero_channels):
+        if not isinstance(channel_slice, slice):
+            raise ValueError(f"zero_channels[{i}]: expected a slice, got {channel_slice!r}")
+        start, stop, step = channel_slice.indices(channels)
+        if step != 1:
+            raise ValueError(f"zero_channels[{i}]: expected a step of 1, got {channel_slice!r}")
+        start, stop = max(start, half) - half, max(stop, half) - half
+        if start < stop:
+            ranges.append((start, stop))
+    return tuple(ranges)
+
+
+def reversible_sequence(
+    x: Tensor, units: Sequence[nn.Module], *, zero_channels: Sequence[slice] = ()
+) -> Tensor:
     """Apply reversible ``units`` (each ``y = [x2 | x1 + unit.f(x2)]``) to ``x`` and keep only the
-    stage input and output for backward; the units' inputs are reconstructed from the output
-    during backward.
+    stage output for backward; the units' inputs are reconstructed from it during backward.
+
+    ``zero_channels`` are slices of ``x``'s channels that the caller guarantees to be exactly
+    zero (a zero-padding transition); backward restores them exactly instead of up to
+    reconstruction noise (see the module docstring). Naming channels that are not zero makes the
+    gradients wrong.
 
     Gradients equal plain autograd's up to reconstruction rounding. Without autograd (no grad
     mode, or nothing requiring grad) the units simply run.
     """
     plan = _plan(x, units)
+    zero_x2 = _zero_x2_ranges(zero_channels, x.shape[1])
     if not plan:
         return x
     if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float16, torch.bfloat16):
@@ -260,7 +308,7 @@ def reversible_sequence(x: Tensor, units: Sequence[nn.Module]) -> Tensor:
             for unit in plan:
                 x = unit.forward(x)
         return x
-    return _ReversibleSequence.apply(x, plan, *params)
+    return _ReversibleSequence.apply(x, plan, zero_x2, *params)
 
 
 @torch.no_grad()

@@ -93,6 +93,11 @@ class PoolAndPadChannels(nn.Module):
         pad = x.shape[1] // 2
         return F.pad(x, (0, 0, 0, 0, pad, pad))
 
+    @staticmethod
+    def zero_channels(out_channels: int) -> tuple[slice, slice]:
+        """The output channels that are always exactly zero: the first and last quarter."""
+        return slice(0, out_channels // 4), slice(out_channels - out_channels // 4, out_channels)
+
     def extra_repr(self) -> str:
         return f"stride={self.stride}"
 
@@ -119,6 +124,10 @@ class ReversibleStage(nn.Module):
         if self.memory_saving and torch.is_grad_enabled():
             from ssltk.models.reversible import reversible_sequence
 
+            if isinstance(self.entry, PoolAndPadChannels):
+                # The padded channels are exactly zero: backward restores them exactly.
+                zeros = self.entry.zero_channels(x.shape[1])
+                return reversible_sequence(x, self.units, zero_channels=zeros)
             return reversible_sequence(x, self.units)
         for unit in self.units:
             x = unit(x)
