@@ -21,8 +21,14 @@ from torch import nn
 
 from kernels import dispatch
 from ssltk.models import build_model
+from ssltk.models.layers import ZeroPadMaxPool
 from ssltk.models.reversible import invert_sequence, reversible_sequence
-from ssltk.models.revnet import PoolAndPadChannels, ReversibleStage, ReversibleUnit
+from ssltk.models.revnet import (
+    CompactZeroPadMaxPool,
+    PoolAndPadChannels,
+    ReversibleStage,
+    ReversibleUnit,
+)
 
 MAX_ANGLE_DEG = 0.1
 MAX_REL_ERR = 1e-4
@@ -341,6 +347,64 @@ def test_pool_and_pad_names_its_zero_channels():
         mask[channels] = True
     assert mask.sum() == 8
     assert not out[:, mask].any() and out[:, ~mask].ne(0).all()
+
+
+def pool_inputs() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(14)
+    ties = torch.randint(-2, 3, (2, 3, 9, 8), generator=gen).float()  # many equal maxima
+    nan = torch.randn(2, 3, 6, 6, generator=gen)
+    nan[0, 1, 2, 3] = float("nan")
+    return {
+        "normal": torch.randn(2, 3, 7, 10, generator=gen),
+        "negative": -torch.rand(2, 3, 5, 5, generator=gen) - 1,  # the zero border wins
+        "ties": ties,
+        "zeros": torch.zeros(1, 2, 6, 7),  # ties between the border and the image everywhere
+        "channels_last": torch.randn(2, 4, 8, 8, generator=gen).to(
+            memory_format=torch.channels_last
+        ),
+        "unbatched": torch.randn(3, 6, 5, generator=gen),
+        "nan": nan,
+    }
+
+
+@pytest.mark.parametrize("case", list(pool_inputs()))
+def test_compact_max_pool_is_bit_identical_to_zero_pad_max_pool(case):
+    x = pool_inputs()[case]
+    plain_x, compact_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = CompactZeroPadMaxPool()(compact_x)
+    expected, flat = F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 3, 2, return_indices=True)
+    plain_out = ZeroPadMaxPool()(plain_x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=0, equal_nan=True)
+    # One int8 per output, the window position (row-major) of the index torch's kernel chose.
+    (position,) = saved
+    assert position.dtype == torch.int8 and position.shape == out.shape
+    width = x.shape[-1] + 2
+    rows = torch.arange(out.shape[-2])[:, None]
+    cols = torch.arange(out.shape[-1])
+    expected_position = (flat // width - 2 * rows) * 3 + (flat % width - 2 * cols)
+    assert torch.equal(position.long(), expected_position)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(15))
+    (out * grad).sum().backward()
+    (plain_out * grad).sum().backward()
+    assert torch.equal(compact_x.grad, plain_x.grad)
+
+
+def test_compact_max_pool_saves_one_byte_per_output_in_memory_saving_mode_only():
+    x = torch.randn(1, 2, 6, 6, requires_grad=True)
+    assert saved_bytes(lambda: CompactZeroPadMaxPool(memory_saving=False)(x)) > x.nbytes
+    assert saved_bytes(lambda: CompactZeroPadMaxPool()(x)) == 3 * 3 * 2  # one byte per output
+    with torch.no_grad():
+        assert torch.equal(CompactZeroPadMaxPool()(x), ZeroPadMaxPool()(x))
+
+
+def test_revnet50_stem_pool_follows_memory_saving():
+    for memory_saving in (True, False):
+        model = build_model("revnet50", widening=1, num_classes=None, memory_saving=memory_saving)
+        assert isinstance(model.root[1], CompactZeroPadMaxPool)
+        assert model.root[1].memory_saving is memory_saving
 
 
 def test_invert_sequence_reconstructs_input_without_touching_running_stats():

@@ -8,7 +8,8 @@ max-pool.
 
 With ``memory_saving`` each stage runs its units through
 :func:`ssltk.models.reversible.reversible_sequence`, which recomputes activations from the stage
-output during backward instead of storing them.
+output during backward instead of storing them, and the stem's max-pool keeps only an int8
+window position per output (:class:`CompactZeroPadMaxPool`); without it both are plain autograd.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ssltk.models.layers import (
     PreLogits,
@@ -39,6 +41,76 @@ def coupling_inverse(y: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
     """``[y1 | y2]`` and ``fy = F(y1)`` → ``[y2 - fy | y1]``, undoing :func:`coupling_forward`."""
     y1, y2 = y.chunk(2, dim=1)
     return torch.cat((y2 - fy, y1), dim=1)
+
+
+class _WindowMaxPool(torch.autograd.Function):
+    """``ZeroPadMaxPool``'s 3×3/2 max-pool over a zero-padded input that saves, per output, only
+    which of the 9 window positions held the maximum (int8), not the padded input and int64
+    indices. Forward and gradient run torch's own max-pool kernels on the same indices, so both
+    are bit-identical to the plain layer, ties included (torch takes the first maximum in
+    row-major window order, on CPU and CUDA)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(x, (1, 1, 1, 1))
+        out, flat = F.max_pool2d(padded, kernel_size=3, stride=2, return_indices=True)
+        width = padded.shape[-1]
+        # flat - (window's top-left index) = row * width + col with row, col in 0..2.
+        offset = (flat - _window_starts(out.shape[-2:], width, x.device)).to(torch.int32)
+        row = (offset >= width).to(torch.int32) + (offset >= 2 * width)
+        ctx.save_for_backward(offset.sub_(row * (width - 3)).to(torch.int8))  # row * 3 + col
+        ctx.padded_shape = padded.shape
+        channels_last = padded.dim() == 4 and not padded.is_contiguous()
+        channels_last &= padded.is_contiguous(memory_format=torch.channels_last)
+        ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        (position,) = ctx.saved_tensors
+        width = ctx.padded_shape[-1]
+        offsets = torch.tensor(
+            [row * width + col for row in range(3) for col in range(3)], device=grad_out.device
+        )
+        starts = _window_starts(grad_out.shape[-2:], width, grad_out.device)
+        flat = starts + offsets.take(position.long())
+        # Only the shape and memory format of the input are read, never its values.
+        shape_of_input = torch.empty(
+            ctx.padded_shape,
+            dtype=grad_out.dtype,
+            device=grad_out.device,
+            memory_format=ctx.memory_format,
+        )
+        grad_padded = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_out, shape_of_input, [3, 3], [2, 2], [0, 0], [1, 1], False, flat
+        )
+        return grad_padded[..., 1:-1, 1:-1]
+
+
+def _window_starts(out_size: torch.Size, width: int, device: torch.device) -> torch.Tensor:
+    """Flat index, in a padded plane ``width`` wide, of each output's window's top-left pixel."""
+    rows, cols = out_size
+    top = torch.arange(0, 2 * rows, 2, device=device)
+    return top[:, None] * width + torch.arange(0, 2 * cols, 2, device=device)
+
+
+class CompactZeroPadMaxPool(ZeroPadMaxPool):
+    """:class:`ZeroPadMaxPool` that, with ``memory_saving``, keeps one int8 per output for
+    backward (the window position of its maximum) instead of the padded input and an int64 index
+    (about 25 bytes per output in fp32). Outputs and gradients are bit-identical either way."""
+
+    def __init__(self, memory_saving: bool = True) -> None:
+        super().__init__()
+        self.memory_saving = memory_saving
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.memory_saving and torch.is_grad_enabled() and x.requires_grad:
+            return _WindowMaxPool.apply(x)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"memory_saving={self.memory_saving}"
 
 
 class RevBottleneck(nn.Sequential):
@@ -152,7 +224,8 @@ class RevNet50(nn.Module):
         widths = [w * k for w in STAGE_WIDTHS]
         root_stride = 1 if config.patch_mode else 2
         self.root = nn.Sequential(
-            exclude_from_weight_decay(conv(3, widths[0], 7, root_stride)), ZeroPadMaxPool()
+            exclude_from_weight_decay(conv(3, widths[0], 7, root_stride)),
+            CompactZeroPadMaxPool(config.memory_saving),
         )
         # Stage i+1 enters through the transition that ends stage i (paper: "pool and double").
         strides = stage_strides(config.patch_mode)
