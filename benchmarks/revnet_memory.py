@@ -2,8 +2,9 @@
 
 Three ways to train RevNet50 (small width) in one process, on the same weights and batch:
   plain          ordinary autograd (every activation stored),
-  memory-saving  ``ssltk.models.reversible.reversible_sequence`` (stage input/output stored,
-                 activations rebuilt from outputs during backward),
+  memory-saving  ``ssltk.models.reversible.reversible_sequence`` (stage outputs stored,
+                 activations rebuilt from them during backward) and the stem max-pool saving
+                 int8 window positions only,
   checkpoint     ``torch.utils.checkpoint`` around each unit (unit inputs stored, F run twice).
 Reported per way: bytes autograd saves for backward (``saved_tensors_hooks``; each storage once,
 parameters excluded), memory held after the forward pass and the step's peak (CPU: process RSS,
@@ -48,7 +49,7 @@ from kernels.revnet_coupling import (
 )
 from ssltk.models import build_model
 from ssltk.models.reversible import invert_sequence
-from ssltk.models.revnet import ReversibleStage
+from ssltk.models.revnet import CompactZeroPadMaxPool, ReversibleStage
 
 STAGES = ("block1", "block2", "block3", "block4")
 TARGETS = {"saved_bytes_ratio": 0.30, "time_ratio": 1.35, "depth_growth_4_to_16": 1.10}
@@ -125,31 +126,46 @@ class Memory:
 
 class SavedBytes:
     """Bytes autograd saves for backward inside the context: each storage once, parameters
-    excluded, and split by whether it was first saved inside a reversible stage."""
+    excluded. Each storage is attributed to the innermost module running when it was first saved
+    and to the op that produced it (its ``grad_fn``; none for the batch and for non-differentiable
+    tensors such as pooling indices and BN statistics), and flagged when saved inside a
+    reversible stage."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.storages: dict[int, tuple[int, bool]] = {}
-        self.inside_stage = False
+        self.storages: dict[int, tuple[int, bool, tuple[str, str, str]]] = {}
+        self.stack: list[tuple[str, bool]] = [("(outside the model)", False)]
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         key = storage.data_ptr()
         if key not in self.params and key not in self.storages:
-            self.storages[key] = (storage.nbytes(), self.inside_stage)
+            module, inside_stage = self.stack[-1]
+            producer = "input" if t.is_leaf and t.requires_grad else "(no grad_fn)"
+            if t.grad_fn is not None:
+                producer = type(t.grad_fn).__name__.removesuffix("Backward0")
+            dtype = str(t.dtype).removeprefix("torch.")
+            self.storages[key] = (storage.nbytes(), inside_stage, (module, producer, dtype))
         return t
 
-    def _enter_stage(self, *_) -> None:
-        self.inside_stage = True
+    def _enter(self, name: str, module: nn.Module) -> Callable[..., None]:
+        label = f"{name or 'model'} ({type(module).__name__})"
 
-    def _leave_stage(self, *_) -> None:
-        self.inside_stage = False
+        def hook(*_) -> None:
+            inside = self.stack[-1][1] or isinstance(module, ReversibleStage)
+            self.stack.append((label, inside))
+
+        return hook
+
+    def _leave(self, *_) -> None:
+        self.stack.pop()
 
     def __enter__(self) -> SavedBytes:
-        stages = [m for m in self.model.modules() if isinstance(m, ReversibleStage)]
-        self._handles = [s.register_forward_pre_hook(self._enter_stage) for s in stages]
-        self._handles += [s.register_forward_hook(self._leave_stage) for s in stages]
+        self._handles = []
+        for name, module in self.model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._enter(name, module)))
+            self._handles.append(module.register_forward_hook(self._leave))
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         return self
@@ -161,11 +177,18 @@ class SavedBytes:
 
     @property
     def total(self) -> int:
-        return sum(n for n, _ in self.storages.values())
+        return sum(n for n, _, _ in self.storages.values())
 
     @property
     def in_stages(self) -> int:
-        return sum(n for n, inside in self.storages.values() if inside)
+        return sum(n for n, inside, _ in self.storages.values() if inside)
+
+    def breakdown(self) -> dict[tuple[str, str, str], int]:
+        """Saved bytes per (module, producing op, dtype)."""
+        rows: dict[tuple[str, str, str], int] = {}
+        for n, _, key in self.storages.values():
+            rows[key] = rows.get(key, 0) + n
+        return rows
 
 
 # ----------------------------------------------------------------------------- the three ways
@@ -184,7 +207,7 @@ class CheckpointedUnit(nn.Module):
 
 def set_memory_saving(model: nn.Module, enabled: bool) -> None:
     for module in model.modules():
-        if isinstance(module, ReversibleStage):
+        if isinstance(module, ReversibleStage | CompactZeroPadMaxPool):
             module.memory_saving = enabled
 
 
@@ -224,6 +247,7 @@ def measure_step(
         "saved_in_stages": saved.in_stages,
         "held": held,
         "peak": peak,
+        "breakdown": saved.breakdown(),
     }
 
 
@@ -281,6 +305,25 @@ def print_comparison(title: str, models: dict[str, dict[str, float]]) -> None:
             f"{mib(r['peak']):>10}{step:>18}{r['saved'] / base['saved']:>9.3f}"
             f"{r['time'] / base['time']:>8.3f}"
         )
+
+
+def print_breakdown(models: dict[str, dict], rows: int = 12) -> None:
+    """The largest saved-tensor groups, by module and producing op, for each way."""
+    ways = list(models)
+    keys: set[tuple[str, str, str]] = set().union(*(models[w]["breakdown"] for w in ways))
+    ranked = sorted(keys, key=lambda k: max(models[w]["breakdown"].get(k, 0) for w in ways))
+    ranked.reverse()
+    print(f"\nSaved for backward by module and producing op (largest {rows} groups, MiB)")
+    print(f"{'module':<34}{'produced by':<24}{'dtype':<9}" + "".join(f"{w:>17}" for w in ways))
+    for module, producer, dtype in ranked[:rows]:
+        sizes = "".join(
+            f"{models[w]['breakdown'].get((module, producer, dtype), 0) / MiB:>17.2f}" for w in ways
+        )
+        print(f"{module[:33]:<34}{producer[:23]:<24}{dtype:<9}{sizes}")
+    rest = [
+        sum(n for k, n in models[w]["breakdown"].items() if k not in ranked[:rows]) for w in ways
+    ]
+    print(f"{'(everything else)':<67}" + "".join(f"{n / MiB:>17.2f}" for n in rest))
 
 
 def depth_sweep(args, device: torch.device, memory: Memory) -> dict[int, dict[str, dict]]:
@@ -490,6 +533,7 @@ def main() -> int:
     print_comparison("Training step (forward + backward), fp32", models)
     print("  'in stages': saved while a reversible stage ran; the rest is stem, pool and head.")
     print("  Checkpoint keeps unit inputs outside autograd's saved-tensor hooks: see 'held'.")
+    print_breakdown(models)
     amp_models = model_comparison(args, device, memory, amp=True) if memory.cuda else None
     if amp_models:
         print_comparison("Training step, bf16 autocast", amp_models)
