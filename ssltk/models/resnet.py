@@ -86,7 +86,37 @@ def _stage(
     return nn.Sequential(*units)
 
 
-class ResNet50(nn.Module):
+class StagedBackbone(nn.Module):
+    """Shared shape of ResNet50 and RevNet50: ``root``, ``block1..block4``, ``pre_logits`` and an
+    optional linear ``logits`` head, called to return the endpoint dict of paper §4.1.
+    """
+
+    def _add_head(self, channels: int, *, final_norm: bool) -> None:
+        config = self.config
+        self.pre_logits = PreLogits(
+            channels,
+            final_norm=final_norm,
+            last_relu=config.last_relu,
+            representation_size=config.representation_size,
+        )
+        self.logits = (
+            nn.Linear(self.pre_logits.out_features, config.num_classes)
+            if config.num_classes
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        endpoints = {"after_root": self.root(x)}
+        x = endpoints["after_root"]
+        for name in ("block1", "block2", "block3", "block4"):
+            x = endpoints[name] = getattr(self, name)(x)
+        endpoints["pre_logits"] = self.pre_logits(x)
+        if self.logits is not None:
+            endpoints["logits"] = self.logits(endpoints["pre_logits"])
+        return endpoints
+
+
+class ResNet50(StagedBackbone):
     """ResNet50 v1 or v2 (``config.arch``), returning the endpoint dict of paper §4.1."""
 
     def __init__(self, config: ArchConfig) -> None:
@@ -115,26 +145,5 @@ class ResNet50(nn.Module):
         for i, (depth, width, stride) in enumerate(zip(DEPTHS, STAGE_WIDTHS, strides, strict=True)):
             self.add_module(f"block{i + 1}", _stage(block, channels, width * k, depth, stride))
             channels = width * k
-
-        self.pre_logits = PreLogits(
-            channels,
-            final_norm=not v1,
-            last_relu=config.last_relu,
-            representation_size=config.representation_size,
-        )
-        self.logits = (
-            nn.Linear(self.pre_logits.out_features, config.num_classes)
-            if config.num_classes
-            else None
-        )
+        self._add_head(channels, final_norm=not v1)
         init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        endpoints = {"after_root": self.root(x)}
-        x = endpoints["after_root"]
-        for name in ("block1", "block2", "block3", "block4"):
-            x = endpoints[name] = getattr(self, name)(x)
-        endpoints["pre_logits"] = self.pre_logits(x)
-        if self.logits is not None:
-            endpoints["logits"] = self.logits(endpoints["pre_logits"])
-        return endpoints

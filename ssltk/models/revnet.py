@@ -20,14 +20,13 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ssltk.models.layers import (
-    PreLogits,
     ZeroPadMaxPool,
     batch_norm,
     conv,
     exclude_from_weight_decay,
     init_weights,
 )
-from ssltk.models.resnet import DEPTHS, STAGE_WIDTHS, stage_strides
+from ssltk.models.resnet import DEPTHS, STAGE_WIDTHS, StagedBackbone, stage_strides
 from ssltk.models.spec import ArchConfig
 
 
@@ -212,7 +211,7 @@ class ReversibleStage(nn.Module):
         return y
 
 
-class RevNet50(nn.Module):
+class RevNet50(StagedBackbone):
     """RevNet50 with widening k: stage widths 64k..512k, (3, 4, 6, 3) units."""
 
     def __init__(self, config: ArchConfig) -> None:
@@ -233,25 +232,5 @@ class RevNet50(nn.Module):
             entry = PoolAndPadChannels(strides[i]) if i else None
             stage = ReversibleStage(width, depth, entry=entry, memory_saving=config.memory_saving)
             self.add_module(f"block{i + 1}", stage)
-        self.pre_logits = PreLogits(
-            widths[-1],
-            final_norm=True,
-            last_relu=config.last_relu,
-            representation_size=config.representation_size,
-        )
-        self.logits = (
-            nn.Linear(self.pre_logits.out_features, config.num_classes)
-            if config.num_classes
-            else None
-        )
+        self._add_head(widths[-1], final_norm=True)
         init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        endpoints = {"after_root": self.root(x)}
-        x = endpoints["after_root"]
-        for name in ("block1", "block2", "block3", "block4"):
-            x = endpoints[name] = getattr(self, name)(x)
-        endpoints["pre_logits"] = self.pre_logits(x)
-        if self.logits is not None:
-            endpoints["logits"] = self.logits(endpoints["pre_logits"])
-        return endpoints
