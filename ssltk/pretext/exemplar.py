@@ -16,7 +16,7 @@ import torch
 from ssltk.config import Config
 from ssltk.data import rng
 from ssltk.data.augment import grayscale_mask, inception_preprocess, standardize, to_gray
-from ssltk.pretext.base import PretextInputs, TaskOutput, backbone_from_config, register_task
+from ssltk.pretext.base import PretextInputs, TaskOutput, register_task
 from ssltk.pretext.full_image import FullImageTask
 from ssltk.pretext.triplet import (
     normalize_embeddings,
@@ -43,13 +43,7 @@ class Exemplar(FullImageTask):
 
     @classmethod
     def from_config(cls, config: Config) -> Exemplar:
-        backbone = backbone_from_config(
-            config,
-            num_classes=config.pretext.exemplar.embed_dim,
-            patch_mode=False,
-            input_size=config.pretext.input_size,
-        )
-        return cls(config, backbone)
+        return cls(config, cls.full_image_backbone(config, config.pretext.exemplar.embed_dim))
 
     def prepare_batch(
         self, images: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ssltk.config import Config
 from ssltk.data.augment import center_crop_offsets, crop, resize_small, to_minus1_1
-from ssltk.pretext.base import Pool, PretextTask, select_endpoints
+from ssltk.pretext.base import Pool, PretextTask, backbone_from_config, select_endpoints
 from ssltk.pretext.geometry import PAPER_INPUT_SIZE, round_half_up
 
 __all__ = ["FullImageTask"]
@@ -16,6 +17,13 @@ PAPER_EVAL_RESIZE = 256
 
 class FullImageTask(PretextTask):
     """A task whose backbone sees whole ``input_size``² images."""
+
+    @staticmethod
+    def full_image_backbone(config: Config, num_outputs: int) -> torch.nn.Module:
+        """``model.*`` in full-image mode, its final linear layer with ``num_outputs``."""
+        return backbone_from_config(
+            config, num_classes=num_outputs, patch_mode=False, input_size=config.pretext.input_size
+        )
 
     @property
     def eval_resize(self) -> int:

@@ -16,7 +16,6 @@ from ssltk.pretext.base import (
     PretextInputs,
     TaskOutput,
     accuracy,
-    backbone_from_config,
     register_task,
 )
 from ssltk.pretext.full_image import FullImageTask
@@ -39,13 +38,7 @@ class Rotation(FullImageTask):
 
     @classmethod
     def from_config(cls, config: Config) -> Rotation:
-        backbone = backbone_from_config(
-            config,
-            num_classes=NUM_ROTATIONS,
-            patch_mode=False,
-            input_size=config.pretext.input_size,
-        )
-        return cls(config, backbone)
+        return cls(config, cls.full_image_backbone(config, NUM_ROTATIONS))
 
     def prepare_batch(
         self, images: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
