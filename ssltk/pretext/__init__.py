@@ -2,9 +2,10 @@
 
 ``build_task(config)`` returns the :class:`PretextTask` named by ``config.pretext.task``. Each task
 lives in its own module and registers itself with :func:`register_task`; a new task is one more
-module imported here.
+module imported here, and its name added to ``ssltk.config.TASKS``.
 """
 
+from ssltk.config import TASKS  # the schema's enum of task names, one source of truth
 from ssltk.pretext import exemplar, jigsaw, relative_patch_location, rotation
 from ssltk.pretext.base import (
     PretextInputs,
@@ -17,8 +18,6 @@ from ssltk.pretext.base import (
 from ssltk.pretext.geometry import PatchLayout, resolve_patch_layout
 from ssltk.pretext.permutations import load_permutations
 from ssltk.pretext.triplet import semihard_triplet_loss
-
-TASKS = ("rotation", "exemplar", "jigsaw", "relative_patch_location")
 
 __all__ = [
     "TASKS",
