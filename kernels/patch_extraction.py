@@ -29,6 +29,8 @@ __all__ = ["extract_patches", "extract_patches_reference", "extract_patches_trit
 
 # Largest pixel tile one program holds at once; bigger patches are processed in chunks.
 _MAX_TILE_PIXELS = 4096
+# Output bytes per chunk of images in the torch reference: about one core's L2 cache.
+_CHUNK_BYTES = 1 << 20
 
 
 def _check_inputs(
@@ -124,19 +126,27 @@ def extract_patches(
     return extract_patches_reference(images, offsets, gray, patch_size, out=out)
 
 
-def _channel_mean(patches: torch.Tensor) -> torch.Tensor:
-    """``[B, P, p, p]`` float32 mean over the channels of ``[B, P, C, p, p]`` patches; uint8
-    patches get the truncated integer mean."""
+def _gray_plane(patches: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Channel mean of ``[k, P, C, p, p]`` patches into ``out`` (``[k, P, 1, p, p]`` float32);
+    uint8 patches get the truncated integer mean."""
     channels = patches.shape[2]
     if patches.dtype == torch.uint8:
-        total = patches[:, :, 0].to(torch.int32)
-        for channel in range(1, channels):
-            total += patches[:, :, channel]
-        return total.div_(channels, rounding_mode="floor").float()
-    total = patches[:, :, 0].clone()
-    for channel in range(1, channels):
-        total += patches[:, :, channel]
-    return total.div_(channels)
+        total = patches.sum(2, keepdim=True, dtype=torch.int32)
+        return out.copy_(total.div_(channels, rounding_mode="floor"))
+    return torch.sum(patches, 2, keepdim=True, out=out).div_(channels)
+
+
+def _centre_rows(rows: torch.Tensor, min_std: float) -> torch.Tensor:
+    """Subtract each row's mean in place; return the rows' ``max(std, min_std)`` as ``[n, 1]``."""
+    size = rows.shape[1]
+    rows.sub_(rows.sum(1, keepdim=True).div_(size))
+    std = torch.linalg.vector_norm(rows, dim=1, keepdim=True).div_(math.sqrt(size))
+    return std.clamp_min_(min_std)
+
+
+def _chunk_images(batch: int, image_bytes: int) -> int:
+    """Images per chunk: a chunk's output stays in a core's cache between the passes over it."""
+    return max(1, min(batch, _CHUNK_BYTES // image_bytes))
 
 
 def extract_patches_reference(
@@ -147,11 +157,14 @@ def extract_patches_reference(
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Vectorised torch reference of :func:`extract_patches` (no validation, no Python loops).
+    """Vectorised torch reference of :func:`extract_patches` (no validation).
 
     Each patch row is a run of ``p`` consecutive values of the flattened image, so one
-    ``index_select`` over the (overlapping) view of all such runs gathers every row of every patch
-    at copy speed; grayscale and standardisation then work in place on the output.
+    ``index_select`` over the (overlapping) view of all such runs gathers every row of every patch,
+    one contiguous copy per row. The batch is processed in chunks of whole images whose output fits
+    in cache, so the grayscale and standardisation passes after the gather read cache, not memory.
+    A chunk of grayscale images is standardised on its single gray plane, which the final pass
+    writes to every channel.
     """
     batch, channels, height, width = images.shape
     num_patches = offsets.shape[1]
@@ -161,29 +174,48 @@ def extract_patches_reference(
     device = images.device
     flat = images.contiguous().reshape(-1)
     runs = flat.as_strided((flat.numel() - patch_size + 1, patch_size), (1, 1))
-    span = torch.arange(patch_size, device=device)
-    starts = (
-        torch.arange(batch, device=device)[:, None, None, None] * (channels * height * width)
-        + torch.arange(channels, device=device)[:, None] * (height * width)
-        + (offsets[..., 0, None, None] + span) * width
-        + offsets[..., 1, None, None]
-    ).reshape(-1)  # [B·P·C·p] starts of the patch rows, in output order
-    if images.dtype == torch.float32:
-        torch.index_select(runs, 0, starts, out=out.view(-1, patch_size))
-        gray_source = out
-    else:
-        gathered = runs.index_select(0, starts).view(out.shape)
-        out.copy_(gathered)
-        # uint8 grays from the integers (truncated mean); other dtypes after conversion.
-        gray_source = gathered if images.dtype == torch.uint8 else out
-    if bool(gray.any()):
-        mean = _channel_mean(gray_source)
-        torch.where(gray[:, None, None, None, None], mean[:, :, None], out, out=out)
-    rows = out.view(batch * num_patches, -1)
-    size = rows.shape[1]
-    rows.sub_(rows.sum(1, keepdim=True) / size)
-    std = torch.linalg.vector_norm(rows, dim=1, keepdim=True) / math.sqrt(size)
-    rows.div_(std.clamp_min_(1.0 / math.sqrt(size)))
+    corners = (
+        torch.arange(batch, device=device)[:, None] * (channels * height * width)
+        + offsets[..., 0] * width
+        + offsets[..., 1]
+    )  # [B, P] flat index of each patch's top-left pixel in channel 0
+    within = (
+        torch.arange(channels, device=device)[:, None] * (height * width)
+        + torch.arange(patch_size, device=device) * width
+    ).view(-1)  # [C·p] offsets of a patch's row starts from its corner, in output order
+    pixels = patch_size * patch_size
+    min_std = 1.0 / math.sqrt(channels * pixels)
+    chunk = _chunk_images(batch, out[0].numel() * out.element_size())
+    plane = torch.empty(chunk, num_patches, 1, patch_size, patch_size, device=device)
+    flags = gray.tolist()
+    for first in range(0, batch, chunk):
+        last = min(first + chunk, batch)
+        patches = out[first:last]
+        starts = (corners[first:last, :, None] + within).view(-1)
+        if images.dtype == torch.float32:
+            torch.index_select(runs, 0, starts, out=patches.view(-1, patch_size))
+            gray_source = patches
+        else:
+            gathered = runs.index_select(0, starts).view(patches.shape)
+            patches.copy_(gathered)
+            # uint8 grays from the integers (truncated mean); other dtypes after conversion.
+            gray_source = gathered if images.dtype == torch.uint8 else patches
+        num_gray = sum(flags[first:last])
+        if num_gray == last - first:
+            # Every channel equals the gray plane: standardise the plane, write it C times.
+            gray_plane = _gray_plane(gray_source, plane[: last - first])
+            std = _centre_rows(gray_plane.view(-1, pixels), min_std)
+            std = std.view(last - first, num_patches, 1, 1, 1)
+            torch.div(gray_plane.expand_as(patches), std, out=patches)
+            continue
+        if num_gray > 0:
+            # A blend with 0/1 weights is exact on finite values and much faster on CPU than a
+            # torch.where broadcasting the flags and the plane.
+            weight = gray[first:last].to(torch.float32).view(-1, 1, 1, 1, 1)
+            gray_plane = _gray_plane(gray_source, plane[: last - first])
+            patches.mul_(1.0 - weight).addcmul_(gray_plane, weight)
+        rows = patches.view(-1, channels * pixels)
+        rows.div_(_centre_rows(rows, min_std))
     return out
 
 

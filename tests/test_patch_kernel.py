@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernels import patch_extraction
 from kernels.dispatch import force
 from kernels.patch_extraction import (
     extract_patches,
@@ -122,13 +123,33 @@ def test_uint8_grayscale_is_truncated_integer_mean():
             torch.testing.assert_close(out[0, 0, c], expected)
 
 
-def test_constant_patch_uses_minimum_std():
-    images = torch.full((1, 3, 4, 4), 7, dtype=torch.uint8)
-    offsets = torch.tensor([[[1, 1]]])
+@pytest.mark.parametrize("gray", [[False], [True], [True, False]], ids=["color", "gray", "mixed"])
+def test_constant_patch_uses_minimum_std(gray):
+    images = torch.full((len(gray), 3, 4, 4), 7, dtype=torch.uint8)
+    offsets = torch.ones(len(gray), 1, 2, dtype=torch.long)
     for mode in ("torch", "triton"):
         with force(mode):
-            out = extract_patches(images, offsets, torch.tensor([False]), 3)
-        assert torch.equal(out, torch.zeros(1, 1, 3, 3, 3))
+            out = extract_patches(images, offsets, torch.tensor(gray), 3)
+        assert torch.equal(out, torch.zeros(len(gray), 1, 3, 3, 3))
+
+
+# Output bytes per image of the chunking case below: 4 patches × 3 channels × 6² × 4 bytes.
+_CASE_IMAGE_BYTES = 4 * 3 * 36 * 4
+
+
+@pytest.mark.parametrize("images_per_chunk", [1, 2, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float16])
+def test_reference_chunks_agree_with_naive_loop(monkeypatch, images_per_chunk, dtype):
+    # Chunks of 2 and 3 images see all-gray, all-colour and mixed chunks; 7 is the whole batch.
+    images, offsets, _ = _case(13, dtype, 7, 3, 14, 15, 6, 4, border=True)
+    gray = torch.tensor([True, True, False, True, False, False, True])
+    monkeypatch.setattr(patch_extraction, "_CHUNK_BYTES", images_per_chunk * _CASE_IMAGE_BYTES + 1)
+    assert patch_extraction._chunk_images(7, _CASE_IMAGE_BYTES) == images_per_chunk
+    buffer = torch.full((7, 4, 3, 6, 6), float("nan"))
+    got = extract_patches_reference(images, offsets, gray, 6, out=buffer)
+    expected = naive_patches(images, offsets, gray, 6)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(extract_patches_triton(images, offsets, gray, 6), got)
 
 
 def test_non_contiguous_images():
