@@ -11,7 +11,7 @@ TORCH := torch==2.13.0
 export PATH := $(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup repro test lint format bench clean
+.PHONY: setup repro test lint format bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,10 @@ format: setup
 ## Every benchmark in benchmarks/, collected into reports/benchmarks.md.
 bench: setup
 	$(BIN)/python benchmarks/run_all.py --out reports/benchmarks.md
+
+## On a machine with a CUDA GPU: the CUDA tests and GPU benchmarks (scripts/gpu_check.sh).
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# GPU check of the RevNet coupling kernels and the memory-saving reversible backward: the
-# CUDA-marked tests (kernels against their references on CUDA tensors, int64 indexing past 2**31
-# elements, RevNet50 memory saving against plain autograd in fp32 and bf16 autocast), then
-# benchmarks/revnet_memory.py on the GPU (memory, step time, drift, and the kernels against their
-# torch references). About 3 minutes on one H100/H200; each part has its own time limit.
+# The project's GPU check, for sessions lent a CUDA machine (also `make gpu-check`): every
+# CUDA-marked test (RevNet coupling kernels and memory-saving backward against plain autograd,
+# patch-extraction kernel against its reference, the cupy path of the RNG, augmentation and the
+# pretext tasks on CUDA, deterministic training steps), then the GPU benchmarks: RevNet memory,
+# patch extraction, data pipeline and training step, each with --device cuda. About 6 minutes on
+# one H100/H200; each part has its own time limit.
 #
-# Needs python3 with torch, triton and pytest; not pydantic or mlflow. Logs go to $OUT when set
-# (else a fresh temporary folder). Exit status: non-zero if any part failed.
+# Needs python3 with torch, triton, cupy and pytest. Where pydantic is missing (the lent machines'
+# image lacks it), wheels carried in .whl/ are installed first (see the device tool's notes).
+# Logs go to $OUT when set (else a fresh temporary folder). Exit status: non-zero if any part
+# failed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 logs="${OUT:-$(mktemp -d)}"
@@ -28,9 +31,16 @@ part() {  # part NAME SECONDS COMMAND...: run COMMAND under a time limit, log to
     fi
 }
 
+if ! "$python" -c "import pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --target /tmp/ssltk-site .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/ssltk-site"
+fi
+
 part environment 60 bash -c "nvidia-smi; $python -c 'import torch, triton; \
 print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
-part tests 200 "$python" -m pytest -q -p no:cacheprovider -m cuda \
-    tests/test_revnet_kernels.py tests/test_reversible.py
-part benchmark 150 "$python" benchmarks/revnet_memory.py --device cuda
+part tests 240 "$python" -m pytest -q -p no:cacheprovider -m cuda tests/
+part bench-revnet 120 "$python" benchmarks/revnet_memory.py --device cuda
+part bench-patches 60 "$python" benchmarks/patch_extraction.py --device cuda
+part bench-data 60 "$python" benchmarks/data_pipeline.py --device cuda
+part bench-train 90 "$python" benchmarks/train_step.py --device cuda
 exit "$failed"
