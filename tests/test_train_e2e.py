@@ -184,6 +184,38 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(workspace, reference):
     assert workspace.client().get_run(after["run_id"]).info.status == "FINISHED"
 
 
+def test_ctrl_c_checkpoints_the_finished_step_and_resume_is_bit_identical(workspace, reference):
+    out = workspace.root / "interrupted"
+    first = out / "checkpoints" / "ckpt-00000003.pt.sha256"
+    command = [sys.executable, "-m", "ssltk", "pretrain", "--params", str(workspace.params)]
+    process = subprocess.Popen(
+        [*command, "--out", str(out)],
+        env=SUBPROCESS_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("error: interrupted after step ") and "resume" in lines[-1]
+    assert "Traceback" not in stderr
+    stopped_at = max(checkpoint_hashes(out))
+    assert stopped_at == int(lines[-1].split()[4].rstrip(";")) < STEPS
+    assert workspace.run_json(out)["status"] == "killed"
+    if stopped_at in CHECKPOINTS:  # the signal landed on a checkpoint step: same bytes anyway
+        assert checkpoint_hashes(out)[stopped_at] == checkpoint_hashes(reference)[stopped_at]
+
+    result = cli(workspace, out)
+    assert result.exit_code == 0, result.output
+    assert checkpoint_hashes(out)[STEPS] == checkpoint_hashes(reference)[STEPS]
+    assert (out / "curve.csv").read_text() == (reference / "curve.csv").read_text()
+
+
 def test_truncated_newest_checkpoint_is_skipped_on_resume(workspace, reference):
     out = workspace.root / "truncated"
     shutil.copytree(reference / "checkpoints", out / "checkpoints")

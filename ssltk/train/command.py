@@ -12,6 +12,8 @@ from ssltk.cliutils import ParamsOption, SetOption, fail, progress_enabled, read
 
 #: Exit code of a run stopped by a NaN/inf loss.
 DIVERGED = 3
+#: Exit code of a run stopped by Ctrl-C or SIGTERM (after checkpointing its last step).
+INTERRUPTED = 130
 
 OutOption = Annotated[
     Path | None,
@@ -40,7 +42,7 @@ def pretrain(
     BatchNorm sees the global batch with pretrain.distributed.sync_bn=true, else each process's.
     """
     config = read_config(params, set_)
-    from ssltk.train.engine import DivergenceError
+    from ssltk.train.engine import DivergenceError, RunInterrupted
     from ssltk.train.engine import pretrain as run_pretrain
 
     main = int(os.environ.get("RANK", "0")) == 0
@@ -51,6 +53,8 @@ def pretrain(
             if main:
                 fail(str(err), code=DIVERGED)
             raise typer.Exit(DIVERGED) from None
+        except RunInterrupted as err:
+            fail(str(err), code=INTERRUPTED)
     if main:
         shown = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items())
         typer.echo(

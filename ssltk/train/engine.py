@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +87,17 @@ class DivergenceError(RuntimeError):
         self.step, self.loss, self.checkpoint = step, loss, checkpoint
         kept = f"last good checkpoint {checkpoint}" if checkpoint else "no checkpoint was written"
         super().__init__(f"loss is {loss} at step {step}: training diverged and stopped; {kept}")
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C or SIGTERM: the run stopped after a checkpoint of the step it had finished."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(
+            f"interrupted after step {step}; checkpoint {checkpoint} saved: "
+            "run the same command again to resume"
+        )
 
 
 @dataclass
@@ -208,6 +222,7 @@ class _PretrainRun:
         self.meter = EpochMeter()
         self.window = MetricWindow()
         self.curve = CurveFile(out_dir / CURVE_CSV)
+        self.stop_requested = False
 
     # ---------------------------------------------------------------------------------- set-up
 
@@ -359,10 +374,36 @@ class _PretrainRun:
         self.flush_clock = time.perf_counter()
         self.flush_start_step = self.global_step
         try:
-            while self.global_step < self.total:
-                self._train_epoch()
+            with self._stop_after_step_on_signal():
+                while self.global_step < self.total:
+                    self._train_epoch()
         finally:
             bar.close()
+
+    @contextmanager
+    def _stop_after_step_on_signal(self) -> Iterator[None]:
+        """SIGINT/SIGTERM finish the current step, checkpoint it and stop; a second one stops now.
+
+        Single-process runs only: under torchrun each rank would see the signal at a different
+        step, so there the default handling (and the last periodic checkpoint) applies.
+        """
+        if self.context.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: object) -> None:
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+
+        previous = {
+            sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _train_epoch(self) -> None:
         epoch, first = divmod(self.global_step, self.steps_per_epoch)
@@ -389,8 +430,14 @@ class _PretrainRun:
             if end_of_epoch:
                 seconds = time.perf_counter() - epoch_clock
                 self._log_epoch(epoch, epoch_steps * self.pre.batch_size / max(seconds, 1e-9))
+            if self.stop_requested and not checkpoint:
+                self._flush(epoch)
+                self._checkpoint()
             if checkpoint:
                 self._checkpoint()
+            if self.stop_requested:
+                path = self.last_checkpoint.path if self.last_checkpoint else None
+                raise RunInterrupted(step, path)
             if step >= self.total:
                 return
 
@@ -564,6 +611,9 @@ def _run(
         return run.finish()
     except DivergenceError as err:
         run.fail("FAILED", str(err))
+        raise
+    except RunInterrupted as err:
+        run.fail("KILLED", str(err))
         raise
     except KeyboardInterrupt:
         run.fail("KILLED", "interrupted")
