@@ -377,3 +377,20 @@ def test_torchrun_two_processes_match_one_process_on_the_global_batch(workspace)
     assert metrics_two["loss"] == pytest.approx(metrics_one["loss"], rel=1e-4)
     run = workspace.client().get_run(workspace.run_json(double)["run_id"])
     assert run.data.tags[tracking.TAG_WORLD_SIZE] == "2" and run.info.status == "FINISHED"
+
+
+def test_an_out_path_that_is_a_file_is_a_one_line_user_error(workspace):
+    taken = workspace.root / "taken"
+    taken.write_text("not a directory")
+    command = [sys.executable, "-m", "ssltk", "pretrain", "--params", str(workspace.params)]
+    result = subprocess.run(
+        [*command, "--out", str(taken)],
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert str(taken) in result.stderr and "run directory" in result.stderr
+    assert taken.read_text() == "not a directory"

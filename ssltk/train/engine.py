@@ -587,6 +587,11 @@ def pretrain(
     (the MLflow run is then marked FAILED and the last good checkpoint is kept).
     """
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(config)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        message = f"--out {out_dir}: cannot use it as the run directory ({err.strerror})"
+        raise ConfigError(message) from None
     with deterministic_mode():
         context = distributed.setup(config.pretrain)
         try:
