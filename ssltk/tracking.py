@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import re
 import subprocess
@@ -94,10 +95,34 @@ def client(tracking_uri: str) -> MlflowClient:
     quiet_mlflow()
     db = sqlite_path(tracking_uri)
     if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+        check_sqlite_store(db)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri)
+
+
+def check_sqlite_store(db: Path) -> None:
+    """Create the store's folder; a store that cannot be written is a one-line user error (else
+    SQLAlchemy retries for minutes before it fails with a traceback).
+    """
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"tracking.uri: cannot create {db.parent} ({err.strerror})") from None
+    usable = db.is_file() and os.access(db, os.R_OK | os.W_OK) if db.exists() else None
+    if usable is None:
+        usable = os.access(db.parent, os.W_OK | os.X_OK) and _can_create(db)
+    if not usable:
+        raise ConfigError(f"tracking.uri: the SQLite store {db} cannot be opened for writing")
+
+
+def _can_create(db: Path) -> bool:
+    try:
+        db.touch(exist_ok=False)
+    except OSError:
+        return False
+    db.unlink()
+    return True
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:

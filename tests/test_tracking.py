@@ -150,3 +150,17 @@ def test_eval_run_points_at_its_pretraining_run(store: Path):
     assert run.client.get_run(pretrain.run_id).data.metrics[metric] == 0.42
     with pytest.raises(ConfigError, match="no such run"):
         tracking.start_eval_run(config, "f" * 32, device="cpu")
+
+
+def test_an_unwritable_sqlite_store_is_a_one_line_user_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot create"):
+        tracking.client(f"sqlite:///{blocker / 'store.db'}")
+    folder = tmp_path / "store.db"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="cannot be opened for writing"):
+        tracking.client(f"sqlite:///{folder}")
+    fresh = tmp_path / "new" / "store.db"
+    tracking.client(f"sqlite:///{fresh}")
+    assert fresh.parent.is_dir()
