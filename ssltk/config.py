@@ -227,6 +227,15 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     study: StudyConfig = StudyConfig()
 
+    @model_validator(mode="after")
+    def _exemplar_needs_negatives(self) -> Config:
+        if self.pretext.task == "exemplar" and self.pretrain.batch_size < 2:
+            raise ValueError(
+                "pretrain.batch_size must be at least 2 for exemplar (negatives come from other "
+                f"images of the batch), got {self.pretrain.batch_size}"
+            )
+        return self
+
     def flat(self) -> dict[str, Any]:
         """Dotted-key view of every value, for MLflow params."""
         return flatten(self.model_dump(mode="json"))
@@ -288,7 +297,8 @@ def _describe(error: ValidationError, origin: str) -> str:
     shown = "" if isinstance(got, dict) or kind == "missing" else f" (got {got!r})"
     more = len(error.errors()) - 1
     tail = f" [+{more} more]" if more else ""
-    return f"{origin}: {loc or '<root>'}: {msg}{shown}{tail}"
+    where = f"{loc}: " if loc else ""  # model-wide checks name their keys themselves
+    return f"{origin}: {where}{msg}{shown}{tail}"
 
 
 def config_from_dict(tree: Mapping[str, Any], origin: str = "params") -> Config:

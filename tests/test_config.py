@@ -55,6 +55,7 @@ def test_schema_defaults_follow_the_paper():
         ({"model": {"arch": "resnet50_v1", "last_relu": False}}, "last_relu"),
         ({"pretrain": {"decay_epochs": [25, 15]}}, "pretrain.decay_epochs"),
         ({"pretext": {"exemplar": {"grayscale_p": 1.5}}}, "pretext.exemplar.grayscale_p"),
+        ({"pretext": {"task": "exemplar"}, "pretrain": {"batch_size": 1}}, "pretrain.batch_size"),
     ],
 )
 def test_bad_params_file_names_the_key(tmp_path: Path, tree: dict, culprit: str):

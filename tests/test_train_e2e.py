@@ -394,3 +394,9 @@ def test_an_out_path_that_is_a_file_is_a_one_line_user_error(workspace):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert str(taken) in result.stderr and "run directory" in result.stderr
     assert taken.read_text() == "not a directory"
+
+
+def test_a_model_too_small_for_the_task_geometry_is_a_user_error(workspace):
+    result = cli(workspace, workspace.root / "vgg", "--set", "model.arch=vgg19_bn")
+    assert result.exit_code == 2
+    assert "model/pretext" in result.output and "input_size=9" in result.output

@@ -246,7 +246,11 @@ class _PretrainRun:
         self.total = total_steps(self.pre, self.steps_per_epoch)
         self.schedule = StepSchedule.from_config(self.pre, self.steps_per_epoch)
 
-        self.task = build_task(config).to(context.device)
+        try:
+            task = build_task(config)
+        except ValueError as err:  # e.g. a patch size too small for VGG's fc6
+            raise ConfigError(f"model/pretext: {err}") from None
+        self.task = task.to(context.device)
         self.task.train()
         self.resume_state = self._select_checkpoint()
         if self.resume_state is not None:
