@@ -119,3 +119,11 @@ def test_override_values_are_read_as_yaml(number: int, flag: bool, real: float):
     key, value = parse_override(f"x.y={real!r}")
     assert key == ["x", "y"]
     assert value == pytest.approx(real) or str(value) == repr(real)
+
+
+def test_paper_scale_params_are_valid_and_keep_the_paper_schedule():
+    config = load_config(ROOT / "params-imagenet.yaml")
+    assert config.data.source == "imagefolder" and config.pretext.input_size == 224
+    assert (config.pretrain.epochs, config.pretrain.warmup_epochs) == (35, 5)
+    assert config.pretrain.decay_epochs == [15, 25]
+    assert config.study.widenings == [4, 8, 12, 16]
