@@ -155,21 +155,29 @@ def test_same_seed_gives_identical_checkpoints_with_0_and_2_workers(workspace, r
     assert checkpoint_hashes(other)[3] != checkpoint_hashes(reference)[3]
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(workspace, reference):
-    out = workspace.root / "killed"
+def start_until_first_checkpoint(workspace: Workspace, out: Path) -> subprocess.Popen:
+    """``ssltk pretrain`` in a subprocess (stderr piped), returned once checkpoint 3 exists."""
     first = out / "checkpoints" / "ckpt-00000003.pt.sha256"
     command = [sys.executable, "-m", "ssltk", "pretrain", "--params", str(workspace.params)]
     process = subprocess.Popen(
         [*command, "--out", str(out)],
         env=SUBPROCESS_ENV,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 240
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
+    return process
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(workspace, reference):
+    out = workspace.root / "killed"
+    process = start_until_first_checkpoint(workspace, out)
     process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=60) == -signal.SIGKILL
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
     before = workspace.run_json(out)
     assert before["status"] == "running", "the run ended before it could be killed"
     killed_at = max(checkpoint_hashes(out))
@@ -186,18 +194,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(workspace, reference):
 
 def test_ctrl_c_checkpoints_the_finished_step_and_resume_is_bit_identical(workspace, reference):
     out = workspace.root / "interrupted"
-    first = out / "checkpoints" / "ckpt-00000003.pt.sha256"
-    command = [sys.executable, "-m", "ssltk", "pretrain", "--params", str(workspace.params)]
-    process = subprocess.Popen(
-        [*command, "--out", str(out)],
-        env=SUBPROCESS_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 240
-    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    process = start_until_first_checkpoint(workspace, out)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
