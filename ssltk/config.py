@@ -26,8 +26,17 @@ NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
-#: The project's root, where the default tracking store and prepared data live.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+def _project_root() -> Path:
+    """The source checkout ssltk runs from (an editable install, also from ``dvc exp run``'s
+    temporary copies); for a regular install into site-packages, the working directory.
+    """
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
+
+
+#: The project's root, where the default tracking store lives.
+PROJECT_ROOT = _project_root()
 
 
 class ConfigError(ValueError):
