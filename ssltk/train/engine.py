@@ -428,15 +428,14 @@ class _PretrainRun:
 
             step = self.global_step
             end_of_epoch = step % self.steps_per_epoch == 0
-            checkpoint = step % self.pre.checkpoint_every == 0 or step == self.total
+            checkpoint = (
+                step % self.pre.checkpoint_every == 0 or step == self.total or self.stop_requested
+            )
             if step % self.pre.log_every == 0 or checkpoint or end_of_epoch:
                 self._flush(epoch)
             if end_of_epoch:
                 seconds = time.perf_counter() - epoch_clock
                 self._log_epoch(epoch, epoch_steps * self.pre.batch_size / max(seconds, 1e-9))
-            if self.stop_requested and not checkpoint:
-                self._flush(epoch)
-                self._checkpoint()
             if checkpoint:
                 self._checkpoint()
             if self.stop_requested:
