@@ -63,9 +63,11 @@ def prepare(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) 
 
 # Commands from other modules are registered here, each only once it does real work.
 
+from ssltk.evaluate.command import evaluate  # noqa: E402
 from ssltk.train.command import pretrain  # noqa: E402
 
 app.command()(pretrain)
+app.command("eval")(evaluate)
 
 
 @app.command()
@@ -102,6 +104,28 @@ def models(
     mode = "patch mode, " if patch else ""
     typer.echo(f"{m.arch} k={m.widening} ({mode}{size}×{size} input)")
     typer.echo(format_summary(rows))
+
+
+@app.command()
+def report(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+    out: Annotated[Path, typer.Option("--out", help="folder for results.md/.csv and plots")] = Path(
+        "reports"
+    ),
+) -> None:
+    """Tables and plots of the study (study.*) from the tracking store: results.md, results.csv
+    and PNG plots; prints the pre-logits table.
+    """
+    config = read_config(params, set_)
+    from ssltk.report import write_report
+
+    with user_errors():
+        written = write_report(config, out)
+    text = written[0].read_text(encoding="utf-8")
+    start = text.index("## Pre-logits")
+    typer.echo(text[start : text.index("\n## ", start + 1)].rstrip())
+    typer.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
 @app.command("config")

@@ -191,12 +191,20 @@ class MlpProbeConfig(SgdProbeConfig):
 
 
 class EvalConfig(Section):
-    layers: list[str] = Field(["pre_logits"], min_length=1)
+    """Linear evaluation (paper §4): which endpoints, which probe, where it is reported."""
+
+    layers: list[str] = Field(
+        ["pre_logits"], min_length=1, description="endpoints to probe, or [all]"
+    )
     method: Literal["lbfgs", "sgd", "mlp"] = "lbfgs"
     pooling: Literal["max", "avg"] = "max"
     max_features: PositiveInt = 9000
     report_split: Literal["val", "test"] = "test"
-    batch_size: PositiveInt = 256
+    batch_size: PositiveInt = Field(256, description="images per feature-extraction batch")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache_dir: Path | None = Field(
+        None, description="feature cache (default: <out>/features of each evaluation)"
+    )
     lbfgs: LbfgsConfig = LbfgsConfig()
     sgd: SgdProbeConfig = SgdProbeConfig()
     mlp: MlpProbeConfig = MlpProbeConfig()

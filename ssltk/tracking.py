@@ -45,12 +45,14 @@ TAG_DEVICE = "ssltk.device"
 TAG_WORLD_SIZE = "ssltk.world_size"
 TAG_FAILURE = "ssltk.failure"
 TAG_PRETRAIN_RUN_ID = "ssltk.pretrain_run_id"
+TAG_WEIGHTS = "ssltk.weights_sha256"
 TAG_VERSION_PREFIX = "ssltk.version."
 TAG_RESUMED_PREFIX = "ssltk.resumed_with."
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 
 KIND_PRETRAIN = "pretrain"
 KIND_EVAL = "eval"
+KIND_BASELINE = "baseline"
 
 CONFIG_ARTIFACT = "config/params.yaml"
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
@@ -82,6 +84,7 @@ def quiet_mlflow() -> None:
 
     mlflow sets up its own logger when imported, so it is imported first and then turned down.
     """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow  # noqa: F401
 
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):
@@ -290,7 +293,7 @@ def start_pretrain_run(
     params = config.flat()
     tags = pretrain_tags(config, data_hash=data_hash, device=device, world_size=world_size)
 
-    existing = _find_run(mlflow_client, resume_run_id) if resume_run_id else None
+    existing = find_run(mlflow_client, resume_run_id) if resume_run_id else None
     if existing is not None and existing.info.experiment_id == experiment_id:
         run = TrackedRun(mlflow_client, existing.info.run_id, experiment_id, uri)
         mlflow_client.update_run(run.run_id, status="RUNNING")
@@ -306,7 +309,7 @@ def start_pretrain_run(
         run.log_text(dump_config(config), CONFIG_ARTIFACT)
         return run
 
-    stale = _find_run(mlflow_client, stale_run_id) if stale_run_id else None
+    stale = find_run(mlflow_client, stale_run_id) if stale_run_id else None
     if stale is not None and stale.info.status == "RUNNING":
         mlflow_client.set_terminated(stale.info.run_id, "KILLED")
     created = mlflow_client.create_run(experiment_id, tags=tags, run_name=run_name(config))
@@ -316,14 +319,19 @@ def start_pretrain_run(
     return run
 
 
-def start_eval_run(config: Config, pretrain_run_id: str, *, device: str) -> TrackedRun:
+def start_eval_run(
+    config: Config,
+    pretrain_run_id: str,
+    *,
+    device: str,
+    extra_tags: Mapping[str, str] | None = None,
+) -> TrackedRun:
     """An eval run in the study's experiment, tagged with the pretraining run it evaluates (whose
     task, arch, widening and data hash it copies); params are the ``eval.*`` values.
     """
     uri = config.tracking.resolved_uri()
     mlflow_client = client(uri)
-    experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment, uri)
-    pretrain = _find_run(mlflow_client, pretrain_run_id)
+    pretrain = find_run(mlflow_client, pretrain_run_id)
     if pretrain is None:
         raise ConfigError(f"--run-id {pretrain_run_id}: no such run in {uri}")
     copied = (TAG_TASK, TAG_ARCH, TAG_WIDENING, TAG_DATA_HASH)
@@ -332,8 +340,36 @@ def start_eval_run(config: Config, pretrain_run_id: str, *, device: str) -> Trac
         TAG_PRETRAIN_RUN_ID: pretrain_run_id,
         **{k: v for k, v in pretrain.data.tags.items() if k in copied},
         "mlflow.runName": f"eval-{pretrain.data.tags.get('mlflow.runName', pretrain_run_id)}",
-        **provenance_tags(device),
+        **(extra_tags or {}),
     }
+    return _start_probe_run(mlflow_client, config, tags, device)
+
+
+def start_baseline_run(
+    config: Config, *, device: str, data_hash: str, extra_tags: Mapping[str, str] | None = None
+) -> TrackedRun:
+    """A baseline run: the evaluation of a randomly initialised network of ``config``'s task,
+    arch and widening, tagged like a pretraining run of that cell so reports can pair them.
+    """
+    mlflow_client = client(config.tracking.resolved_uri())
+    tags = {
+        TAG_KIND: KIND_BASELINE,
+        TAG_TASK: config.pretext.task,
+        TAG_ARCH: config.model.arch,
+        TAG_WIDENING: str(config.model.widening),
+        TAG_DATA_HASH: data_hash,
+        "mlflow.runName": f"baseline-{run_name(config)}",
+        **(extra_tags or {}),
+    }
+    return _start_probe_run(mlflow_client, config, tags, device)
+
+
+def _start_probe_run(
+    mlflow_client: MlflowClient, config: Config, tags: dict[str, str], device: str
+) -> TrackedRun:
+    uri = config.tracking.resolved_uri()
+    experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment, uri)
+    tags = {**tags, **provenance_tags(device)}
     created = mlflow_client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"])
     run = TrackedRun(mlflow_client, created.info.run_id, experiment_id, uri)
     run.log_params({k: v for k, v in config.flat().items() if k.startswith("eval.")})
@@ -345,13 +381,14 @@ def open_run(config: Config, run_id: str) -> TrackedRun:
     """An existing run, e.g. the pretraining run that an evaluation writes its figures back to."""
     uri = config.tracking.resolved_uri()
     mlflow_client = client(uri)
-    found = _find_run(mlflow_client, run_id)
+    found = find_run(mlflow_client, run_id)
     if found is None:
         raise ConfigError(f"--run-id {run_id}: no such run in {uri}")
     return TrackedRun(mlflow_client, run_id, found.info.experiment_id, uri)
 
 
-def _find_run(mlflow_client: MlflowClient, run_id: str) -> Any:
+def find_run(mlflow_client: MlflowClient, run_id: str) -> Any:
+    """The run ``run_id`` of the store, or None when it has none."""
     from mlflow.exceptions import MlflowException
 
     try:

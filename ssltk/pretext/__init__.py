@@ -14,6 +14,7 @@ from ssltk.pretext.base import (
     build_task,
     register_task,
     registered_tasks,
+    task_class,
 )
 from ssltk.pretext.geometry import PatchLayout, resolve_patch_layout
 from ssltk.pretext.permutations import load_permutations
@@ -35,4 +36,5 @@ __all__ = [
     "resolve_patch_layout",
     "rotation",
     "semihard_triplet_loss",
+    "task_class",
 ]

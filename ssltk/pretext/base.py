@@ -19,6 +19,7 @@ __all__ = [
     "build_task",
     "register_task",
     "registered_tasks",
+    "task_class",
 ]
 
 Pool = Callable[[torch.Tensor], torch.Tensor]
@@ -55,6 +56,13 @@ class PretextTask(nn.Module, ABC):
     """
 
     name: str = ""
+    #: The step metric that says how well the pretext task is solved.
+    metric: str = "accuracy"
+
+    @classmethod
+    @abstractmethod
+    def chance_level(cls, config: Config) -> float:
+        """``metric`` of a network that has learned nothing, for ``config``."""
 
     def __init__(self, config: Config, backbone: nn.Module) -> None:
         super().__init__()
@@ -78,9 +86,17 @@ class PretextTask(nn.Module, ABC):
 
     @abstractmethod
     def representation(
-        self, images: torch.Tensor, layers: list[str], *, pool: Pool | None = None
+        self,
+        images: torch.Tensor,
+        layers: list[str] | None,
+        *,
+        pool: Pool | None = None,
+        keys: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Backbone endpoints ``layers`` of uint8 images, preprocessed as for linear evaluation."""
+        """Backbone endpoints ``layers`` (``None``: all) of uint8 images, preprocessed as for
+        linear evaluation: centre crops, or random crops drawn from per-image ``keys`` (the SGD
+        probe's training augmentation, paper §4.3).
+        """
 
     def head_param_groups(self) -> list[dict]:
         """Optimizer groups of the parameters outside the backbone (none by default)."""
@@ -93,9 +109,13 @@ class PretextTask(nn.Module, ABC):
 
 
 def select_endpoints(
-    endpoints: dict[str, torch.Tensor], layers: list[str]
+    endpoints: dict[str, torch.Tensor], layers: list[str] | None
 ) -> dict[str, torch.Tensor]:
-    """``{layer: endpoints[layer]}``, naming the unknown layer and the available ones if missing."""
+    """``{layer: endpoints[layer]}`` (all of them for ``None``), naming the unknown layer and the
+    available ones if one is missing.
+    """
+    if layers is None:
+        return dict(endpoints)
     missing = [layer for layer in layers if layer not in endpoints]
     if missing:
         raise ValueError(
@@ -144,11 +164,15 @@ def registered_tasks() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def build_task(config: Config) -> PretextTask:
-    """The pretext task named by ``config.pretext.task``, with a fresh backbone and head."""
-    name = config.pretext.task
+def task_class(name: str) -> type[PretextTask]:
+    """The registered task class called ``name``."""
     if name not in _REGISTRY:
         raise ValueError(
             f"pretext.task={name!r}: expected one of {', '.join(_REGISTRY) or '(none registered)'}"
         )
-    return _REGISTRY[name].from_config(config)
+    return _REGISTRY[name]
+
+
+def build_task(config: Config) -> PretextTask:
+    """The pretext task named by ``config.pretext.task``, with a fresh backbone and head."""
+    return task_class(config.pretext.task).from_config(config)

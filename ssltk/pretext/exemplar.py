@@ -41,6 +41,15 @@ def nearest_neighbour_accuracy(distances: torch.Tensor, labels: torch.Tensor) ->
 class Exemplar(FullImageTask):
     """Instance discrimination with a semi-hard triplet loss."""
 
+    metric = "nn_accuracy"
+
+    @classmethod
+    def chance_level(cls, config: Config) -> float:
+        """A random embedding's nearest neighbour is one of the other ``copies − 1`` views of
+        its image among the batch's ``copies · B − 1`` other embeddings."""
+        copies, batch = config.pretext.exemplar.copies, config.pretrain.batch_size
+        return (copies - 1) / (copies * batch - 1)
+
     @classmethod
     def from_config(cls, config: Config) -> Exemplar:
         return cls(config, cls.full_image_backbone(config, config.pretext.exemplar.embed_dim))

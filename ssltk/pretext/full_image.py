@@ -5,11 +5,20 @@ from __future__ import annotations
 import torch
 
 from ssltk.config import Config
-from ssltk.data.augment import center_crop_offsets, crop, resize_small, to_minus1_1
+from ssltk.data.augment import (
+    center_crop_offsets,
+    crop,
+    random_crop_offsets,
+    resize_small,
+    to_minus1_1,
+)
 from ssltk.pretext.base import Pool, PretextTask, backbone_from_config, select_endpoints
 from ssltk.pretext.geometry import PAPER_INPUT_SIZE, round_half_up
 
 __all__ = ["FullImageTask"]
+
+#: The random crop of the SGD probe's training augmentation.
+STREAM_EVAL_CROP = 0x7B01
 
 #: Linear evaluation resizes the shorter side to 256 for a 224 input (paper §4.3).
 PAPER_EVAL_RESIZE = 256
@@ -33,15 +42,24 @@ class FullImageTask(PretextTask):
 
     @torch.no_grad()
     def representation(
-        self, images: torch.Tensor, layers: list[str], *, pool: Pool | None = None
+        self,
+        images: torch.Tensor,
+        layers: list[str] | None,
+        *,
+        pool: Pool | None = None,
+        keys: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Paper §4.3: shorter side ``eval_resize`` (area), centre ``input_size`` crop, [-1, 1]
-        scaling (no standardisation, also for Exemplar), then the backbone's endpoints ``layers``,
-        each passed through ``pool`` if given.
+        """Paper §4.3: shorter side ``eval_resize`` (area), an ``input_size`` crop (centred, or
+        random from ``keys``), [-1, 1] scaling (no standardisation, also for Exemplar), then the
+        backbone's endpoints ``layers``, each passed through ``pool`` if given.
         """
         size = self.config.pretext.input_size
         resized = resize_small(images, self.eval_resize)
-        offsets = center_crop_offsets(tuple(resized.shape[-2:]), size, images.shape[0])
+        in_hw = tuple(resized.shape[-2:])
+        if keys is None:
+            offsets = center_crop_offsets(in_hw, size, images.shape[0])
+        else:
+            offsets = random_crop_offsets(keys, STREAM_EVAL_CROP, in_hw, size)
         x = to_minus1_1(crop(resized, offsets, size))
         endpoints = select_endpoints(self.backbone(x), layers)
         if pool is None:

@@ -39,6 +39,10 @@ def arrange_slots(embeddings: torch.Tensor, order: torch.Tensor) -> torch.Tensor
 class Jigsaw(PatchTask):
     """Permutation classification over the patches of a grid."""
 
+    @classmethod
+    def chance_level(cls, config: Config) -> float:
+        return 1 / len(load_permutations())
+
     def __init__(self, config: Config) -> None:
         jigsaw = config.pretext.jigsaw
         permutations = load_permutations()

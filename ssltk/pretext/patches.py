@@ -36,6 +36,7 @@ __all__ = ["PatchHead", "PatchTask", "grid_offsets"]
 STREAM_GRAY = 0x7A01
 STREAM_CROP = 0x7A02
 STREAM_JITTER = 0x7A03
+STREAM_EVAL_CROP = 0x7A04
 
 HEAD_INIT_STD = 0.005
 HEAD_HIDDEN_BIAS = 0.1
@@ -131,23 +132,28 @@ class PatchTask(PretextTask):
 
     @torch.no_grad()
     def representation(
-        self, images: torch.Tensor, layers: list[str], *, pool: Pool | None = None
+        self,
+        images: torch.Tensor,
+        layers: list[str] | None,
+        *,
+        pool: Pool | None = None,
+        keys: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Paper §2.5: shorter side ``input_size`` (area), centre ``grid·patch`` crop, unjittered
-        grid, per-patch standardisation, no grayscale; each endpoint is computed per patch, passed
-        through ``pool`` if given (the per-patch pooling of §4.2) and averaged over the patches.
+        """Paper §2.5: shorter side ``input_size`` (area), a ``grid·patch`` crop (centred, or
+        random from ``keys``), unjittered grid, per-patch standardisation, no grayscale; each
+        endpoint is computed per patch, passed through ``pool`` if given (the per-patch pooling
+        of §4.2) and averaged over the patches.
         """
         layout = self.layout
         batch = images.shape[0]
         resized = resize_small(images, layout.eval_resize)
-        height, width = resized.shape[-2:]
-        corner = torch.tensor(
-            [(height - layout.eval_crop) // 2, (width - layout.eval_crop) // 2],
-            device=images.device,
-        )
-        offsets = (corner + grid_offsets(layout.grid, layout.patch, images.device)).expand(
-            batch, -1, -1
-        )
+        in_hw = tuple(resized.shape[-2:])
+        if keys is None:
+            corner = center_crop_offsets(in_hw, layout.eval_crop, batch)
+        else:
+            corner = random_crop_offsets(keys, STREAM_EVAL_CROP, in_hw, layout.eval_crop)
+        cells = grid_offsets(layout.grid, layout.patch, images.device)
+        offsets = corner.to(images.device)[:, None, :] + cells[None]
         gray = torch.zeros(batch, dtype=torch.bool, device=images.device)
         patches = extract_patches(resized, offsets, gray, layout.patch)
         endpoints = select_endpoints(self.backbone(patches.flatten(0, 1)), layers)

@@ -32,6 +32,10 @@ def neighbour_centre_pairs(
 class RelativePatchLocation(PatchTask):
     """Classification of each neighbour's position around the centre patch."""
 
+    @classmethod
+    def chance_level(cls, config: Config) -> float:
+        return 1 / (config.pretext.patches.grid**2 - 1)
+
     def __init__(self, config: Config) -> None:
         rpl = config.pretext.relative_patch_location
         grid = config.pretext.patches.grid

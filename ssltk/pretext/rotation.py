@@ -37,6 +37,10 @@ class Rotation(FullImageTask):
     """Four-way rotation classification."""
 
     @classmethod
+    def chance_level(cls, config: Config) -> float:
+        return 1 / NUM_ROTATIONS
+
+    @classmethod
     def from_config(cls, config: Config) -> Rotation:
         return cls(config, cls.full_image_backbone(config, NUM_ROTATIONS))
 

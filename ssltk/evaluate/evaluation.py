@@ -1,0 +1,267 @@
+"""One linear evaluation: features of every requested layer, the probe, and where results go.
+
+Results are logged to an MLflow run (``ssltk.kind`` eval or baseline) as ``probe/<method>/top1/
+<layer>`` and ``top5``, written back onto the pretraining run so the MLflow UI's compare view
+lists pretext × arch × widening × accuracy, and written to ``<out>/metrics.json`` for DVC.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssltk import tracking
+from ssltk.config import ConfigError
+from ssltk.data.dataset import PreparedDataset, PreparedSplit
+from ssltk.evaluate import lbfgs
+from ssltk.evaluate.features import FeatureCache, Features, extract_features
+from ssltk.evaluate.lbfgs import topk_accuracy
+from ssltk.evaluate.pooling import make_pool
+from ssltk.evaluate.sgd import predict, train_heads
+from ssltk.evaluate.target import EvalTarget
+from ssltk.train.checkpoint import write_atomic
+from ssltk.train.determinism import deterministic_mode
+
+__all__ = ["EvalResult", "evaluate", "resolve_layers"]
+
+METRICS_JSON = "metrics.json"
+ALL_LAYERS = "all"
+
+
+@dataclass
+class EvalResult:
+    run_id: str | None
+    method: str
+    split: str
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """``probe/<method>/<figure>/<layer>`` for MLflow."""
+        return {
+            f"probe/{self.method}/{name}/{layer}": value
+            for layer, figures in self.layers.items()
+            for name, value in figures.items()
+        }
+
+
+def resolve_layers(target: EvalTarget, split: PreparedSplit, requested: list[str]) -> list[str]:
+    """``eval.layers`` checked against the task's endpoints (``all``: every one of them)."""
+    probe = split.images(torch.arange(1)).to(_device_of(target))
+    available = list(target.task.representation(probe, None))
+    if requested == [ALL_LAYERS]:
+        return available
+    for layer in requested:
+        if layer not in available:
+            raise ConfigError(
+                f"eval.layers: {target.config.model.arch} has no endpoint {layer!r}; "
+                f"available: {', '.join(available)} (or {ALL_LAYERS})"
+            )
+    return list(dict.fromkeys(requested))
+
+
+def _device_of(target: EvalTarget) -> torch.device:
+    return next(target.task.parameters()).device
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def evaluate(
+    target: EvalTarget, out_dir: Path, *, device: torch.device, progress: bool = True
+) -> EvalResult:
+    """Evaluate ``target`` with ``target.config.eval``; log it; write ``out_dir/metrics.json``."""
+    config, ev = target.config, target.config.eval
+    dataset = PreparedDataset.open(config.data.prepared_dir)
+    needed = ["train", ev.report_split] + (["val"] if len(ev.lbfgs.l2) > 1 else [])
+    for name in dict.fromkeys(needed):
+        if name not in dataset.splits:
+            raise ConfigError(
+                f"eval: the prepared data has no {name!r} split (has {', '.join(dataset.splits)})"
+                + ("; set data.val_fraction > 0 to choose the L2 strength" if name == "val" else "")
+            )
+    splits = {name: dataset.split(name) for name in dict.fromkeys(needed)}
+    target.task.to(device).eval()
+    layers = resolve_layers(target, splits["train"], ev.layers)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    run = _start_run(target, dataset.content_hash, device)
+    try:
+        with deterministic_mode():
+            features = _features(
+                target, splits, layers, dataset.content_hash, out_dir, device, progress
+            )
+            figures = _probe(target, splits, layers, features, device)
+        result = EvalResult(run.run_id, ev.method, ev.report_split, figures)
+        result.seconds = time.perf_counter() - started
+        _record(target, run, result, out_dir)
+    except BaseException as err:
+        run.finish(
+            "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
+            failure=f"{type(err).__name__}: {err}",
+        )
+        raise
+    return result
+
+
+def _start_run(target: EvalTarget, data_hash: str, device: torch.device) -> tracking.TrackedRun:
+    tags = {tracking.TAG_WEIGHTS: target.weights}
+    if target.kind == tracking.KIND_BASELINE:
+        return tracking.start_baseline_run(
+            target.config, device=str(device), data_hash=data_hash, extra_tags=tags
+        )
+    tags[tracking.TAG_DATA_HASH + ".eval"] = data_hash
+    return tracking.start_eval_run(
+        target.config, target.pretrain_run_id, device=str(device), extra_tags=tags
+    )
+
+
+def _features(
+    target: EvalTarget,
+    splits: dict[str, PreparedSplit],
+    layers: list[str],
+    data_hash: str,
+    out_dir: Path,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, Features]:
+    ev = target.config.eval
+    identity: dict[str, Any] = {
+        "weights": target.weights,
+        "data_hash": data_hash,
+        "pooling": ev.pooling,
+        "max_features": ev.max_features,
+        "task": target.config.pretext.model_dump(mode="json"),
+        "model": target.config.model.model_dump(mode="json"),
+    }
+    cache = FeatureCache(ev.cache_dir if ev.cache_dir is not None else out_dir / "features")
+    out = {}
+    for name, split in splits.items():
+        out[name] = extract_features(
+            target.task,
+            split,
+            layers,
+            identity=identity,
+            cache=cache,
+            batch_size=ev.batch_size,
+            max_features=ev.max_features,
+            pooling=ev.pooling,
+            device=device,
+            progress=progress,
+        )
+        if progress and out[name].cached:
+            _log(f"features {name}: read from the cache")
+    return out
+
+
+def _probe(
+    target: EvalTarget,
+    splits: dict[str, PreparedSplit],
+    layers: list[str],
+    features: dict[str, Features],
+    device: torch.device,
+) -> dict[str, dict[str, float]]:
+    ev = target.config.eval
+    report = features[ev.report_split]
+    classes = splits["train"].num_classes
+    if ev.method == "lbfgs":
+        figures = {}
+        train, val = features["train"], features.get("val")
+        for layer in layers:
+            clock = time.perf_counter()
+            if val is None:  # a single strength: nothing to choose
+                fit = lbfgs.fit(
+                    train.layers[layer],
+                    train.labels,
+                    ev.lbfgs.l2[0],
+                    num_classes=classes,
+                    max_iter=ev.lbfgs.max_iter,
+                )
+                chosen = {}
+            else:
+                fit = lbfgs.fit_path(
+                    train.layers[layer],
+                    train.labels,
+                    val.layers[layer],
+                    val.labels,
+                    ev.lbfgs.l2,
+                    num_classes=classes,
+                    max_iter=ev.lbfgs.max_iter,
+                )
+                point = next(p for p in fit.points if p.l2 == fit.l2)
+                chosen = {"val_top1": point.val.top1}
+            accuracy = fit.score(report.layers[layer], report.labels)
+            figures[layer] = {"top1": accuracy.top1, "top5": accuracy.top5, "l2": fit.l2, **chosen}
+            _log(
+                f"probe lbfgs {layer}: top-1 {accuracy.top1:.4f} on {ev.report_split} "
+                f"(l2 {fit.l2:g}, {time.perf_counter() - clock:.1f} s)"
+            )
+        return figures
+
+    probe_config = ev.mlp if ev.method == "mlp" else ev.sgd
+    train = features["train"]
+    dims = {layer: int(train.layers[layer].shape[1]) for layer in layers}
+    pool = make_pool(ev.max_features, ev.pooling)
+
+    def represent(images: torch.Tensor, keys: torch.Tensor | None):
+        return target.task.representation(images, layers, pool=pool, keys=keys)
+
+    heads = train_heads(
+        splits["train"],
+        dims,
+        probe_config,
+        seed=target.config.seed,
+        represent=represent,
+        features=train.layers,
+        device=device,
+        log=lambda epoch, total, loss: _log(
+            f"probe {ev.method} epoch {epoch}/{total}: loss {loss:.4f}"
+        ),
+    )
+    logits = predict(heads, report.layers)
+    return {
+        layer: {
+            "top1": topk_accuracy(logits[layer], report.labels, 1),
+            "top5": topk_accuracy(logits[layer], report.labels, 5),
+        }
+        for layer in layers
+    }
+
+
+def _record(
+    target: EvalTarget, run: tracking.TrackedRun, result: EvalResult, out_dir: Path
+) -> None:
+    metrics = result.metrics()
+    run.log_metrics([(0, metrics)])
+    run.finish("FINISHED")
+    if target.pretrain_run_id is not None:
+        headline = {k: v for k, v in metrics.items() if "/top1/" in k or "/top5/" in k}
+        tracking.open_run(target.config, target.pretrain_run_id).log_metrics([(0, headline)])
+    summary = {
+        "kind": target.kind,
+        "method": result.method,
+        "split": result.split,
+        "run_id": result.run_id,
+        "pretrain_run_id": target.pretrain_run_id,
+        "task": target.config.pretext.task,
+        "arch": target.config.model.arch,
+        "widening": target.config.model.widening,
+        "weights_sha256": target.weights,
+        "seconds": round(result.seconds, 1),
+        "layers": result.layers,
+    }
+    text = json.dumps(summary, indent=2, sort_keys=True, default=_plain) + "\n"
+    write_atomic(out_dir / METRICS_JSON, text.encode())
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else str(value)

@@ -1,0 +1,180 @@
+"""Frozen-backbone features for linear evaluation, cached on disk.
+
+``extract_features`` runs a task's ``representation`` (its linear-evaluation preprocessing, paper
+§2.5 and §4.3) over a split in eval mode, pools every requested endpoint with the §4.2 rule and
+writes one float32 ``.npy`` per (weights, split, layer) straight to disk, so a split larger than
+memory never sits in RAM. A small JSON manifest beside each array names what it was computed from;
+a hit needs every field to match, so changed weights, data or pooling never hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.lib.format import open_memmap
+from torch import nn
+
+from ssltk.data.dataset import PreparedSplit
+from ssltk.evaluate.pooling import make_pool
+from ssltk.pretext import PretextTask
+from ssltk.train.progress import format_duration
+
+__all__ = ["FeatureCache", "Features", "extract_features", "weights_digest"]
+
+CACHE_FORMAT = 1
+_REPORT_EVERY = 10  # batches between progress lines
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``module``'s state (params + buffers)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Features:
+    """Per-layer ``[n, d]`` float32 arrays (possibly memory-mapped) and int64 labels ``[n]``."""
+
+    layers: Mapping[str, np.ndarray]
+    labels: np.ndarray
+    cached: bool
+
+
+class FeatureCache:
+    """``root/<weights[:16]>/<split>.<layer>.npy`` with a ``.json`` manifest beside each."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _stem(self, identity: Mapping[str, Any], split: str, layer: str) -> Path:
+        return self.root / str(identity["weights"])[:16] / f"{split}.{layer}"
+
+    def load(self, identity: Mapping[str, Any], split: str, layer: str) -> np.ndarray | None:
+        stem = self._stem(identity, split, layer)
+        try:
+            manifest = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+            if manifest != _manifest(identity, split, layer, manifest.get("shape")):
+                return None
+            array = np.load(stem.with_suffix(".npy"), mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+        return array if list(array.shape) == manifest["shape"] else None
+
+    def writer(
+        self, identity: Mapping[str, Any], split: str, layer: str, shape: tuple[int, int]
+    ) -> _CacheWriter:
+        return _CacheWriter(self._stem(identity, split, layer), identity, split, layer, shape)
+
+
+def _manifest(identity: Mapping[str, Any], split: str, layer: str, shape: Any) -> dict[str, Any]:
+    return {"format": CACHE_FORMAT, **identity, "split": split, "layer": layer, "shape": shape}
+
+
+class _CacheWriter:
+    """Fills a memory-mapped ``.npy`` under a temporary name; ``commit`` renames it into place."""
+
+    def __init__(
+        self,
+        stem: Path,
+        identity: Mapping[str, Any],
+        split: str,
+        layer: str,
+        shape: tuple[int, int],
+    ) -> None:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        self.stem = stem
+        self.tmp = stem.with_name(f".{stem.name}.{os.getpid()}.npy.tmp")
+        self.array = open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=shape)
+        self.manifest = _manifest(identity, split, layer, list(shape))
+
+    def commit(self) -> np.ndarray:
+        self.array.flush()
+        del self.array
+        os.replace(self.tmp, self.stem.with_suffix(".npy"))
+        text = json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"
+        tmp_json = self.stem.with_name(f".{self.stem.name}.{os.getpid()}.json.tmp")
+        tmp_json.write_text(text, encoding="utf-8")
+        os.replace(tmp_json, self.stem.with_suffix(".json"))
+        return np.load(self.stem.with_suffix(".npy"), mmap_mode="r")
+
+    def discard(self) -> None:
+        self.__dict__.pop("array", None)
+        self.tmp.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def extract_features(
+    task: PretextTask,
+    split: PreparedSplit,
+    layers: list[str],
+    *,
+    identity: Mapping[str, Any],
+    cache: FeatureCache,
+    batch_size: int,
+    max_features: int,
+    pooling: str = "max",
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> Features:
+    """Pooled features of ``layers`` for every image of ``split``, in the split's order.
+
+    ``identity`` (weights digest, data hash, pooling, …) keys the cache; layers found there are
+    read back without running the network, the others are computed in one pass.
+    """
+    labels = split.labels.numpy().astype(np.int64)
+    found = {layer: cache.load(identity, split.name, layer) for layer in layers}
+    missing = [layer for layer, array in found.items() if array is None]
+    if not missing:
+        return Features({layer: found[layer] for layer in layers}, labels, cached=True)
+
+    device = device or next(task.parameters()).device
+    task.eval()
+    pool = make_pool(max_features, pooling)
+    total = len(split)
+    writers: dict[str, _CacheWriter] = {}
+    started = time.perf_counter()
+    try:
+        for start in range(0, total, batch_size):
+            index = torch.arange(start, min(start + batch_size, total))
+            images = split.images(index).to(device)
+            out = task.representation(images, missing, pool=pool)
+            for layer in missing:
+                value = out[layer].float().cpu().numpy()
+                if layer not in writers:
+                    shape = (total, value.shape[1])
+                    writers[layer] = cache.writer(identity, split.name, layer, shape)
+                writers[layer].array[start : start + len(index)] = value
+            done = start + len(index)
+            if progress and (done == total or done // batch_size % _REPORT_EVERY == 0):
+                _report(split.name, done, total, started)
+        for layer in missing:
+            found[layer] = writers.pop(layer).commit()
+    finally:
+        for writer in writers.values():
+            writer.discard()
+    return Features({layer: found[layer] for layer in layers}, labels, cached=False)
+
+
+def _report(split: str, done: int, total: int, started: float) -> None:
+    elapsed = time.perf_counter() - started
+    eta = elapsed / done * (total - done)
+    print(
+        f"features {split}: {done}/{total} images, {done / max(elapsed, 1e-9):.0f} img/s, "
+        f"eta {format_duration(eta)}",
+        file=sys.stderr,
+        flush=True,
+    )

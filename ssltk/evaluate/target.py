@@ -1,0 +1,150 @@
+"""What an evaluation reads: a pretraining run's task with its trained weights, or a random init.
+
+A pretraining run is found in the tracking store by id (``--run-id``) or through its run
+directory's ``run.json`` (``--run-dir``). The task is rebuilt from the run's own resolved config
+(its ``config/params.yaml`` artifact), so today's params.yaml cannot change what is evaluated;
+only the ``eval`` and ``tracking`` sections and ``data.prepared_dir`` come from today's config.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ssltk import tracking
+from ssltk.config import Config, ConfigError, config_from_dict
+from ssltk.evaluate.features import weights_digest
+from ssltk.pretext import PretextTask, build_task
+from ssltk.train.checkpoint import CheckpointError, load_checkpoint, sha256_file
+from ssltk.train.determinism import seed_everything
+
+__all__ = ["EvalTarget", "baseline_target", "target_from_run_dir", "target_from_run_id"]
+
+
+@dataclass
+class EvalTarget:
+    """A task ready for feature extraction and the facts an evaluation run records."""
+
+    config: Config
+    task: PretextTask
+    kind: str  # tracking.KIND_EVAL or tracking.KIND_BASELINE
+    weights: str  # digest of the backbone's state (the feature cache key)
+    pretrain_run_id: str | None = None
+
+    @property
+    def name(self) -> str:
+        return tracking.run_name(self.config)
+
+
+def _build(config: Config) -> PretextTask:
+    try:
+        return build_task(config)
+    except ValueError as err:
+        raise ConfigError(f"model/pretext: {err}") from None
+
+
+def baseline_target(config: Config) -> EvalTarget:
+    """A randomly initialised task of ``config`` (seeded by ``config.seed``)."""
+    seed_everything(config.seed)
+    task = _build(config).eval()
+    return EvalTarget(config, task, tracking.KIND_BASELINE, weights_digest(task.backbone))
+
+
+def _run_config(run_id: str, current: Config, mlflow_client) -> Config:
+    """The pretraining run's logged config, with today's eval/tracking/prepared-data settings."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow_client.download_artifacts(run_id, tracking.CONFIG_ARTIFACT, tmp)
+            tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except Exception as err:  # mlflow raises many types for a missing artifact
+            raise ConfigError(
+                f"run {run_id}: its config artifact {tracking.CONFIG_ARTIFACT} cannot be read "
+                f"({type(err).__name__})"
+            ) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"run {run_id}: {tracking.CONFIG_ARTIFACT} is not a mapping")
+    tree["eval"] = current.eval.model_dump(mode="json")
+    tree["tracking"] = current.tracking.model_dump(mode="json")
+    tree.setdefault("data", {})["prepared_dir"] = str(current.data.prepared_dir)
+    return config_from_dict(tree, origin=f"run {run_id} {tracking.CONFIG_ARTIFACT}")
+
+
+def _pretrain_run(config: Config, run_id: str):
+    """The MLflow run ``run_id``, checked to be a pretraining run."""
+    mlflow_client = tracking.client(config.tracking.resolved_uri())
+    run = tracking.find_run(mlflow_client, run_id)
+    if run is None:
+        raise ConfigError(f"--run-id {run_id}: no such run in {config.tracking.resolved_uri()}")
+    kind = run.data.tags.get(tracking.TAG_KIND)
+    if kind != tracking.KIND_PRETRAIN:
+        parent = run.data.tags.get(tracking.TAG_PRETRAIN_RUN_ID)
+        hint = f" (it evaluates pretraining run {parent})" if parent else ""
+        raise ConfigError(
+            f"--run-id {run_id}: a {kind or 'untagged'} run, not a pretraining run{hint}"
+        )
+    return mlflow_client, run
+
+
+def _with_weights(
+    config: Config, run_id: str, checkpoint: Path, expected_sha256: str | None = None
+) -> EvalTarget:
+    try:
+        state = load_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    if expected_sha256 is not None and sha256_file(checkpoint) != expected_sha256:
+        raise ConfigError(f"{checkpoint}: SHA-256 differs from the one run.json records")
+    task = _build(config)
+    try:
+        task.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as err:
+        raise ConfigError(
+            f"{checkpoint}: weights do not fit {tracking.run_name(config)} "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from None
+    task.eval()
+    return EvalTarget(
+        config, task, tracking.KIND_EVAL, weights_digest(task.backbone), pretrain_run_id=run_id
+    )
+
+
+def target_from_run_id(current: Config, run_id: str, scratch: Path) -> EvalTarget:
+    """The pretraining run ``run_id``: its config artifact and its checkpoint artifact."""
+    mlflow_client, run = _pretrain_run(current, run_id)
+    config = _run_config(run_id, current, mlflow_client)
+    try:
+        checkpoint = tracking.fetch_checkpoint(mlflow_client, run_id, scratch)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    except Exception as err:  # no artifact: mlflow raises OSError or MlflowException
+        raise ConfigError(
+            f"--run-id {run_id}: the run has no checkpoint artifact (status "
+            f"{run.info.status}; did it finish?) ({type(err).__name__})"
+        ) from None
+    return _with_weights(config, run_id, checkpoint)
+
+
+def target_from_run_dir(current: Config, run_dir: Path) -> EvalTarget:
+    """The run recorded in ``run_dir/run.json``, with the checkpoint file that it names."""
+    path = Path(run_dir) / "run.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"--run-dir {run_dir}: no run.json (not a pretraining run directory)"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot be read ({type(err).__name__})") from None
+    run_id, checkpoint = record.get("run_id"), record.get("checkpoint")
+    if not run_id or not checkpoint:
+        raise ConfigError(f"{path}: no run id or checkpoint recorded (did the run finish?)")
+    mlflow_client, _ = _pretrain_run(current, run_id)
+    config = _run_config(run_id, current, mlflow_client)
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise ConfigError(f"{path}: its checkpoint {checkpoint} does not exist")
+    return _with_weights(config, run_id, checkpoint, record.get("checkpoint_sha256"))

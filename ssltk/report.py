@@ -1,0 +1,347 @@
+"""``ssltk report``: the study's tables and plots, read from the tracking store.
+
+For every cell of ``study`` (task × arch × widening) the newest finished pretraining run and the
+newest baseline run of the same cell are paired; their ``probe/<method>/top1/<layer>`` figures give
+``results.csv`` (one row per run × layer × method), ``results.md`` (the paper's Table 1 layout at
+pre-logits, the best layer per cell, pretext accuracy against chance, provenance) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ssltk import tracking
+from ssltk.config import Config, ConfigError
+from ssltk.pretext import task_class
+from ssltk.train.checkpoint import write_atomic
+
+__all__ = ["CSV_COLUMNS", "Cell", "collect", "write_report"]
+
+CSV_COLUMNS = (
+    "task",
+    "arch",
+    "widening",
+    "layer",
+    "method",
+    "top1",
+    "baseline_top1",
+    "delta",
+    "run_id",
+    "baseline_run_id",
+    "top5",
+)
+HEADLINE_LAYER = "pre_logits"
+_PROBE = re.compile(r"^probe/(?P<method>[^/]+)/top(?P<k>\d+)/(?P<layer>.+)$")
+
+#: Paper figures (arXiv 1901.09005, ImageNet linear top-1) that were checked against a second
+#: source: Table 2 (SGD protocol, official val set) and two Table 1 cells (L-BFGS, pre-logits).
+PAPER_VERIFIED = {
+    ("rotation", "revnet50", 16): {"Table 1": 53.7, "Table 2": 55.4},
+    ("relative_patch_location", "resnet50_v1", 8): {"Table 1": 50.5, "Table 2": 51.4},
+    ("exemplar", "resnet50_v1", 12): {"Table 2": 46.0},
+    ("jigsaw", "resnet50_v1", 8): {"Table 2": 44.6},
+}
+
+
+@dataclass
+class Cell:
+    """One (task, arch, widening) of the study: its pretraining run and its baseline."""
+
+    task: str
+    arch: str
+    widening: int
+    run: Any = None  # mlflow Run of kind pretrain
+    baseline: Any = None  # mlflow Run of kind baseline
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.task, self.arch, self.widening
+
+    def probes(self, which: str = "run") -> dict[tuple[str, int, str], float]:
+        """``{(method, k, layer): value}`` of the run's (or baseline's) probe metrics."""
+        run = getattr(self, which)
+        if run is None:
+            return {}
+        out = {}
+        for name, value in run.data.metrics.items():
+            match = _PROBE.match(name)
+            if match:
+                out[(match["method"], int(match["k"]), match["layer"])] = value
+        return out
+
+
+def _newest(runs: Iterable[Any]) -> dict[tuple[str, str, int], Any]:
+    """The newest run per (task, arch, widening), from runs sorted newest first."""
+    out: dict[tuple[str, str, int], Any] = {}
+    for run in runs:
+        tags = run.data.tags
+        try:
+            key = (
+                tags[tracking.TAG_TASK],
+                tags[tracking.TAG_ARCH],
+                int(tags[tracking.TAG_WIDENING]),
+            )
+        except (KeyError, ValueError):
+            continue
+        out.setdefault(key, run)
+    return out
+
+
+def collect(config: Config) -> list[Cell]:
+    """The study's cells with their newest finished pretraining and baseline runs."""
+    uri = config.tracking.resolved_uri()
+    client = tracking.client(uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    if experiment is None:
+        raise ConfigError(
+            f"tracking.experiment={config.tracking.experiment!r}: no such experiment in {uri} "
+            "(run the study first: dvc repro)"
+        )
+
+    def search(kind: str) -> list[Any]:
+        return client.search_runs(
+            [experiment.experiment_id],
+            filter_string=(
+                f"tags.`{tracking.TAG_KIND}` = '{kind}' and attributes.status = 'FINISHED'"
+            ),
+            order_by=["attributes.start_time DESC"],
+            max_results=5000,
+        )
+
+    runs, baselines = (
+        _newest(search(tracking.KIND_PRETRAIN)),
+        _newest(search(tracking.KIND_BASELINE)),
+    )
+    study = config.study
+    cells = []
+    for task in study.tasks:
+        for arch in study.archs:
+            for widening in study.widenings:
+                cell = Cell(task, arch, widening)
+                cell.run = runs.get(cell.key)
+                cell.baseline = baselines.get(cell.key)
+                if cell.run is not None:
+                    history = client.get_metric_history(cell.run.info.run_id, "train/loss")
+                    cell.curve = sorted((m.step, m.value) for m in history)
+                cells.append(cell)
+    return cells
+
+
+def rows(cells: list[Cell]) -> list[dict[str, Any]]:
+    """``results.csv`` rows: one per pretraining run × layer × method."""
+    out = []
+    for cell in cells:
+        mine, base = cell.probes("run"), cell.probes("baseline")
+        for (method, k, layer), top1 in sorted(mine.items()):
+            if k != 1:
+                continue
+            baseline = base.get((method, 1, layer))
+            out.append(
+                {
+                    "task": cell.task,
+                    "arch": cell.arch,
+                    "widening": cell.widening,
+                    "layer": layer,
+                    "method": method,
+                    "top1": top1,
+                    "baseline_top1": baseline,
+                    "delta": None if baseline is None else top1 - baseline,
+                    "run_id": cell.run.info.run_id,
+                    "baseline_run_id": cell.baseline.info.run_id if cell.baseline else None,
+                    "top5": mine.get((method, 5, layer)),
+                }
+            )
+    return out
+
+
+def _pct(value: float | None) -> str:
+    return (
+        "–"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{100 * value:.1f}"
+    )
+
+
+def _best(cell: Cell, method: str) -> tuple[str, float, float | None] | None:
+    mine, base = cell.probes("run"), cell.probes("baseline")
+    scored = [(layer, v) for (m, k, layer), v in mine.items() if m == method and k == 1]
+    if not scored:
+        return None
+    layer, top1 = max(scored, key=lambda item: item[1])
+    return layer, top1, base.get((method, 1, layer))
+
+
+def _best_baseline(cell: Cell, method: str) -> float | None:
+    scored = [v for (m, k, _), v in cell.probes("baseline").items() if m == method and k == 1]
+    return max(scored) if scored else None
+
+
+def _pretext(cell: Cell, config: Config) -> tuple[str, float | None, float]:
+    cls = task_class(cell.task)
+    value = cell.run.data.metrics.get(tracking.train_metric(cls.metric)) if cell.run else None
+    epoch = cell.run.data.metrics.get(tracking.epoch_metric(cls.metric)) if cell.run else None
+    return cls.metric, epoch if epoch is not None else value, cls.chance_level(config)
+
+
+def markdown(cells: list[Cell], config: Config, method: str, provenance: dict[str, str]) -> str:
+    out = io.StringIO()
+    w = out.write
+    data = config.data.source
+    w("# Results of the study\n\n")
+    w(
+        f"Linear evaluation ({method}, top-1 on the `{config.eval.report_split}` split of "
+        f"`{data}` data) of every pretraining run of the study, each beside a randomly initialised "
+        "network of the same task preprocessing, arch and widening (the *baseline*) and the "
+        "difference in points. Written by `ssltk report` from the tracking store.\n\n"
+    )
+    widenings = sorted({c.widening for c in cells})
+    tasks = list(dict.fromkeys(c.task for c in cells))
+    archs = list(dict.fromkeys(c.arch for c in cells))
+    w(
+        "## Pre-logits (the layout of the paper's Table 1)\n\n"
+        "Cells: pretrained / random init (Δ).\n\n"
+    )
+    header = [f"{t} k={k}" for t in tasks for k in widenings]
+    w("| arch | " + " | ".join(header) + " |\n|---|" + "---|" * len(header) + "\n")
+    by_key = {c.key: c for c in cells}
+    for arch in archs:
+        row = []
+        for task in tasks:
+            for k in widenings:
+                cell = by_key.get((task, arch, k))
+                mine = cell.probes("run").get((method, 1, HEADLINE_LAYER)) if cell else None
+                base = cell.probes("baseline").get((method, 1, HEADLINE_LAYER)) if cell else None
+                delta = None if mine is None or base is None else mine - base
+                row.append(f"{_pct(mine)} / {_pct(base)} ({_delta(delta)})")
+        w(f"| {arch} | " + " | ".join(row) + " |\n")
+
+    w(
+        "\n## Best layer per cell\n\nThe paper finds that the best layer differs by family "
+        "(pre-logits for ResNet/RevNet, earlier blocks for VGG).\n\n"
+    )
+    w(
+        "| task | arch | k | best layer | top-1 | random init, same layer | Δ "
+        "| best random-init layer top-1 |\n"
+    )
+    w("|---|---|---|---|---|---|---|---|\n")
+    for cell in cells:
+        best = _best(cell, method)
+        if best is None:
+            w(f"| {cell.task} | {cell.arch} | {cell.widening} | (not evaluated) | | | | |\n")
+            continue
+        layer, top1, base = best
+        delta = None if base is None else top1 - base
+        w(
+            f"| {cell.task} | {cell.arch} | {cell.widening} | {layer} | {_pct(top1)} "
+            f"| {_pct(base)} | {_delta(delta)} | {_pct(_best_baseline(cell, method))} |\n"
+        )
+
+    w(
+        "\n## Pretext task\n\nThe final epoch's pretext metric against what a network that learned "
+        "nothing scores (chance).\n\n"
+        "| task | arch | k | metric | final | chance | final train loss |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    for cell in cells:
+        name, value, chance = _pretext(cell, config)
+        loss = cell.curve[-1][1] if cell.curve else None
+        w(
+            f"| {cell.task} | {cell.arch} | {cell.widening} | {name} | {_pct(value)} % | "
+            f"{_pct(chance)} % | {'–' if loss is None else f'{loss:.3f}'} |\n"
+        )
+
+    w("\n## The paper's numbers\n\n")
+    matched = [c for c in cells if c.key in PAPER_VERIFIED and data == "imagefolder"]
+    if matched:
+        for cell in matched:
+            figures = ", ".join(f"{t}: {v}" for t, v in PAPER_VERIFIED[cell.key].items())
+            w(
+                f"- {cell.task}, {cell.arch}, k={cell.widening}: paper {figures}; this run "
+                f"{_pct(cell.probes('run').get((method, 1, HEADLINE_LAYER)))}\n"
+            )
+    else:
+        w(
+            "No cell of this study matches a configuration the paper reports (the paper pretrains "
+            "and evaluates on ImageNet at 224 px with widening 4–16), so no paper number stands "
+            "beside these figures. For reference, the paper's ImageNet linear top-1 figures that "
+            "were checked against a second source:\n\n"
+        )
+        for (task, arch, k), figures in PAPER_VERIFIED.items():
+            shown = ", ".join(f"{t} {v}" for t, v in figures.items())
+            w(f"- {task}, {arch}, k={k}: {shown}\n")
+    w("\nOther Table 1 cells are not verified and are not shown.\n")
+
+    w("\n## Provenance\n\n")
+    for key, value in provenance.items():
+        w(f"- {key}: {value}\n")
+    w("\n| cell | pretraining run | baseline run |\n|---|---|---|\n")
+    for cell in cells:
+        run_id = cell.run.info.run_id if cell.run else "(missing)"
+        base_id = cell.baseline.info.run_id if cell.baseline else "(missing)"
+        w(f"| {cell.task}-{cell.arch}-w{cell.widening} | `{run_id}` | `{base_id}` |\n")
+    return out.getvalue()
+
+
+def _delta(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:+.1f}"
+
+
+def provenance(cells: list[Cell]) -> dict[str, str]:
+    runs = [c.run for c in cells if c.run] + [c.baseline for c in cells if c.baseline]
+    if not runs:
+        return {"runs": "none"}
+    tags = runs[0].data.tags
+    commits = sorted({r.data.tags.get(tracking.TAG_GIT_COMMIT, "unknown") for r in runs})
+    hashes = sorted({r.data.tags.get(tracking.TAG_DATA_HASH, "unknown") for r in runs})
+    start = min(r.info.start_time for r in runs)
+    end = max(r.info.end_time or r.info.start_time for r in runs)
+    busy = sum(((r.info.end_time or r.info.start_time) - r.info.start_time) for r in runs)
+    return {
+        "commit": ", ".join(commits),
+        "data hash": ", ".join(hashes),
+        "device": tags.get(tracking.TAG_DEVICE, "unknown"),
+        "torch": tags.get(f"{tracking.TAG_VERSION_PREFIX}torch", "unknown"),
+        "wall time of the study (first run start to last run end)": _duration((end - start) / 1000),
+        "time in pretraining and baseline runs": _duration(busy / 1000),
+    }
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s"
+
+
+def write_csv(path: Path, table: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in table:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    write_atomic(path, buffer.getvalue().encode())
+
+
+def write_report(config: Config, out_dir: Path) -> list[Path]:
+    """Write results.md, results.csv and the plots into ``out_dir``; return the paths."""
+    from ssltk import plots
+
+    cells = collect(config)
+    if not any(c.run for c in cells):
+        raise ConfigError(
+            f"no finished pretraining run of the study in experiment "
+            f"{config.tracking.experiment!r} (run the study first: dvc repro)"
+        )
+    method = config.eval.method
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "results.md", out_dir / "results.csv"]
+    write_atomic(written[0], markdown(cells, config, method, provenance(cells)).encode())
+    write_csv(written[1], rows(cells))
+    written += plots.write_plots(cells, config, method, out_dir)
+    return written

@@ -1,0 +1,288 @@
+"""``ssltk eval`` end to end: a pretraining run's features, the L-BFGS probe, MLflow write-back,
+the feature cache, random-init baselines and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from ssltk import tracking
+from ssltk.cli import app
+from ssltk.config import load_config
+from ssltk.data.prepare import prepare
+from ssltk.evaluate.pooling import make_pool, pooled_shape
+from ssltk.models import build_model
+from ssltk.train.checkpoint import sidecar_path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "ssltk" / "assets" / "cifar10-demo.tar.gz"
+LAYERS = ["block3", "pre_logits"]
+
+
+def small_imagefolder(root: Path, train: int, test: int) -> Path:
+    """``train`` + ``test`` real CIFAR-10 images per class from the demo archive."""
+    taken: dict[str, int] = {}
+    with tarfile.open(DEMO) as archive:
+        for member in archive:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 3 or parts[-3] != "train":
+                continue
+            count = taken.get(parts[-2], 0)
+            if count >= train + test:
+                continue
+            taken[parts[-2]] = count + 1
+            split = "train" if count < train else "test"
+            target = root / split / parts[-2] / parts[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.extractfile(member).read())
+    return root
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Prepared data (300 train, 50 val, 100 test) and a 4-step rotation pretraining run."""
+    root = tmp_path_factory.mktemp("eval")
+    store = root / "mlflow.db"
+    params = {
+        "seed": 3,
+        "data": {
+            "source": "imagefolder",
+            "root": str(small_imagefolder(root / "images", 35, 10)),
+            "val_fraction": 0.15,
+            "prepared_dir": str(root / "prepared"),
+        },
+        "model": {"arch": "resnet50_v1", "widening": 1},
+        "pretext": {"task": "rotation", "input_size": 32},
+        "pretrain": {
+            "epochs": 1,
+            "max_steps": 4,
+            "batch_size": 16,
+            "checkpoint_every": 4,
+            "device": "cpu",
+        },
+        "eval": {
+            "layers": LAYERS,
+            "batch_size": 64,
+            "lbfgs": {"l2": [0.1, 0.01], "max_iter": 60},
+        },
+        "tracking": {"uri": f"sqlite:///{store}", "experiment": "eval-test"},
+    }
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    prepare(load_config(path), progress=False)
+    out = root / "runs" / "rot"
+    result = CliRunner().invoke(app, ["pretrain", "--params", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "run.json").read_text())
+    return {"root": root, "params": path, "out": out, "run_id": run["run_id"], "store": store}
+
+
+def ssltk_eval(study: dict, *args: str):
+    argv = ["eval", "--params", str(study["params"]), *args]
+    return CliRunner().invoke(app, argv, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def evaluated(study: dict) -> dict:
+    """``ssltk eval --run-id`` of the study's run: its metrics.json."""
+    out = study["root"] / "eval-a"
+    first = ssltk_eval(study, "--run-id", study["run_id"], "--out", str(out))
+    assert first.exit_code == 0, first.output
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_eval_by_run_id_logs_every_layer_on_both_runs_and_repeats_exactly(
+    study: dict, evaluated: dict
+):
+    out = study["root"] / "eval-a"
+    summary = evaluated
+    client = tracking.client(f"sqlite:///{study['store']}")
+    eval_run = client.get_run(summary["run_id"])
+    pretrain_run = client.get_run(study["run_id"])
+    assert eval_run.data.tags[tracking.TAG_KIND] == tracking.KIND_EVAL
+    assert eval_run.data.tags[tracking.TAG_PRETRAIN_RUN_ID] == study["run_id"]
+    for layer in LAYERS:
+        for k in (1, 5):
+            name = tracking.probe_metric("lbfgs", k, layer)
+            assert eval_run.data.metrics[name] == pretrain_run.data.metrics[name]
+            assert 0.0 <= eval_run.data.metrics[name] <= 1.0
+        assert summary["layers"][layer]["l2"] in (0.1, 0.01)
+    # The top-5 of 10 classes is never below the top-1.
+    assert all(f["top5"] >= f["top1"] for f in summary["layers"].values())
+
+    # A second evaluation (here from the run directory, reading the cache) gives the same figures.
+    second = ssltk_eval(study, "--run-dir", str(study["out"]), "--out", str(out))
+    assert second.exit_code == 0, second.output
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["layers"] == summary["layers"] and again["run_id"] != summary["run_id"]
+    # And so does a cold evaluation that recomputes the features.
+    cold = ssltk_eval(study, "--run-dir", str(study["out"]), "--out", str(study["root"] / "b"))
+    assert cold.exit_code == 0, cold.output
+    fresh = json.loads((study["root"] / "b" / "metrics.json").read_text())
+    assert fresh["layers"] == summary["layers"]
+
+
+def test_baseline_is_a_seeded_random_init_logged_as_its_own_kind(study: dict, evaluated: dict):
+    out = study["root"] / "baseline"
+    result = ssltk_eval(study, "--baseline", "--set", "eval.layers=[pre_logits]", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "metrics.json").read_text())
+    run = tracking.client(f"sqlite:///{study['store']}").get_run(summary["run_id"])
+    assert run.data.tags[tracking.TAG_KIND] == tracking.KIND_BASELINE
+    assert (run.data.tags[tracking.TAG_TASK], run.data.tags[tracking.TAG_ARCH]) == (
+        "rotation",
+        "resnet50_v1",
+    )
+    assert tracking.probe_metric("lbfgs", 1, "pre_logits") in run.data.metrics
+    assert summary["pretrain_run_id"] is None
+    # Its weights differ from the pretrained ones: the cache never mixes them up.
+    assert summary["weights_sha256"] != evaluated["weights_sha256"]
+
+
+def test_a_changed_checkpoint_never_hits_the_feature_cache(tmp_path: Path):
+    from ssltk.evaluate.features import FeatureCache
+
+    cache = FeatureCache(tmp_path)
+    identity = {"weights": "0" * 64, "data_hash": "d"}
+    assert cache.load(identity, "train", "pre_logits") is None
+    writer = cache.writer(identity, "train", "pre_logits", (2, 3))
+    writer.array[:] = np.arange(6, dtype=np.float32).reshape(2, 3)
+    writer.commit()
+    assert cache.load(identity, "train", "pre_logits") is not None
+    assert cache.load({**identity, "weights": "0" * 63 + "1"}, "train", "pre_logits") is None
+    assert cache.load({**identity, "data_hash": "e"}, "train", "pre_logits") is None
+
+
+def test_sgd_probe_trains_heads_deterministically(study: dict):
+    args = [
+        "--run-dir",
+        str(study["out"]),
+        "--set",
+        "eval.method=sgd",
+        "--set",
+        "eval.sgd.epochs=2",
+        "--set",
+        "eval.sgd.batch_size=64",
+        "--set",
+        "eval.sgd.augment=true",
+    ]
+    figures = []
+    for name in ("sgd-a", "sgd-b"):
+        result = ssltk_eval(study, *args, "--out", str(study["root"] / name))
+        assert result.exit_code == 0, result.output
+        figures.append(json.loads((study["root"] / name / "metrics.json").read_text())["layers"])
+    assert figures[0] == figures[1]
+    metric = tracking.probe_metric("sgd", 1, "pre_logits")
+    pretrain_run = tracking.client(f"sqlite:///{study['store']}").get_run(study["run_id"])
+    assert metric in pretrain_run.data.metrics
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_bad_input_is_one_line_and_exit_2(study: dict, evaluated: dict, tmp_path: Path):
+    unknown = one_line_error(ssltk_eval(study, "--run-id", "0" * 32))
+    assert "no such run" in unknown
+
+    eval_run = evaluated["run_id"]
+    assert "not a pretraining run" in one_line_error(ssltk_eval(study, "--run-id", eval_run))
+
+    layer = one_line_error(
+        ssltk_eval(study, "--run-dir", str(study["out"]), "--set", "eval.layers=[fc6]")
+    )
+    assert "'fc6'" in layer and "pre_logits" in layer and "block4" in layer
+
+    assert "eval.method" in one_line_error(
+        ssltk_eval(study, "--run-dir", str(study["out"]), "--set", "eval.method=svm")
+    )
+    assert "exactly one" in one_line_error(ssltk_eval(study))
+
+    # A run that never checkpointed: tracked, but no checkpoint artifact.
+    config = load_config(study["params"])
+    bare = tracking.start_pretrain_run(config, data_hash="x", device="cpu")
+    assert "no checkpoint" in one_line_error(ssltk_eval(study, "--run-id", bare.run_id))
+
+    # A checkpoint whose bytes no longer match their sidecar.
+    copy = tmp_path / "run"
+    copy.mkdir()
+    record = json.loads((study["out"] / "run.json").read_text())
+    ckpt = Path(record["checkpoint"])
+    bad = copy / ckpt.name
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    sidecar_path(bad).write_text(sidecar_path(ckpt).read_text())
+    (copy / "run.json").write_text(json.dumps({**record, "checkpoint": str(bad)}))
+    assert "SHA-256" in one_line_error(ssltk_eval(study, "--run-dir", str(copy)))
+
+    # A tracking store that cannot be read.
+    folder = tmp_path / "store.db"
+    folder.mkdir()
+    store = one_line_error(
+        ssltk_eval(
+            study, "--run-dir", str(study["out"]), "--set", f"tracking.uri=sqlite:///{folder}"
+        )
+    )
+    assert "tracking.uri" in store
+
+
+def test_pooled_sizes_match_the_paper_table_for_resnet50_k4_at_224():
+    """Paper §4.2: after_root 11×11×64, block1 5×5×256, block2 4×4×512, block3 2×2×1024,
+    block4 1×1×2048, pre_logits 2048 (max pooling to at most 9000 features)."""
+    model = build_model("resnet50_v1", widening=4, num_classes=None).eval()
+    with torch.no_grad():
+        endpoints = model(torch.zeros(1, 3, 224, 224))
+    expected = {
+        "after_root": (64, 11, 11),
+        "block1": (256, 5, 5),
+        "block2": (512, 4, 4),
+        "block3": (1024, 2, 2),
+        "block4": (2048, 1, 1),
+        "pre_logits": (2048,),
+    }
+    pool = make_pool(9000, "max")
+    for layer, shape in expected.items():
+        got = endpoints[layer]
+        assert pooled_shape(tuple(got.shape[1:]), 9000) == shape, layer
+        assert pool(got).shape == (1, int(np.prod(shape))), layer
+
+
+def test_the_eval_command_runs_as_a_process(study: dict):
+    """What DVC calls: a subprocess with the run directory, exit 0 and a one-line summary."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ssltk",
+            "eval",
+            "--params",
+            str(study["params"]),
+            "--run-dir",
+            str(study["out"]),
+            "--set",
+            "eval.layers=[pre_logits]",
+        ],
+        cwd=study["root"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("eval rotation-resnet50_v1-w1: lbfgs top-1 on test")
+    assert (study["out"] / "eval" / "metrics.json").is_file()
