@@ -82,6 +82,9 @@ def test_reaches_sklearn_objective_and_accuracy(features: dict[str, Features], l
     sk_acc = sk.score((test_X - std.mean) / std.scale, test_y)
     assert abs(ours.score(test_X, test_y).top1 - sk_acc) <= 0.005
     assert ours.converged
+    # The preconditioner changes the path L-BFGS takes, not the minimiser.
+    plain = lbfgs.fit(X, y, l2, precondition=False)
+    assert abs(objective(plain, X, y, l2) - f_sk) <= 1e-4 * f_sk
 
 
 def test_same_inputs_give_bit_identical_outputs(features: dict[str, Features]) -> None:

@@ -11,7 +11,9 @@ minimises ``mean CE + ½ · 1/(C·n) · ‖W‖²``, i.e. exactly ``f``. So ``C 
 the number of training rows.
 
 The objective and its gradient are written once against the array API and run on NumPy, or on
-CuPy when the features are CuPy arrays. SciPy's L-BFGS-B drives float64 parameters; per row chunk
+CuPy when the features are CuPy arrays. SciPy's L-BFGS-B drives float64 parameters, in a basis
+that whitens the features' covariance (see ``_Preconditioner``: same problem, far fewer
+iterations) and stops on scikit-learn's test, the largest gradient entry. Per row chunk
 the two matmuls (logits and the weight gradient) run in float32, the softmax in float64, and the
 sums accumulate in float64. A memory-mapped ``X`` (``np.load(path, mmap_mode="r")``) is streamed:
 each chunk is read and standardised when needed, so peak memory is a chunk, not a copy of ``X``;
@@ -34,9 +36,8 @@ Array = Any  # a NumPy array (possibly memory-mapped) or a CuPy array
 
 CHUNK_ROWS = 2048
 MAX_LINE_SEARCH = 50  # as scikit-learn's lbfgs solver (SciPy's default is 20)
-TOL = (
-    1e-5  # largest gradient entry at a solution (scikit-learn's default 1e-4 can stop ~1e-4 short)
-)
+# Largest gradient entry at a solution: scikit-learn's default 1e-4 can stop ~1e-4 short of f*.
+TOL = 1e-5
 FTOL = 1e-10  # relative decrease that ends a fit: well above the float32 matmuls' noise
 
 
@@ -263,7 +264,7 @@ class LinearProbe:
     l2: float
     loss: float  # the objective f at the solution, on the training rows
     n_iter: int
-    converged: bool  # SciPy's gradient or relative-decrease test passed (not max_iter, not a stall)
+    converged: bool  # the tol (gradient) or ftol (relative decrease) test ended the fit
 
     def logits(self, X: Array, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
         """float64 ``[n, K]`` logits (on the host), computed chunk by chunk as in training."""
