@@ -48,6 +48,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-iter", type=int, default=500)
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--device", default="cpu", help="cuda: extract on the GPU and give ours CuPy features"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the output here")
     return parser.parse_args()
 
@@ -56,7 +59,9 @@ def parse_args() -> argparse.Namespace:
 # Features
 
 
-def extract(archive: Path, arch: str, widening: int, seed: int, threads: int) -> dict[str, tuple]:
+def extract(
+    archive: Path, arch: str, widening: int, seed: int, threads: int, device: str
+) -> dict[str, tuple]:
     """``{split: (X float32 [n, d], y int64 [n])}`` from the network's ``pre_logits``."""
     import torch
 
@@ -66,7 +71,7 @@ def extract(archive: Path, arch: str, widening: int, seed: int, threads: int) ->
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = build_model(arch, widening=widening, num_classes=None).eval()
+    model = build_model(arch, widening=widening, num_classes=None).eval().to(device)
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
@@ -84,7 +89,7 @@ def extract(archive: Path, arch: str, widening: int, seed: int, threads: int) ->
                 if len(batch) == 250 or i == len(images) - 1:
                     x = torch.from_numpy(np.stack(batch)).float() / 127.5 - 1.0
                     with torch.no_grad():
-                        feats.append(model(x)["pre_logits"].flatten(1).numpy())
+                        feats.append(model(x.to(device))["pre_logits"].flatten(1).cpu().numpy())
                     batch = []
                     print(f"  extracted {split} {i + 1}/{len(images)}", file=sys.stderr)
             out[split] = (np.concatenate(feats).astype(np.float32), images.labels.copy())
@@ -104,7 +109,7 @@ def cached_features(args: argparse.Namespace) -> tuple[dict[str, tuple], bool]:
     }
     if all(x.is_file() and y.is_file() for x, y in paths.values()):
         return {s: (np.load(x), np.load(y)) for s, (x, y) in paths.items()}, True
-    features = extract(args.archive, args.arch, args.widening, args.seed, args.threads)
+    features = extract(args.archive, args.arch, args.widening, args.seed, args.threads, args.device)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     for split, (x_path, y_path) in paths.items():
         np.save(x_path, features[split][0])
@@ -130,6 +135,10 @@ def run_ours(data: dict, l2s: list[float], args: argparse.Namespace) -> dict:
     from ssltk.evaluate import lbfgs
 
     (train_X, train_y), (val_X, val_y) = data["train"], data["val"]
+    if args.device.startswith("cuda"):
+        import cupy
+
+        train_X, train_y, val_X, val_y = map(cupy.asarray, (train_X, train_y, val_X, val_y))
     marks: list[tuple[float, lbfgs.PathPoint]] = []
     start = time.perf_counter()
     path = lbfgs.fit_path(
@@ -204,7 +213,7 @@ def main() -> None:
         f"features: {args.arch} k={args.widening} pre_logits (random init, seed {args.seed}), "
         f"train {n} x {d}, val {len(data['val'][0])}, test {len(test_X)}, {classes} classes "
         f"({'cached' if hit else 'extracted now'}); threads {args.threads}; tol {args.tol}, "
-        f"max_iter {args.max_iter}",
+        f"max_iter {args.max_iter}; ours on {args.device}",
         "",
         "| l2 | C | ours s | sklearn s | ours iters | sklearn iters | ours val top1 | "
         "sklearn val top1 | objective ours | objective sklearn | rel. diff |",
