@@ -286,3 +286,82 @@ def test_the_eval_command_runs_as_a_process(study: dict):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("eval rotation-resnet50_v1-w1: lbfgs top-1 on test")
     assert (study["out"] / "eval" / "metrics.json").is_file()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_finds_pretraining_runs_with_their_probe_metrics(
+    study: dict, evaluated: dict
+):
+    """What the UI's compare view reads: ``runs/search`` on ``mlflow server`` over the store."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{study['store']}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=study["root"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, "mlflow server exited"
+                assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+                time.sleep(0.5)
+        with urllib.request.urlopen(
+            f"{base}/experiments/get-by-name?experiment_name=eval-test", timeout=10
+        ) as reply:
+            experiment_id = json.load(reply)["experiment"]["experiment_id"]
+        query = json.dumps(
+            {
+                "experiment_ids": [experiment_id],
+                "filter": f"tags.`{tracking.TAG_KIND}` = 'pretrain'",
+            }
+        ).encode()
+        request = urllib.request.Request(
+            f"{base}/runs/search", data=query, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            runs = json.load(reply)["runs"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    found = {run["info"]["run_id"]: run for run in runs}
+    assert study["run_id"] in found
+    metrics = {m["key"]: m["value"] for m in found[study["run_id"]]["data"]["metrics"]}
+    tags = {t["key"]: t["value"] for t in found[study["run_id"]]["data"]["tags"]}
+    for layer in LAYERS:
+        name = tracking.probe_metric("lbfgs", 1, layer)
+        assert metrics[name] == evaluated["layers"][layer]["top1"]
+    assert (tags[tracking.TAG_TASK], tags[tracking.TAG_ARCH], tags[tracking.TAG_WIDENING]) == (
+        "rotation",
+        "resnet50_v1",
+        "1",
+    )

@@ -185,6 +185,7 @@ def _probe(
                     ev.lbfgs.l2[0],
                     num_classes=classes,
                     max_iter=ev.lbfgs.max_iter,
+                    precondition=_precondition(train.layers[layer]),
                 )
                 chosen = {}
             else:
@@ -196,6 +197,7 @@ def _probe(
                     ev.lbfgs.l2,
                     num_classes=classes,
                     max_iter=ev.lbfgs.max_iter,
+                    precondition=_precondition(train.layers[layer]),
                 )
                 point = next(p for p in fit.points if p.l2 == fit.l2)
                 chosen = {"val_top1": point.val.top1}
@@ -235,6 +237,15 @@ def _probe(
         }
         for layer in layers
     }
+
+
+#: Whitening costs an eigendecomposition cubic in the feature count: past this many features
+#: it takes longer than the iterations it saves on a CPU.
+PRECONDITION_MAX_FEATURES = 4096
+
+
+def _precondition(features: np.ndarray) -> bool:
+    return features.shape[1] <= PRECONDITION_MAX_FEATURES
 
 
 def _record(
