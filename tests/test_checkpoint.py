@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
 import hashlib
+import io
+import json
+import os
 import random
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +25,10 @@ from ssltk.train.checkpoint import (
     remove_checkpoints,
     save_checkpoint,
     sidecar_path,
+    write_atomic,
 )
 from ssltk.train.determinism import rng_state, seed_everything, set_rng_state
+from ssltk.train.engine import _write_json
 
 
 def state(step: int) -> dict:
@@ -113,3 +121,134 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path: Path):
     assert torch.equal(expected[0], again[0])
     assert expected[1] == again[1]
     assert np.array_equal(expected[2], again[2])
+
+
+# --------------------------------------------------------------------------------------------------
+# A write that fails midway
+
+
+class HalfWriter:
+    """A file whose first ``write`` lands half its bytes, then fails as a full disk would."""
+
+    def __init__(self, file: io.IOBase) -> None:
+        self.file = file
+
+    def write(self, data: bytes) -> int:
+        self.file.write(bytes(data[: len(data) // 2]))
+        self.file.flush()
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+    def __enter__(self) -> HalfWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+class Faults:
+    """Fails the ``at``-th write to a file under ``root`` (``disk_full``) or the ``at``-th fsync of
+    a regular file (``fsync``, EIO), from outside the code under test."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+        self.monkeypatch, self.root = monkeypatch, root
+
+    def arm(self, kind: str, at: int = 1) -> None:
+        count = 0
+        if kind == "disk_full":
+            real_open = io.open
+
+            def failing_open(file, mode="r", *args, **kwargs):
+                nonlocal count
+                handle = real_open(file, mode, *args, **kwargs)
+                writing = any(flag in mode for flag in "wax+")
+                if writing and isinstance(file, str | Path) and self.root in Path(file).parents:
+                    count += 1
+                    if count == at:
+                        return HalfWriter(handle)
+                return handle
+
+            self.monkeypatch.setattr(builtins, "open", failing_open)
+            self.monkeypatch.setattr(io, "open", failing_open)
+        elif kind == "fsync":
+            real_fsync = os.fsync
+
+            def failing_fsync(fd: int) -> None:
+                nonlocal count
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    count += 1
+                    if count == at:
+                        raise OSError(errno.EIO, "Input/output error (injected)")
+                real_fsync(fd)
+
+            self.monkeypatch.setattr(os, "fsync", failing_fsync)
+        else:
+            raise ValueError(kind)
+
+    def disarm(self) -> None:
+        self.monkeypatch.undo()
+
+
+@pytest.fixture
+def faults(tmp_path: Path) -> Faults:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield Faults(monkeypatch, tmp_path)
+
+
+def checkpoint_bytes(step: int) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state(step), buffer)
+    return buffer.getvalue()
+
+
+def json_bytes(path: Path, data: dict) -> bytes:
+    _write_json(path, data)
+    return path.read_bytes()
+
+
+#: The files of a run directory and how each is (re)written: JSON records through the engine's
+#: writer, checkpoint bytes and sidecar lines through ``write_atomic``.
+FILES = {
+    "run.json": lambda path, n: _write_json(path, {"status": "running", "global_step": n}),
+    "metrics.json": lambda path, n: _write_json(path, {"loss": 1.0 / (n + 1), "steps": n}),
+    "ckpt-00000004.pt": lambda path, n: write_atomic(path, checkpoint_bytes(n)),
+    "ckpt-00000004.pt.sha256": lambda path, n: write_atomic(
+        path, f"{hashlib.sha256(checkpoint_bytes(n)).hexdigest()}  ckpt-00000004.pt\n".encode()
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", ["disk_full", "fsync"])
+@pytest.mark.parametrize("name", list(FILES))
+def test_a_failed_write_leaves_the_previous_content_intact(tmp_path, faults, name, kind):
+    path = tmp_path / name
+    write = FILES[name]
+    write(path, 1)
+    before = path.read_bytes()
+    faults.arm(kind)
+    with pytest.raises(OSError, match="injected"):
+        write(path, 2)
+    faults.disarm()
+    assert path.read_bytes() == before
+    if name.endswith(".json"):
+        assert json.loads(before)  # still a whole record
+    write(path, 2)  # the next attempt succeeds
+    assert path.read_bytes() != before
+
+
+@pytest.mark.parametrize("kind", ["disk_full", "fsync"])
+@pytest.mark.parametrize("failing", ["checkpoint", "sidecar"])
+def test_a_failed_save_leaves_the_previous_checkpoint_the_newest_valid(
+    tmp_path, faults, failing, kind
+):
+    old = save_checkpoint(state(4), tmp_path, 4)
+    files = {p: p.read_bytes() for p in (old.path, sidecar_path(old.path))}
+    faults.arm(kind, at=1 if failing == "checkpoint" else 2)
+    with pytest.raises(OSError, match="injected"):
+        save_checkpoint(state(8), tmp_path, 8)
+    faults.disarm()
+    assert all(path.read_bytes() == content for path, content in files.items())
+    found = latest_valid_checkpoint(tmp_path)
+    assert found is not None and found[0].step == 4 and found[1]["step"] == 4

@@ -152,21 +152,21 @@ def test_skip_policy_leaves_bad_images_out_and_counts_them(tmp_path: Path, limit
 
 
 def test_file_list_storage_decodes_the_same_pixels_as_arrays(
-    cifar_mini: Path, tmp_path: Path
+    cifar_demo: Path, tmp_path: Path
 ) -> None:
-    small = make_config(tmp_path / "a", source="imagefolder", root=str(cifar_mini))
-    large = make_config(tmp_path / "f", source="imagefolder", root=str(cifar_mini))
+    small = make_config(tmp_path / "a", source="imagefolder", root=str(cifar_demo))
+    large = make_config(tmp_path / "f", source="imagefolder", root=str(cifar_demo))
     large.data.max_in_memory_images = 100
     for config in (small, large):
         config.data.image_size = 24  # resized from 32 with the area filter, then centre-cropped
     a, f = prepare(small, progress=False), prepare(large, progress=False)
     assert (a["storage"], f["storage"]) == ("arrays", "files")
-    assert a["counts"] == f["counts"] == {"train": 9000, "val": 1000, "test": 2000}
-    assert f["root"] == str(cifar_mini.resolve())
-    assert (tmp_path / "f" / "val_files.txt").read_text().count("\n") == 1000
+    assert a["counts"] == f["counts"] == {"train": 4500, "val": 500, "test": 1000}
+    assert f["root"] == str(cifar_demo.resolve())
+    assert (tmp_path / "f" / "val_files.txt").read_text().count("\n") == 500
     arrays, files = PreparedDataset.open(tmp_path / "a"), PreparedDataset.open(tmp_path / "f")
     assert isinstance(files.split("val"), FileBackedSplit)
-    pick = np.array([0, 999, 17, 500])
+    pick = np.array([0, 499, 17, 250])
     for name in ("val", "test"):
         got = files.split(name).images(pick)
         assert got.shape == (4, 3, 24, 24)

@@ -16,6 +16,7 @@ from ssltk.pretext.exemplar import STREAM_GRAY as EXEMPLAR_GRAY
 from ssltk.pretext.exemplar import Exemplar
 from ssltk.pretext.jigsaw import Jigsaw, arrange_slots
 from ssltk.pretext.patches import STREAM_GRAY as PATCH_GRAY
+from ssltk.pretext.permutations import load_permutations
 from ssltk.pretext.relative_patch_location import RelativePatchLocation, neighbour_centre_pairs
 from ssltk.pretext.rotation import Rotation
 from ssltk.pretext.triplet import normalize_embeddings, semihard_triplet_loss
@@ -162,6 +163,46 @@ def test_arrange_slots_puts_patch_pi_s_in_slot_s():
         [[4.0, 5.0, 0.0, 1.0, 2.0, 3.0], [8.0, 9.0, 10.0, 11.0, 6.0, 7.0]]
     )  # image 0: patches 2, 0, 1; image 1: patches 1, 2, 0
     assert torch.equal(arrange_slots(embeddings, order), expected)
+
+
+class PatchIdentity(nn.Module):
+    """A patch-mode backbone whose embedding names its patch: the patch's mean, plus ``d / 100``
+    in dimension ``d`` (so slot-major concatenation is visible too)."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": x.mean(dim=(1, 2, 3))[:, None] + torch.arange(self.embed_dim) / 100}
+
+
+def test_jigsaw_label_selects_the_permutation_that_orders_the_slots(images, keys):
+    # For label k and permutation π = permutations[k], slot s of the head input holds the
+    # embedding of patch π[s] (paper §2.3; the inverse permutation would be another task).
+    config = tiny_config("jigsaw", jigsaw={"per_image_perms": True, "perm_subset": 5})
+    task = build_task(config).eval()
+    task.backbone = PatchIdentity(embed_dim=8)
+    batch = task.prepare_batch(images, keys, batch_key(0, 0, 0), train=True)
+    assert batch.labels.shape == (BATCH * 5,)
+    # Patch p of image i holds the value 10·i + p everywhere.
+    value = 10.0 * torch.arange(BATCH)[:, None] + torch.arange(9)[None, :]
+    batch.inputs = value[:, :, None, None, None].expand(batch.inputs.shape).contiguous()
+    seen = []
+    task.head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    output = task(batch)
+
+    permutations = load_permutations()
+    expected = torch.stack(
+        [
+            10.0 * (row // 5) + permutations[label][:, None] + torch.arange(8) / 100
+            for row, label in enumerate(batch.labels.tolist())
+        ]
+    ).flatten(1)
+    assert any(not torch.equal(permutations[k].argsort(), permutations[k]) for k in batch.labels)
+    torch.testing.assert_close(seen[0], expected)
+    expected_loss = nn.functional.cross_entropy(task.head(expected), batch.labels)
+    torch.testing.assert_close(output.loss, expected_loss)
 
 
 def test_neighbour_centre_pairs_and_labels(tasks, images, keys):

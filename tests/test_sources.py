@@ -214,25 +214,25 @@ def test_stl10_truncated_and_bad_labels_name_the_file(tmp_path: Path) -> None:
 # ImageFolder trees and file lists
 
 
-def test_imagefolder_reads_real_cifar10_mini(cifar_mini: Path) -> None:
-    source = open_source(data_config(source="imagefolder", root=str(cifar_mini)).data)
+def test_imagefolder_reads_real_cifar10_images(cifar_demo: Path) -> None:
+    source = open_source(data_config(source="imagefolder", root=str(cifar_demo)).data)
     assert source.class_names == CIFAR_CLASSES
     train, test = source.splits["train"], source.splits["test"]
-    assert len(train) == 10_000 and len(test) == 2_000
-    assert np.bincount(train.labels).tolist() == [1000] * 10
+    assert len(train) == 5_000 and len(test) == 1_000
+    assert np.bincount(train.labels).tolist() == [500] * 10
     root, names = train.files()
-    assert root == cifar_mini.resolve() and names[:2] == [
+    assert root == cifar_demo.resolve() and names[:2] == [
         "train/airplane/0000.jpg",
         "train/airplane/0001.jpg",
     ]
     first = next(iter(train.decoded(32)))[0]
-    with Image.open(cifar_mini / names[0]) as image:
+    with Image.open(cifar_demo / names[0]) as image:
         np.testing.assert_array_equal(first, np.asarray(image.convert("RGB")).transpose(2, 0, 1))
     assert train.labels[0] == 0 and train.labels[-1] == 9
 
 
 def test_imagefolder_file_list_with_class_names_and_indices(
-    cifar_mini: Path, tmp_path: Path
+    cifar_demo: Path, tmp_path: Path
 ) -> None:
     lines = [
         "# path label",
@@ -242,7 +242,7 @@ def test_imagefolder_file_list_with_class_names_and_indices(
     ]
     (tmp_path / "names.txt").write_text("\n".join(lines) + "\n")
     config = data_config(
-        source="imagefolder", root=str(cifar_mini), file_list=str(tmp_path / "names.txt")
+        source="imagefolder", root=str(cifar_demo), file_list=str(tmp_path / "names.txt")
     )
     source = open_source(config.data)
     assert source.class_names == ["cat", "dog"]

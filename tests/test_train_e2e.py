@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 from click.testing import Result
+from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 from ssltk import tracking
@@ -29,9 +30,9 @@ from ssltk.cli import app
 from ssltk.config import dump_config, load_config
 from ssltk.data.prepare import prepare
 from ssltk.pretext import build_task
-from ssltk.train.checkpoint import load_checkpoint, sidecar_path
+from ssltk.train.checkpoint import load_checkpoint, save_checkpoint, sidecar_path
 from ssltk.train.determinism import seed_everything
-from ssltk.train.engine import FAULT_ENV
+from ssltk.train.engine import CHECKPOINT_FORMAT, FAULT_ENV
 from ssltk.train.schedule import StepSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,16 +268,26 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(workspace, reference):
         return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
 
     schedule = StepSchedule.from_config(config.pretrain, steps_per_epoch=5)
+    assert set(run.data.metrics) == {
+        f"{scope}/{name}"
+        for scope in ("train", "epoch")
+        for name in ("loss", "accuracy", "images_per_sec")
+    } | {"train/lr"}
+    # Step s (0-based) is update s: per-step values at every step; the throughput of a logging
+    # window at its last step, windows closing after update s when s + 1 is a multiple of
+    # log_every (2), checkpoint_every (3) or the epoch length (5); epoch means at the epoch index.
     lrs = history("train/lr")
     assert [s for s, _ in lrs] == list(range(STEPS))
     assert [v for _, v in lrs] == pytest.approx([schedule(s) for s in range(STEPS)])
     assert [s for s, _ in history("train/loss")] == list(range(STEPS))
     assert [s for s, _ in history("train/accuracy")] == list(range(STEPS))
-    assert history("train/images_per_sec") and all(
-        v > 0 for _, v in history("train/images_per_sec")
-    )
+    flushes = [s for s in range(STEPS) if any((s + 1) % n == 0 for n in (2, 3, 5))]
+    assert flushes == [1, 2, 3, 4, 5, 7, 8, 9, 11, 13, 14, 15, 17, 19]
+    throughput = history("train/images_per_sec")
+    assert [s for s, _ in throughput] == flushes and all(v > 0 for _, v in throughput)
+    for name in ("loss", "accuracy", "images_per_sec"):
+        assert [s for s, _ in history(f"epoch/{name}")] == [0, 1, 2, 3], name
     epoch_loss = history("epoch/loss")
-    assert [s for s, _ in epoch_loss] == [0, 1, 2, 3]
     losses = [v for _, v in history("train/loss")]
     curve = (reference / "curve.csv").read_text().splitlines()
     assert curve[0] == "step,lr,loss,accuracy" and len(curve) == STEPS + 1
@@ -314,6 +325,68 @@ def test_resume_with_a_changed_config_is_a_user_error(workspace, reference):
     )
     assert result.exit_code == 0, result.output
     assert list(checkpoint_hashes(out)) == [1]
+
+
+def refusal(result: Result) -> str:
+    """The one ``error:`` line of a run that refused to resume (exit code 2)."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--restart" in lines[0], lines
+    return lines[0]
+
+
+def resume_from_doctored(workspace: Workspace, reference: Path, name: str, change) -> Result:
+    """Resume a copy of the reference checkpoints whose newest one ``change`` rewrote (with a
+    matching sidecar, so it is the one chosen)."""
+    out = workspace.root / name
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    newest = out / "checkpoints" / f"ckpt-{STEPS:08d}.pt"
+    state = load_checkpoint(newest)
+    change(state)
+    save_checkpoint(state, newest.parent, STEPS)
+    return cli(workspace, out)
+
+
+def test_resume_refuses_a_checkpoint_of_another_format(workspace, reference):
+    def bump(state: dict) -> None:
+        state["format"] = CHECKPOINT_FORMAT + 1
+
+    line = refusal(resume_from_doctored(workspace, reference, "format", bump))
+    assert f"ckpt-{STEPS:08d}.pt" in line
+    assert f"checkpoint format {CHECKPOINT_FORMAT + 1}, expected {CHECKPOINT_FORMAT}" in line
+
+
+def test_resume_refuses_a_checkpoint_with_other_steps_per_epoch(workspace, reference):
+    def shorten(state: dict) -> None:
+        state["position"]["steps_per_epoch"] = 4
+
+    line = refusal(resume_from_doctored(workspace, reference, "epoch-length", shorten))
+    assert f"ckpt-{STEPS:08d}.pt" in line and "steps per epoch" in line
+
+
+def test_resume_refuses_other_prepared_data_but_not_the_same_data_moved(workspace, reference):
+    def prepared_copy(name: str, edit: bool) -> list[str]:
+        images = workspace.root / f"images-{name}"
+        shutil.copytree(workspace.root / "images", images)
+        if edit:  # same number of images, one of them mirrored
+            first = sorted((images / "train").rglob("*.jpg"))[0]
+            with Image.open(first) as image:
+                mirrored = ImageOps.mirror(image)
+            mirrored.save(first)
+        overrides = [f"data.root={images}", f"data.prepared_dir={workspace.root / name}"]
+        prepare(load_config(workspace.params, overrides), progress=False)
+        return [arg for item in overrides for arg in ("--set", item)]
+
+    edited = prepared_copy("prepared-edited", edit=True)
+    out = workspace.root / "other-data"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    line = refusal(cli(workspace, out, *edited))
+    assert "prepared data" in line and str(workspace.root / "prepared-edited") in line
+
+    moved = prepared_copy("prepared-moved", edit=False)
+    result = cli(workspace, out, *moved)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["steps"] == STEPS
 
 
 def test_torchrun_two_processes_match_one_process_on_the_global_batch(workspace):
