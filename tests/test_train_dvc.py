@@ -1,7 +1,9 @@
-"""The DVC ``pretrain`` stage: its matrix, and ``dvc repro`` / ``dvc exp run`` on a copy."""
+"""The DVC study: its matrices, and ``dvc repro`` (prepare → pretrain → eval → baseline → report)
+and ``dvc exp run`` on a copy of the project."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -29,18 +31,21 @@ def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_pretrain_matrix_covers_the_study():
+def test_pretrain_eval_and_baseline_matrices_cover_the_study():
     study = load_config(ROOT / "params.yaml").study
     listed = dvc("stage", "list", "--name-only", cwd=ROOT)
     assert listed.returncode == 0, listed.stderr
-    cells = {line for line in listed.stdout.split() if line.startswith("pretrain@")}
-    expected = {
-        f"pretrain@{task}-{arch}-{width}"
-        for task in study.tasks
-        for arch in study.archs
-        for width in study.widenings
-    }
-    assert cells == expected
+    names = set(listed.stdout.split())
+    for stage in ("pretrain", "eval", "baseline"):
+        cells = {line for line in names if line.startswith(f"{stage}@")}
+        expected = {
+            f"{stage}@{task}-{arch}-{width}"
+            for task in study.tasks
+            for arch in study.archs
+            for width in study.widenings
+        }
+        assert cells == expected, stage
+    assert {"prepare", "report"} <= names
 
 
 def project_copy(target: Path) -> Path:
@@ -71,18 +76,32 @@ def test_dvc_repro_and_exp_run_log_to_one_store(tmp_path: Path):
     params["study"] = {"tasks": ["rotation"], "archs": ["resnet50_v1"], "widenings": [1]}
     params["pretrain"].update({"batch_size": 8, "max_steps": 2, "checkpoint_every": 2})
     params["tracking"] = {"uri": f"sqlite:///{store}", "experiment": "dvc-test"}
+    params["eval"] = {"layers": ["pre_logits"], "lbfgs": {"l2": [0.1], "max_iter": 20}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run([*git, "commit", "-qam", "tiny study"], cwd=repo, check=True)
 
-    repro = dvc("repro", "pretrain", cwd=repo)
+    repro = dvc("repro", cwd=repo)
     assert repro.returncode == 0, repro.stdout[-2000:] + repro.stderr[-2000:]
     out = repo / "runs" / "rotation-resnet50_v1-w1"
     record = json.loads((out / "run.json").read_text())
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
     assert (out / "checkpoints" / "ckpt-00000002.pt").is_file()
+    evaluated = json.loads((out / "eval" / "metrics.json").read_text())
+    assert evaluated["pretrain_run_id"] == record["run_id"]
+    with open(repo / "reports" / "results.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["task"], row["layer"], row["run_id"]) == (
+        "rotation",
+        "pre_logits",
+        record["run_id"],
+    )
+    assert float(row["delta"]) == float(row["top1"]) - float(row["baseline_top1"])
+    assert len(list((repo / "reports").glob("*.png"))) >= 4
     status = dvc("status", cwd=repo)
     assert "up to date" in status.stdout, status.stdout
+    again = dvc("repro", cwd=repo)
+    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
 
     subprocess.run([*git, "add", "dvc.lock"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-qm", "lock"], cwd=repo, check=True)
@@ -91,7 +110,11 @@ def test_dvc_repro_and_exp_run_log_to_one_store(tmp_path: Path):
 
     client = tracking.client(f"sqlite:///{store}")
     experiment = client.get_experiment_by_name("dvc-test")
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time"])
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{tracking.TAG_KIND}` = 'pretrain'",
+        order_by=["attributes.start_time"],
+    )
     assert [r.data.params["pretrain.max_steps"] for r in runs] == ["2", "3"]
     assert runs[0].info.run_id == record["run_id"]
     assert all(r.info.status == "FINISHED" for r in runs)
