@@ -365,3 +365,35 @@ def test_the_mlflow_ui_finds_pretraining_runs_with_their_probe_metrics(
         "resnet50_v1",
         "1",
     )
+
+
+def test_a_cache_hit_skips_the_network(study: dict, tmp_path: Path):
+    from ssltk.data.dataset import PreparedDataset
+    from ssltk.evaluate.features import FeatureCache, extract_features
+
+    class Counting(torch.nn.Module):
+        """A stand-in task: two endpoints of pixel means, counting its calls."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(1))
+            self.calls = 0
+
+        def representation(self, images, layers, *, pool=None, keys=None):
+            self.calls += 1
+            x = images.float().mean(dim=(2, 3))
+            out = {"a": x * self.weight, "b": x[:, :1]}
+            return {name: out[name] for name in layers}
+
+    split = PreparedDataset.open(load_config(study["params"]).data.prepared_dir).split("val")
+    cache, task = FeatureCache(tmp_path), Counting()
+    identity = {"weights": "ab" * 32, "data_hash": "d"}
+    kwargs = dict(identity=identity, cache=cache, batch_size=16, max_features=9000, progress=False)
+    first = extract_features(task, split, ["a", "b"], **kwargs)
+    calls = task.calls
+    assert calls == -(-len(split) // 16) and not first.cached
+    second = extract_features(task, split, ["a", "b"], **kwargs)
+    assert task.calls == calls and second.cached
+    for layer in ("a", "b"):
+        np.testing.assert_array_equal(second.layers[layer], first.layers[layer])
+    assert second.layers["a"].shape == (len(split), 3) and second.layers["b"].shape[1] == 1

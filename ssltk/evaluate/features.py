@@ -54,6 +54,10 @@ class Features:
     cached: bool
 
 
+def _path(stem: Path, suffix: str) -> Path:
+    return stem.with_name(stem.name + suffix)  # stems hold a dot: "<split>.<layer>"
+
+
 class FeatureCache:
     """``root/<weights[:16]>/<split>.<layer>.npy`` with a ``.json`` manifest beside each."""
 
@@ -66,10 +70,10 @@ class FeatureCache:
     def load(self, identity: Mapping[str, Any], split: str, layer: str) -> np.ndarray | None:
         stem = self._stem(identity, split, layer)
         try:
-            manifest = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+            manifest = json.loads(_path(stem, ".json").read_text(encoding="utf-8"))
             if manifest != _manifest(identity, split, layer, manifest.get("shape")):
                 return None
-            array = np.load(stem.with_suffix(".npy"), mmap_mode="r")
+            array = np.load(_path(stem, ".npy"), mmap_mode="r")
         except (OSError, ValueError):
             return None
         return array if list(array.shape) == manifest["shape"] else None
@@ -104,12 +108,12 @@ class _CacheWriter:
     def commit(self) -> np.ndarray:
         self.array.flush()
         del self.array
-        os.replace(self.tmp, self.stem.with_suffix(".npy"))
+        os.replace(self.tmp, _path(self.stem, ".npy"))
         text = json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"
         tmp_json = self.stem.with_name(f".{self.stem.name}.{os.getpid()}.json.tmp")
         tmp_json.write_text(text, encoding="utf-8")
-        os.replace(tmp_json, self.stem.with_suffix(".json"))
-        return np.load(self.stem.with_suffix(".npy"), mmap_mode="r")
+        os.replace(tmp_json, _path(self.stem, ".json"))
+        return np.load(_path(self.stem, ".npy"), mmap_mode="r")
 
     def discard(self) -> None:
         self.__dict__.pop("array", None)
