@@ -178,9 +178,10 @@ def _probe(
         train, val = features["train"], features.get("val")
         for layer in layers:
             clock = time.perf_counter()
+            on_device = _array_module_for(device)
             if val is None:  # a single strength: nothing to choose
                 fit = lbfgs.fit(
-                    train.layers[layer],
+                    on_device(train.layers[layer]),
                     train.labels,
                     ev.lbfgs.l2[0],
                     num_classes=classes,
@@ -190,9 +191,9 @@ def _probe(
                 chosen = {}
             else:
                 fit = lbfgs.fit_path(
-                    train.layers[layer],
+                    on_device(train.layers[layer]),
                     train.labels,
-                    val.layers[layer],
+                    on_device(val.layers[layer]),
                     val.labels,
                     ev.lbfgs.l2,
                     num_classes=classes,
@@ -201,7 +202,7 @@ def _probe(
                 )
                 point = next(p for p in fit.points if p.l2 == fit.l2)
                 chosen = {"val_top1": point.val.top1}
-            accuracy = fit.score(report.layers[layer], report.labels)
+            accuracy = fit.score(on_device(report.layers[layer]), report.labels)
             figures[layer] = {"top1": accuracy.top1, "top5": accuracy.top5, "l2": fit.l2, **chosen}
             _log(
                 f"probe lbfgs {layer}: top-1 {accuracy.top1:.4f} on {ev.report_split} "
@@ -237,6 +238,16 @@ def _probe(
         }
         for layer in layers
     }
+
+
+def _array_module_for(device: torch.device):
+    """Features go to the GPU as CuPy arrays when evaluating on CUDA (the probe's code is the
+    same on both array modules); on CPU they stay NumPy (memory-mapped: streamed in chunks)."""
+    if device.type != "cuda":
+        return lambda array: array
+    import cupy
+
+    return lambda array: cupy.asarray(np.asarray(array))
 
 
 #: Whitening costs an eigendecomposition cubic in the feature count: at 4096 features it took
