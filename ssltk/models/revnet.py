@@ -47,51 +47,85 @@ class _WindowMaxPool(torch.autograd.Function):
     which of the 9 window positions held the maximum (int8), not the padded input and int64
     indices. Forward and gradient run torch's own max-pool kernels on the same indices, so both
     are bit-identical to the plain layer, ties included (torch takes the first maximum in
-    row-major window order, on CPU and CUDA)."""
+    row-major window order, on CPU and CUDA). Both passes work through the batch in chunks, so
+    the padded input and int64 indices exist for one chunk at a time, and backward writes the
+    input gradient directly (no padded gradient to crop)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        padded = F.pad(x, (1, 1, 1, 1))
-        out, flat = F.max_pool2d(padded, kernel_size=3, stride=2, return_indices=True)
-        width = padded.shape[-1]
-        # flat - (window's top-left index) = row * width + col with row, col in 0..2.
-        offset = (flat - _window_starts(out.shape[-2:], width, x.device)).to(torch.int32)
-        row = (offset >= width).to(torch.int32) + (offset >= 2 * width)
-        ctx.save_for_backward(offset.sub_(row * (width - 3)).to(torch.int8))  # row * 3 + col
-        ctx.padded_shape = padded.shape
-        channels_last = padded.dim() == 4 and not padded.is_contiguous()
-        channels_last &= padded.is_contiguous(memory_format=torch.channels_last)
-        ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        batched = x if x.dim() == 4 else x.unsqueeze(0)
+        n, c, height, width = batched.shape
+        out_size = ((height - 1) // 2 + 1, (width - 1) // 2 + 1)
+        channels_last = not batched.is_contiguous() and batched.is_contiguous(
+            memory_format=torch.channels_last
+        )
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty((n, c, *out_size), dtype=x.dtype, device=x.device, memory_format=fmt)
+        position = torch.empty(out.shape, dtype=torch.int8, device=x.device)
+        starts = _window_starts(out_size, width + 2, x.device)
+        for chunk in _batch_chunks(n):
+            out[chunk], flat = F.max_pool2d(
+                F.pad(batched[chunk], (1, 1, 1, 1)), kernel_size=3, stride=2, return_indices=True
+            )
+            # flat - (window's top-left index) = row * (width + 2) + col, row and col in 0..2.
+            offset = (flat - starts).to(torch.int32)
+            row = (offset >= width + 2).to(torch.int32) + (offset >= 2 * (width + 2))
+            position[chunk] = offset.sub_(row * (width - 1))  # row * 3 + col
+        if x.dim() == 3:
+            out, position = out.squeeze(0), position.squeeze(0)
+        ctx.save_for_backward(position)
+        ctx.input_shape = x.shape
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
         (position,) = ctx.saved_tensors
-        width = ctx.padded_shape[-1]
-        offsets = torch.tensor(
-            [row * width + col for row in range(3) for col in range(3)], device=grad_out.device
-        )
-        starts = _window_starts(grad_out.shape[-2:], width, grad_out.device)
-        flat = starts + offsets.take(position.long())
-        # Only the shape and memory format of the input are read, never its values.
-        shape_of_input = torch.empty(
-            ctx.padded_shape,
-            dtype=grad_out.dtype,
-            device=grad_out.device,
-            memory_format=ctx.memory_format,
-        )
-        grad_padded = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad_out, shape_of_input, [3, 3], [2, 2], [0, 0], [1, 1], False, flat
-        )
-        return grad_padded[..., 1:-1, 1:-1]
+        height, width = ctx.input_shape[-2:]
+        batched = grad_out if grad_out.dim() == 4 else grad_out.unsqueeze(0)
+        position = position.view(batched.shape)
+        grad_in = batched.new_empty((*batched.shape[:2], height, width))
+        # Window (i, j) starts at padded (2i, 2j), i.e. at input (2i - 1, 2j - 1).
+        starts = _window_starts(batched.shape[-2:], width, grad_out.device) - width - 1
+        for chunk in _batch_chunks(batched.shape[0]):
+            pos = position[chunk]
+            row = torch.div(pos, 3, rounding_mode="floor")
+            index = pos.to(torch.int64).add_(row, alpha=width - 3).add_(starts)
+            border = _border_maxima(pos, row, height, width)
+            # A maximum on the zero border has no input to flow into: zero its gradient.
+            grad = batched[chunk].masked_fill(border, 0)
+            torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
+                grad, grad_in[chunk], [3, 3], [2, 2], [1, 1], [1, 1], False,
+                index.masked_fill_(border, 0), grad_input=grad_in[chunk],
+            )  # fmt: skip
+        return grad_in if grad_out.dim() == 4 else grad_in.squeeze(0)
 
 
-def _window_starts(out_size: torch.Size, width: int, device: torch.device) -> torch.Tensor:
-    """Flat index, in a padded plane ``width`` wide, of each output's window's top-left pixel."""
+def _window_starts(out_size: tuple[int, int], width: int, device: torch.device) -> torch.Tensor:
+    """Flat index, in a plane ``width`` wide, of each output window's top-left pixel."""
     rows, cols = out_size
     top = torch.arange(0, 2 * rows, 2, device=device)
     return top[:, None] * width + torch.arange(0, 2 * cols, 2, device=device)
+
+
+def _batch_chunks(n: int, chunks: int = 8) -> list[slice]:
+    step = -(-n // chunks)
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
+def _border_maxima(position: torch.Tensor, row: torch.Tensor, height: int, width: int):
+    """Which outputs took their maximum from the zero border (window row/col outside the
+    input): the first row/column of windows at offset 0, the last at offset 2 when the input
+    side is odd."""
+    col = position - row * 3
+    border = torch.zeros_like(position, dtype=torch.bool)
+    border[..., 0, :] |= row[..., 0, :] == 0
+    border[..., :, 0] |= col[..., :, 0] == 0
+    if height % 2:
+        border[..., -1, :] |= row[..., -1, :] == 2
+    if width % 2:
+        border[..., :, -1] |= col[..., :, -1] == 2
+    return border
 
 
 class CompactZeroPadMaxPool(ZeroPadMaxPool):
