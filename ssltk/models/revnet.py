@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from kernels.revnet_coupling import coupling
 from ssltk.models.layers import (
     ZeroPadMaxPool,
     batch_norm,
@@ -28,18 +29,6 @@ from ssltk.models.layers import (
 )
 from ssltk.models.resnet import DEPTHS, STAGE_WIDTHS, StagedBackbone, stage_strides
 from ssltk.models.spec import ArchConfig
-
-
-def coupling_forward(x: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
-    """``[x1 | x2]`` and ``fx = F(x2)`` → ``[x2 | x1 + fx]``."""
-    x1, x2 = x.chunk(2, dim=1)
-    return torch.cat((x2, x1 + fx), dim=1)
-
-
-def coupling_inverse(y: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
-    """``[y1 | y2]`` and ``fy = F(y1)`` → ``[y2 - fy | y1]``, undoing :func:`coupling_forward`."""
-    y1, y2 = y.chunk(2, dim=1)
-    return torch.cat((y2 - fy, y1), dim=1)
 
 
 class _WindowMaxPool(torch.autograd.Function):
@@ -175,10 +164,10 @@ class ReversibleUnit(nn.Module):
         self.f = RevBottleneck(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return coupling_forward(x, self.f(x[:, self.channels // 2 :]))
+        return coupling(x, self.f(x[:, self.channels // 2 :]))
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return coupling_inverse(y, self.f(y[:, : self.channels // 2]))
+        return coupling(y, self.f(y[:, : self.channels // 2]), inverse=True)
 
 
 class PoolAndPadChannels(nn.Module):
