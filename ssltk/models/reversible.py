@@ -71,6 +71,27 @@ def unpack_signs(packed: Tensor, like: Tensor) -> Tensor:
     return bits.flatten()[: like.numel()].view(like.shape)
 
 
+class _SignedReLU(torch.autograd.Function):
+    """ReLU whose derivative follows the stored signs ``positive`` rather than the input's own.
+    The few inputs on the wrong side of zero get an output on the stored side (zero, or the
+    smallest positive number), so ReLU's own backward, which reads its output, applies."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, positive: Tensor) -> Tensor:
+        out = torch.relu(x)
+        wrong = positive != (out > 0)
+        if wrong.any():
+            out[wrong] = torch.where(positive[wrong], torch.finfo(out.dtype).tiny, 0.0).to(out)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, out, 0), None
+
+
 class _Unit:
     """What forward and backward need to know about one unit, gathered once per call.
 
@@ -118,7 +139,7 @@ class _Unit:
         relu = 0
         for layer in self.layers:
             if isinstance(layer, nn.ReLU) and stored:
-                x2 = torch.where(unpack_signs(stored[relu], x2), x2, 0)
+                x2 = _SignedReLU.apply(x2, unpack_signs(stored[relu], x2))
                 relu += 1
                 continue
             if isinstance(layer, nn.ReLU) and signs is not None:
