@@ -41,7 +41,7 @@ F runs in the autocast dtype, and backward replays the forward's autocast state.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -74,14 +74,11 @@ def unpack_signs(packed: Tensor, like: Tensor) -> Tensor:
 class _SignedReLU(torch.autograd.Function):
     """ReLU whose derivative follows the stored signs ``positive`` rather than the input's own.
     The few inputs on the wrong side of zero get an output on the stored side (zero, or the
-    smallest positive number), so ReLU's own backward, which reads its output, applies."""
+    smallest normal number), so ReLU's own backward, which reads its output, applies."""
 
     @staticmethod
     def forward(ctx, x: Tensor, positive: Tensor) -> Tensor:
-        out = torch.relu(x)
-        wrong = positive != (out > 0)
-        if wrong.any():
-            out[wrong] = torch.where(positive[wrong], torch.finfo(out.dtype).tiny, 0.0).to(out)
+        out = x.clamp_min(torch.finfo(x.dtype).tiny).mul_(positive)
         ctx.save_for_backward(out)
         return out
 
@@ -227,12 +224,14 @@ class _Halves:
     """A tensor ``[a | b]`` held as two channel halves that backward updates in place.
 
     ``owned[i]`` says whether half ``i`` is a buffer of backward's own (writable) rather than a
-    view of the saved output or of the incoming gradient. ``slot(k)`` gives the buffer for the
-    k-th half backward allocates; halves are never views of one tensor when autograd may save
-    one of them (in-place writes to the other would bump a shared version counter).
+    view of the saved output or of the incoming gradient; ``new()`` hands out the next of the two
+    halves of backward's own full-size buffer (``slot(k)`` for the k-th). Halves stay views of
+    full-size tensors so that F sees the strides the forward pass gave it (with bf16 convs a
+    different layout can round differently). Writes happen only after the unit's recomputation
+    graph is consumed, so a shared version counter never trips autograd.
     """
 
-    def __init__(self, t: Tensor, slot) -> None:
+    def __init__(self, t: Tensor, slot: Callable[[int], Tensor]) -> None:
         half = t.shape[1] // 2
         self.a, self.b = t[:, :half], t[:, half:]
         self.owned = [False, False]
@@ -269,16 +268,10 @@ def _pull_back(grad: _Halves, dx2: Tensor | None) -> None:
     grad.owned = [grad.owned[1], True]
 
 
-def _grad_slots(grad_out: Tensor, depth: int, need_input_grad: bool):
-    """Where backward's two gradient halves live: the two halves of the returned input gradient,
-    ordered so that no final copy is needed (which half ends up first depends on the depth)."""
-    half = grad_out.shape[1] // 2
-    if not need_input_grad:
-        shape = (grad_out.shape[0], half, *grad_out.shape[2:])
-        return None, lambda _: grad_out.new_empty(shape)
-    full = torch.empty_like(grad_out, memory_format=torch.contiguous_format)
-    # The k-th buffer written (k = 0, 1) ends in position (depth - k) % 2; see _pull_back.
-    return full, lambda k: full[:, half:] if (depth - k) % 2 else full[:, :half]
+def _halves_of(full: Tensor, order: Callable[[int], int]) -> Callable[[int], Tensor]:
+    """``slot(k)``: the half ``order(k)`` (0 first, 1 second) of ``full``."""
+    half = full.shape[1] // 2
+    return lambda k: full[:, half:] if order(k) else full[:, :half]
 
 
 class _ReversibleSequence(torch.autograd.Function):
@@ -309,9 +302,11 @@ class _ReversibleSequence(torch.autograd.Function):
         y, *signs = ctx.saved_tensors
         units, depth = ctx.units, len(ctx.units)
         need_input_grad = ctx.needs_input_grad[0]
-        full_grad, grad_slot = _grad_slots(grad_out, depth, need_input_grad)
-        state = _Halves(y, lambda _: torch.empty_like(y[:, : y.shape[1] // 2]))
-        grad = _Halves(grad_out, grad_slot)
+        # The k-th gradient half written ends in position (depth - k) % 2 (see _pull_back), so
+        # the returned gradient needs no final copy.
+        full_grad = torch.empty_like(grad_out)
+        grad = _Halves(grad_out, _halves_of(full_grad, lambda k: (depth - k) % 2))
+        state = _Halves(y, _halves_of(torch.empty_like(y), lambda k: k))
         grads: dict[nn.Parameter, Tensor] = {}
         device, enabled, dtype = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
@@ -326,7 +321,9 @@ class _ReversibleSequence(torch.autograd.Function):
                 unit_grads = _unit_backward(unit, state, grad, stored, x2_grad, i > 0)
                 for p, g in unit_grads.items():
                     grads[p] = grads[p] + g if p in grads else g
-        if full_grad is not None and not grad.owned[0]:  # a single unit: g2 passes through
+        if not need_input_grad:
+            full_grad = None
+        elif not grad.owned[0]:  # a single unit: g2 passes through
             full_grad[:, : full_grad.shape[1] // 2] = grad.a
         return (full_grad, None, None, *(grads.get(p) for p in ctx.params))
 
