@@ -183,18 +183,20 @@ def time_steps(
     steps: int,
     device: torch.device,
 ) -> dict[str, tuple[float, float]]:
-    """(fastest, median) forward + backward time per model. The models take turns so that
-    machine noise hits all alike; the fastest step is the least disturbed one."""
+    """(fastest, median) forward + backward time per model, models warmed up already. On CPU the
+    process's CPU time (run it on one thread): other processes' load barely moves it, where a
+    shared machine makes wall-clock ratios noise. The models take turns, so that what noise
+    remains hits all alike."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times: dict[str, list[float]] = {name: [] for name in models}
-    for i in range(steps + 1):
+    for _ in range(steps):
         for name, model in models.items():
             model.zero_grad(set_to_none=True)
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             loss_fn(model).backward()
             sync(device)
-            if i:  # one warm-up round (allocator, Triton compilation)
-                times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
 

@@ -9,8 +9,9 @@ Three ways to train RevNet50 in one process, on the same weights and batch:
                    stored, each unit run twice).
 Per way and size: bytes saved for backward (``saved_tensors_hooks``), bytes held after the forward
 pass, the step's peak and the transient (peak - held), all from the allocator (see
-``_revnet_probe.MemoryTrace``), and the fastest (median) step time. Then a depth sweep: the peak of
-one stage at 4, 8 and 16 units.
+``_revnet_probe.MemoryTrace``), and the fastest (median) step time: on CPU the CPU time of one
+thread, which a shared machine's load barely moves. Then a depth sweep: the peak of one stage at
+4, 8 and 16 units.
 
 Targets, at k=2, batch 32, 128 px: peak_ratio <= 0.6 and <= checkpoint_peak_ratio,
 time_ratio <= 1.35; depth_growth_4_to_16 <= 1.10 (peak, memory saving). The last line is JSON.
@@ -91,7 +92,7 @@ def depth_sweep(size, device: torch.device) -> dict[int, dict[str, dict]]:
 def print_ways(size, ways: dict[str, dict]) -> None:
     width, batch, side = size
     print(f"\nRevNet50 k={width}, batch {batch}, {side}² px, fp32 (MiB above the level before "
-          "the step; step ms = fastest (median))")  # fmt: skip
+          "the step; step ms = fastest (median) of the timed steps)")  # fmt: skip
     print(f"{'way':<17}{'saved':>8}{'held':>8}{'peak':>8}{'transient':>11}{'peak ×':>8}"
           f"{'step ms':>19}{'time ×':>8}  peak during")  # fmt: skip
     base = ways["plain"]
@@ -119,13 +120,14 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
     if device.type == "cpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
+        torch.set_num_threads(1)  # CPU-time timing (see _revnet_probe.time_steps)
     # Memory saving runs F without TF32 (see ssltk.models.reversible); so do the other ways here.
     torch.backends.cudnn.allow_tf32 = False
     if HEADLINE not in args.sizes:
         args.sizes.append(HEADLINE)
+    clock = "wall clock" if device.type == "cuda" else "CPU time of the process"
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{load_note()} at start")  # fmt: skip
+          f"step times are {clock}; {load_note()} at start")  # fmt: skip
 
     by_size = {}
     for size in args.sizes:

@@ -41,6 +41,7 @@ F runs in the autocast dtype, and backward replays the forward's autocast state.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -53,7 +54,11 @@ from kernels.revnet_coupling import coupling, coupling_conv1x1
 
 __all__ = ["invert_sequence", "reversible_sequence"]
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+@functools.cache
+def _bit_weights(device: torch.device) -> Tensor:
+    # Made on the device itself: a host-to-device copy per call would stall the CUDA stream.
+    return (1 << torch.arange(8, device=device)).to(torch.uint8)
 
 
 def pack_signs(v: Tensor) -> Tensor:
@@ -61,13 +66,12 @@ def pack_signs(v: Tensor) -> Tensor:
     bits = (v > 0).flatten()
     if bits.numel() % 8:
         bits = torch.cat([bits, bits.new_zeros(8 - bits.numel() % 8)])
-    weights = _BIT_WEIGHTS.to(v.device)
-    return torch.mul(bits.view(-1, 8), weights).sum(1, dtype=torch.uint8)
+    return torch.mul(bits.view(-1, 8), _bit_weights(v.device)).sum(1, dtype=torch.uint8)
 
 
 def unpack_signs(packed: Tensor, like: Tensor) -> Tensor:
     """The boolean tensor :func:`pack_signs` packed, shaped like ``like``."""
-    bits = packed.unsqueeze(1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
+    bits = packed.unsqueeze(1).bitwise_and(_bit_weights(packed.device)).ne(0)
     return bits.flatten()[: like.numel()].view(like.shape)
 
 
