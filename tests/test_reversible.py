@@ -33,6 +33,7 @@ from ssltk.models.revnet import (
     PoolAndPadChannels,
     ReversibleStage,
     ReversibleUnit,
+    RevNetStem,
 )
 
 MAX_ANGLE_DEG = 0.1
@@ -528,3 +529,29 @@ def test_gradients_exact_at_real_width_and_size():
             angle_deg(gx_plain, gx_saving),
         )
     assert worst < 0.05
+
+
+@pytest.mark.parametrize("image_grad", [False, True])
+def test_memory_saving_stem_saves_image_and_positions_and_matches_plain(image_grad):
+    torch.manual_seed(17)
+    plain = RevNetStem(16, 2, memory_saving=False)
+    saving = copy.deepcopy(plain)
+    saving[1].memory_saving = True
+    gen = torch.Generator().manual_seed(17)
+    image = torch.randn(10, 3, 21, 18, generator=gen)  # odd and even sides, uneven chunks
+    grad = torch.randn(10, 16, 6, 5, generator=gen)
+    outs, image_grads = [], []
+    for stem in (plain, saving):
+        x = image.clone().requires_grad_(image_grad)
+        out = stem(x)
+        (out * grad).sum().backward()
+        outs.append(out.detach())
+        image_grads.append(x.grad)
+    assert torch.equal(outs[0], outs[1])
+    # The weight gradient is summed chunk by chunk, in another order than plain autograd.
+    assert rel_err(plain[0].weight.grad, saving[0].weight.grad) < 1e-6
+    if image_grad:
+        assert rel_err(image_grads[0], image_grads[1]) < 1e-6
+    x = image.clone().requires_grad_(image_grad)
+    weight_bytes = saving[0].weight.nbytes
+    assert saved_bytes(lambda: saving(x)) == image.nbytes + weight_bytes + outs[0].numel()

@@ -31,63 +31,122 @@ from ssltk.models.resnet import DEPTHS, STAGE_WIDTHS, StagedBackbone, stage_stri
 from ssltk.models.spec import ArchConfig
 
 
+def _pool_forward(x: torch.Tensor, chunks: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ZeroPadMaxPool`` of a 4-d ``x`` and, per output, which of the 9 window positions held
+    the maximum (int8, row-major). Runs torch's own max-pool kernel, chunk by chunk over the
+    batch, so the padded input and the int64 indices exist for one chunk at a time."""
+    n, c, height, width = x.shape
+    out_size = ((height - 1) // 2 + 1, (width - 1) // 2 + 1)
+    out = torch.empty(
+        (n, c, *out_size), dtype=x.dtype, device=x.device, memory_format=_memory_format(x)
+    )
+    position = torch.empty(out.shape, dtype=torch.int8, device=x.device)
+    starts = _window_starts(out_size, width + 2, x.device)
+    for chunk in _batch_chunks(n, chunks):
+        out[chunk], flat = F.max_pool2d(
+            F.pad(x[chunk], (1, 1, 1, 1)), kernel_size=3, stride=2, return_indices=True
+        )
+        # flat - (window's top-left index) = row * (width + 2) + col, row and col in 0..2.
+        offset = (flat - starts).to(torch.int32)
+        row = (offset >= width + 2).to(torch.int32) + (offset >= 2 * (width + 2))
+        position[chunk] = offset.sub_(row * (width - 1))  # row * 3 + col
+    return out, position
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _pool_backward(grad_out: torch.Tensor, position: torch.Tensor, out: torch.Tensor) -> None:
+    """Write the gradient of :func:`_pool_forward` w.r.t. its input into ``out`` (4-d, the
+    input's shape), with torch's max-pool gradient kernel on indices re-based to the unpadded
+    plane: bit-identical to the plain layer, ties included."""
+    height, width = out.shape[-2:]
+    # Window (i, j) starts at padded (2i, 2j), i.e. at input (2i - 1, 2j - 1).
+    starts = _window_starts(grad_out.shape[-2:], width, grad_out.device) - width - 1
+    row = torch.div(position, 3, rounding_mode="floor")
+    index = position.to(torch.int64).add_(row, alpha=width - 3).add_(starts)
+    border = _border_maxima(position, row, height, width)
+    # A maximum on the zero border has no input to flow into: zero its gradient.
+    torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
+        grad_out.masked_fill(border, 0), out, [3, 3], [2, 2], [1, 1], [1, 1], False,
+        index.masked_fill_(border, 0), grad_input=out,
+    )  # fmt: skip
+
+
 class _WindowMaxPool(torch.autograd.Function):
     """``ZeroPadMaxPool``'s 3×3/2 max-pool over a zero-padded input that saves, per output, only
     which of the 9 window positions held the maximum (int8), not the padded input and int64
-    indices. Forward and gradient run torch's own max-pool kernels on the same indices, so both
-    are bit-identical to the plain layer, ties included (torch takes the first maximum in
-    row-major window order, on CPU and CUDA). Both passes work through the batch in chunks, so
-    the padded input and int64 indices exist for one chunk at a time, and backward writes the
-    input gradient directly (no padded gradient to crop)."""
+    indices; backward writes the input gradient directly, chunk by chunk (no padded gradient to
+    crop). Torch's own max-pool kernels on the same indices make outputs and gradients
+    bit-identical to the plain layer (torch takes the first maximum in row-major window order,
+    on CPU and CUDA)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        batched = x if x.dim() == 4 else x.unsqueeze(0)
-        n, c, height, width = batched.shape
-        out_size = ((height - 1) // 2 + 1, (width - 1) // 2 + 1)
-        channels_last = not batched.is_contiguous() and batched.is_contiguous(
-            memory_format=torch.channels_last
-        )
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        out = torch.empty((n, c, *out_size), dtype=x.dtype, device=x.device, memory_format=fmt)
-        position = torch.empty(out.shape, dtype=torch.int8, device=x.device)
-        starts = _window_starts(out_size, width + 2, x.device)
-        for chunk in _batch_chunks(n):
-            out[chunk], flat = F.max_pool2d(
-                F.pad(batched[chunk], (1, 1, 1, 1)), kernel_size=3, stride=2, return_indices=True
-            )
-            # flat - (window's top-left index) = row * (width + 2) + col, row and col in 0..2.
-            offset = (flat - starts).to(torch.int32)
-            row = (offset >= width + 2).to(torch.int32) + (offset >= 2 * (width + 2))
-            position[chunk] = offset.sub_(row * (width - 1))  # row * 3 + col
-        if x.dim() == 3:
-            out, position = out.squeeze(0), position.squeeze(0)
-        ctx.save_for_backward(position)
+        out, position = _pool_forward(x if x.dim() == 4 else x.unsqueeze(0))
+        ctx.save_for_backward(position.view(out.shape[-x.dim() :]))
         ctx.input_shape = x.shape
-        return out
+        return out.view(out.shape[-x.dim() :])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
         (position,) = ctx.saved_tensors
-        height, width = ctx.input_shape[-2:]
         batched = grad_out if grad_out.dim() == 4 else grad_out.unsqueeze(0)
         position = position.view(batched.shape)
-        grad_in = batched.new_empty((*batched.shape[:2], height, width))
-        # Window (i, j) starts at padded (2i, 2j), i.e. at input (2i - 1, 2j - 1).
-        starts = _window_starts(batched.shape[-2:], width, grad_out.device) - width - 1
+        grad_in = batched.new_empty((*batched.shape[:2], *ctx.input_shape[-2:]))
         for chunk in _batch_chunks(batched.shape[0]):
-            pos = position[chunk]
-            row = torch.div(pos, 3, rounding_mode="floor")
-            index = pos.to(torch.int64).add_(row, alpha=width - 3).add_(starts)
-            border = _border_maxima(pos, row, height, width)
-            # A maximum on the zero border has no input to flow into: zero its gradient.
-            grad = batched[chunk].masked_fill(border, 0)
-            torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
-                grad, grad_in[chunk], [3, 3], [2, 2], [1, 1], [1, 1], False,
-                index.masked_fill_(border, 0), grad_input=grad_in[chunk],
+            _pool_backward(batched[chunk], position[chunk], grad_in[chunk])
+        return grad_in.view(ctx.input_shape)
+
+
+class _StemConvPool(torch.autograd.Function):
+    """The stem's conv followed by :class:`_WindowMaxPool`'s pool, saving the image and the
+    int8 window positions only. Both passes go chunk by chunk over the batch, so the conv output
+    and its gradient (the largest tensors of the network) exist for one chunk at a time. The
+    weight gradient is the sum of the chunks' (plain autograd sums in another order)."""
+
+    @staticmethod
+    def forward(ctx, image, weight, stride, padding) -> torch.Tensor:
+        pooled = position = None
+        for chunk in _batch_chunks(image.shape[0]):
+            out = F.conv2d(image[chunk], weight, stride=stride, padding=padding)
+            part, part_position = _pool_forward(out, chunks=1)
+            if pooled is None:
+                shape = (image.shape[0], *part.shape[1:])
+                pooled = torch.empty(
+                    shape, dtype=part.dtype, device=part.device, memory_format=_memory_format(part)
+                )
+                position = part_position.new_empty(shape)
+                ctx.conv = (stride, padding, out.shape[1:], out.dtype)
+            pooled[chunk], position[chunk] = part, part_position
+        ctx.save_for_backward(image, weight, position)
+        return pooled
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        image, weight, position = ctx.saved_tensors
+        stride, padding, conv_shape, dtype = ctx.conv  # dtype: what the conv ran in (autocast)
+        need_image, need_weight = ctx.needs_input_grad[:2]
+        grad_image = torch.empty_like(image) if need_image else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        w = weight.to(dtype)
+        for chunk in _batch_chunks(image.shape[0]):
+            x = image[chunk].to(dtype)
+            grad_conv = grad.new_empty((x.shape[0], *conv_shape))
+            _pool_backward(grad[chunk], position[chunk], grad_conv)
+            gi, gw, _ = torch.ops.aten.convolution_backward(
+                grad_conv, x, w, None, stride, padding, [1, 1], False, [0, 0], 1,
+                [need_image, need_weight, False],
             )  # fmt: skip
-        return grad_in if grad_out.dim() == 4 else grad_in.squeeze(0)
+            if need_image:
+                grad_image[chunk] = gi
+            if need_weight:
+                grad_weight += gw
+        return grad_image, grad_weight, None, None
 
 
 def _window_starts(out_size: tuple[int, int], width: int, device: torch.device) -> torch.Tensor:
@@ -98,6 +157,7 @@ def _window_starts(out_size: tuple[int, int], width: int, device: torch.device) 
 
 
 def _batch_chunks(n: int, chunks: int = 8) -> list[slice]:
+    """``chunks`` slices (fewer for a small ``n``) that cover ``range(n)``."""
     step = -(-n // chunks)
     return [slice(i, i + step) for i in range(0, n, step)]
 
@@ -133,6 +193,25 @@ class CompactZeroPadMaxPool(ZeroPadMaxPool):
 
     def extra_repr(self) -> str:
         return f"memory_saving={self.memory_saving}"
+
+
+class RevNetStem(nn.Sequential):
+    """The stem conv and the zero-padded max-pool. With the pool's ``memory_saving``, training
+    runs both as one function that saves the image and int8 window positions only and takes the
+    gradients chunk by chunk (:class:`_StemConvPool`)."""
+
+    def __init__(self, out_channels: int, stride: int, memory_saving: bool) -> None:
+        super().__init__(
+            exclude_from_weight_decay(conv(3, out_channels, 7, stride)),
+            CompactZeroPadMaxPool(memory_saving),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stem_conv, pool = self
+        tracked = x.requires_grad or stem_conv.weight.requires_grad
+        if pool.memory_saving and torch.is_grad_enabled() and tracked and x.dim() == 4:
+            return _StemConvPool.apply(x, stem_conv.weight, stem_conv.stride, stem_conv.padding)
+        return super().forward(x)
 
 
 class RevBottleneck(nn.Sequential):
@@ -245,10 +324,7 @@ class RevNet50(StagedBackbone):
         k = config.widening
         widths = [w * k for w in STAGE_WIDTHS]
         root_stride = 1 if config.patch_mode else 2
-        self.root = nn.Sequential(
-            exclude_from_weight_decay(conv(3, widths[0], 7, root_stride)),
-            CompactZeroPadMaxPool(config.memory_saving),
-        )
+        self.root = RevNetStem(widths[0], root_stride, config.memory_saving)
         # Stage i+1 enters through the transition that ends stage i (paper: "pool and double").
         strides = stage_strides(config.patch_mode)
         for i, (depth, width) in enumerate(zip(DEPTHS, widths, strict=True)):
