@@ -513,10 +513,10 @@ def test_relu_signs_pack_to_one_bit_and_back(shape):
 
 def test_gradients_exact_at_real_width_and_size():
     """RevNet50 k=2's third stage at 128 px, batch 32 (512 channels, 8×8, 6 units, entered by
-    pool-and-pad). Reconstruction error puts a few ReLU inputs on the wrong side of zero in most
-    seeds here; without the stored signs the gradient turned by 0.02–0.16°."""
+    pool-and-pad). Reconstruction error puts a few ReLU inputs on the wrong side of zero in some
+    seeds here (0 and 2); without the stored signs the gradient turned by up to 0.16°."""
     worst = 0.0
-    for seed in range(4):
+    for seed in range(3):
         plain, saving = stage_pair(512, 6, entry=True, seed=seed)
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(32, 256, 16, 16, generator=gen)
