@@ -8,16 +8,17 @@ and, through ``torch.autograd.grad``, F's parameter gradients and the gradient i
 parameter gradients are returned as gradients of the Function's own inputs (the parameters are
 passed to it), so autograd accumulates each exactly once and DDP's hooks fire as for any layer.
 
-Memory: backward owns two unit-sized buffers whatever the depth, the reconstructed input (two
-half tensors, updated in place) and the input gradient (two halves of the returned tensor, updated
-in place: ``d/dx [x2 | x1 + F(x2)]`` is the coupling ``[g2 | g1 + dF/dx2 · g2]``). Each unit's
-recomputation graph is freed before the next unit starts. When F ends in a plain 1×1 conv (as
-RevNet's bottleneck does), that conv's two gradients come straight from
+Memory: backward owns two unit-sized buffers whatever the depth, the reconstructed input and the
+input gradient (the returned tensor). Each is two channel halves updated in place, whose roles
+swap from unit to unit: ``x1 = y2 - F(y1)`` is written over ``y2``, and since
+``d/dx [x2 | x1 + F(x2)]`` is again a coupling, ``[g2 | g1 + dF/dx2 · g2]``, the new ``g2`` over
+``g1``. Each unit's recomputation graph is consumed before its buffers are written. When F ends
+in a plain 1×1 conv (as RevNet's bottleneck does), that conv's two gradients come straight from
 ``aten.convolution_backward`` instead of a second autograd pass.
 
 Exact gradients: reconstruction is exact only up to a few fp32 roundings, and a ReLU input within
-that distance of zero flips its derivative; at real widths and sizes some always do, and one flip
-turns the gradient of every layer below it. The forward pass therefore stores the sign of every
+that distance of zero flips its derivative; at real widths and sizes some do, and one flip turns
+the gradient of every layer below it. The forward pass therefore stores the sign of every
 ReLU input in F (1 bit each, 1/32 of the activation; ReLUs directly in a Sequential F) and the
 recomputation applies those stored signs. What remains of the reconstruction error then moves the
 gradients smoothly, by about that error.
@@ -34,9 +35,11 @@ unit's F normalises channels that are exactly zero; BN divides their reconstruct
 
 TF32: F runs with cuDNN's TF32 convolutions switched off. TF32 rounds F's inputs to 10 mantissa
 bits, so a reconstruction error of one fp32 ulp flips TF32 roundings and F's recomputed output
-moves by ~1e-3, growing unit by unit. Use bf16 autocast for speed instead: the coupling stream
-``x1 + F(x2)`` stays fp32 (a 16-bit stage input is upcast), so each unit adds one fp32 rounding;
-F runs in the autocast dtype, and backward replays the forward's autocast state.
+moves by a TF32 ulp, growing unit by unit (figures: reports/revnet_kernels.md). Use bf16 autocast
+for speed instead: the coupling stream ``x1 + F(x2)`` stays fp32 (a 16-bit stage input is
+upcast), so each unit adds one fp32 rounding, and a bf16 F output mostly adds to it exactly; F
+runs in the autocast dtype, and backward replays the forward's autocast state and gives F's input
+the strides the forward gave it (bf16 convolutions may round differently in another layout).
 """
 
 from __future__ import annotations
