@@ -40,7 +40,7 @@ def main() -> int:
     parser.add_argument("names", nargs="*", help="benchmark names (default: all)")
     args = parser.parse_args()
 
-    scripts = sorted(p for p in HERE.glob("*.py") if p.name != Path(__file__).name)
+    scripts = sorted(p for p in HERE.glob("[!_]*.py") if p.name != Path(__file__).name)
     if args.names:
         scripts = [p for p in scripts if p.stem in args.names]
     sections, failed = [], 0

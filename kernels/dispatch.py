@@ -2,7 +2,8 @@
 
 The kernel runs on CUDA tensors and the reference on CPU tensors. ``SSLTK_KERNELS`` overrides it:
 ``triton`` forces the kernel (on CPU this needs ``TRITON_INTERPRET=1``), ``torch`` forces the
-reference, ``auto`` (the default) picks by device.
+reference, ``auto`` (the default) picks by device. Tensors that autograd is recording always take
+the reference: the kernels have no backward formula.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def mode() -> str:
 
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether the Triton kernel should run for these tensors."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
     chosen = mode()
     if chosen == "auto":
         return all(t.is_cuda for t in tensors)
@@ -43,3 +46,10 @@ def force(value: str) -> Iterator[None]:
         yield
     finally:
         _override = previous
+
+
+def fuse_conv1x1(h: torch.Tensor) -> bool:
+    """Whether F's last 1×1 conv runs inside the Triton coupling kernel, given that kernel runs:
+    in 16-bit only, because in fp32 the kernel's IEEE-fp32 GEMM is ~10× slower than cuDNN's conv
+    followed by the coupling kernel (reports/revnet_kernels.md)."""
+    return h.dtype in (torch.float16, torch.bfloat16)

@@ -1,25 +1,23 @@
-"""RevNet additive coupling with the half swap: Triton kernels, torch references and custom ops.
+"""RevNet additive coupling with the half swap: Triton kernels and their torch reference.
 
 A reversible unit maps ``x = [x1 | x2]`` (channel halves) to ``y = [x2 | x1 + F(x2)]`` and back with
-``x = [y2 - F(y1) | y1]``. Four ops cover it, each a registered ``torch.library`` custom op with a
-fake (meta) implementation and an autograd formula, so eager autograd and ``torch.compile`` both see
-one proper op:
+``x = [y2 - F(y1) | y1]``. Two functions cover it, each with ``inverse=True`` for the way back:
 
-* ``couple(x, fx)``            -> ``[x2 | x1 + fx]``
-* ``uncouple(y, fx)``          -> ``[y2 - fx | y1]``
-* ``couple_conv1x1(x, h, w)``  -> ``[x2 | x1 + conv1x1(h, w)]``: the last 1×1 conv of F fused with
-  the coupling add (a GEMM over channels whose epilogue adds the residual and writes both halves)
-* ``uncouple_conv1x1(y, h, w)`` -> ``[y2 - conv1x1(h, w) | y1]``
+* ``coupling(x, fx)``            -> ``[x2 | x1 + fx]``
+* ``coupling_conv1x1(x, h, w)``  -> ``[x2 | x1 + conv1x1(h, w)]``, F's last 1×1 conv and the
+  coupling: in 16-bit one kernel (a GEMM over channels whose epilogue adds the residual and writes
+  both halves), otherwise the conv in torch followed by the coupling kernel.
 
-The kernels write both output halves straight into one freshly allocated tensor (no ``cat``, no
-copy), read inputs through their strides (any layout, no ``.contiguous()``), handle sizes that are
-not multiples of the block sizes by masking, and index memory in int64. Dispatch follows
-``kernels.dispatch``: the kernel on CUDA tensors, the reference on CPU tensors unless forced.
+The kernels write both output halves straight into one freshly allocated tensor (no ``cat``), read
+inputs through their strides (any layout), mask sizes that are not multiples of the block sizes,
+and index memory in int64. :mod:`kernels.dispatch` picks kernel or reference: the kernel on CUDA
+tensors outside autograd (the kernels have no backward; the memory-saving RevNet calls them with
+autograd off), the differentiable reference everywhere else.
 
 Dtypes: the result has ``torch.result_type`` of the coupling input and ``fx`` (so an fp32 coupling
-stream stays fp32 under bf16 autocast). The fused ops compute the 1×1 conv in ``h.dtype`` (the
-weight is cast to it, as autocast does), accumulate in fp32 and round the product to ``h.dtype``
-before the residual add, so they match "conv, then couple" exactly in rounding semantics.
+stream stays fp32 under bf16 autocast). The fused kernel computes the 1×1 conv in ``h.dtype`` (the
+weight is cast to it, as autocast does), accumulates in fp32 and rounds the product to ``h.dtype``
+before the residual add, so it matches "conv, then couple" in rounding semantics.
 """
 
 from __future__ import annotations
@@ -27,105 +25,14 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import fuse_conv1x1, use_triton
 
-__all__ = [
-    "couple",
-    "couple_conv1x1",
-    "couple_conv1x1_reference",
-    "couple_reference",
-    "coupling",
-    "coupling_conv1x1",
-    "uncouple",
-    "uncouple_conv1x1",
-    "uncouple_conv1x1_reference",
-    "uncouple_reference",
-]
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def _check_coupling_input(name: str, t: Tensor) -> int:
-    if t.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-d [N, C, H, W] tensor, got shape {tuple(t.shape)}")
-    if t.shape[1] % 2:
-        raise ValueError(f"{name}: channel count must be even, got {t.shape[1]}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-    return t.shape[1] // 2
-
-
-def _check_half(name: str, t: Tensor, src_name: str, src: Tensor, half: int) -> None:
-    n, _, h, w = src.shape
-    if tuple(t.shape) != (n, half, h, w):
-        raise ValueError(
-            f"{name}: expected shape {(n, half, h, w)} (half of {src_name}'s channels), "
-            f"got {tuple(t.shape)}"
-        )
-    if t.device != src.device:
-        raise ValueError(f"{name}: on {t.device}, but {src_name} is on {src.device}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-
-
-def _check_conv_operands(src_name: str, src: Tensor, h: Tensor, weight: Tensor) -> None:
-    half = _check_coupling_input(src_name, src)
-    n, _, height, width = src.shape
-    if h.dim() != 4 or (h.shape[0], h.shape[2], h.shape[3]) != (n, height, width):
-        raise ValueError(
-            f"h: expected shape [{n}, K, {height}, {width}] to match {src_name}, "
-            f"got {tuple(h.shape)}"
-        )
-    expected = (half, h.shape[1], 1, 1)
-    if tuple(weight.shape) != expected:
-        raise ValueError(
-            f"weight: expected a 1×1 conv weight of shape {expected}, got {tuple(weight.shape)}"
-        )
-    for name, t in (("h", h), ("weight", weight)):
-        if t.device != src.device:
-            raise ValueError(f"{name}: on {t.device}, but {src_name} is on {src.device}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-
-
-# ----------------------------------------------------------------------------- references
-
-
-def couple_reference(x: Tensor, fx: Tensor) -> Tensor:
-    """``[x2 | x1 + fx]`` for ``x = [x1 | x2]``, in plain torch."""
-    half = x.shape[1] // 2
-    out = x.new_empty(x.shape, dtype=torch.result_type(x, fx))
-    out[:, :half] = x[:, half:]
-    torch.add(x[:, :half], fx, out=out[:, half:])
-    return out
-
-
-def uncouple_reference(y: Tensor, fx: Tensor) -> Tensor:
-    """``[y2 - fx | y1]`` for ``y = [y1 | y2]``, in plain torch."""
-    half = y.shape[1] // 2
-    out = y.new_empty(y.shape, dtype=torch.result_type(y, fx))
-    torch.sub(y[:, half:], fx, out=out[:, :half])
-    out[:, half:] = y[:, :half]
-    return out
-
-
-def _conv1x1(h: Tensor, weight: Tensor) -> Tensor:
-    return torch.nn.functional.conv2d(h, weight.to(h.dtype))
-
-
-def couple_conv1x1_reference(x: Tensor, h: Tensor, weight: Tensor) -> Tensor:
-    """``[x2 | x1 + conv1x1(h, weight)]`` in plain torch (conv computed in ``h.dtype``)."""
-    return couple_reference(x, _conv1x1(h, weight))
-
-
-def uncouple_conv1x1_reference(y: Tensor, h: Tensor, weight: Tensor) -> Tensor:
-    """``[y2 - conv1x1(h, weight) | y1]`` in plain torch (conv computed in ``h.dtype``)."""
-    return uncouple_reference(y, _conv1x1(h, weight))
+__all__ = ["coupling", "coupling_conv1x1"]
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -326,151 +233,21 @@ def _launch_coupling_conv1x1(src: Tensor, h: Tensor, weight: Tensor, inverse: bo
     return out
 
 
-# ----------------------------------------------------------------------------- custom ops
+# ----------------------------------------------------------------------------- API
 
 
 def coupling(src: Tensor, fx: Tensor, *, inverse: bool = False) -> Tensor:
-    """``couple`` (or with ``inverse``, ``uncouple``) without argument checks, custom-op dispatch
-    or autograd: kernel or reference as ``kernels.dispatch`` picks. For callers that have checked
-    the shapes already and run outside autograd (the reversible backward)."""
+    """``[x2 | x1 + fx]`` for ``src = [x1 | x2]``; with ``inverse``, ``[y2 - fx | y1]`` for
+    ``src = [y1 | y2]`` and ``fx = F(y1)``. Differentiable (the reference runs under autograd)."""
     if use_triton(src, fx):
         return _launch_coupling(src, fx, inverse)
-    return uncouple_reference(src, fx) if inverse else couple_reference(src, fx)
+    a, b = src.chunk(2, dim=1)
+    return torch.cat((b - fx, a) if inverse else (b, a + fx), dim=1)
 
 
 def coupling_conv1x1(src: Tensor, h: Tensor, weight: Tensor, *, inverse: bool = False) -> Tensor:
-    """``couple_conv1x1`` (or ``uncouple_conv1x1``), unchecked like :func:`coupling`. fp64 runs
-    the reference: the kernel accumulates in fp32."""
-    wide = torch.float64 in (src.dtype, h.dtype, weight.dtype)
-    if use_triton(src, h, weight) and not wide:
+    """:func:`coupling` with ``fx = conv1x1(h, weight)``, the conv computed in ``h.dtype``."""
+    fused = use_triton(src, h, weight) and fuse_conv1x1(h)
+    if fused and torch.float64 not in (src.dtype, weight.dtype):
         return _launch_coupling_conv1x1(src, h, weight, inverse)
-    if inverse:
-        return uncouple_conv1x1_reference(src, h, weight)
-    return couple_conv1x1_reference(src, h, weight)
-
-
-@torch.library.custom_op("ssltk::revnet_couple", mutates_args=())
-def _couple_op(x: Tensor, fx: Tensor) -> Tensor:
-    return coupling(x, fx)
-
-
-@torch.library.custom_op("ssltk::revnet_uncouple", mutates_args=())
-def _uncouple_op(y: Tensor, fx: Tensor) -> Tensor:
-    return coupling(y, fx, inverse=True)
-
-
-@torch.library.custom_op("ssltk::revnet_couple_conv1x1", mutates_args=())
-def _couple_conv1x1_op(x: Tensor, h: Tensor, weight: Tensor) -> Tensor:
-    return coupling_conv1x1(x, h, weight)
-
-
-@torch.library.custom_op("ssltk::revnet_uncouple_conv1x1", mutates_args=())
-def _uncouple_conv1x1_op(y: Tensor, h: Tensor, weight: Tensor) -> Tensor:
-    return coupling_conv1x1(y, h, weight, inverse=True)
-
-
-@_couple_op.register_fake
-@_uncouple_op.register_fake
-def _coupling_fake(src: Tensor, fx: Tensor) -> Tensor:
-    return src.new_empty(src.shape, dtype=torch.result_type(src, fx))
-
-
-@_couple_conv1x1_op.register_fake
-@_uncouple_conv1x1_op.register_fake
-def _coupling_conv1x1_fake(src: Tensor, h: Tensor, weight: Tensor) -> Tensor:
-    return src.new_empty(src.shape, dtype=torch.result_type(src, h))
-
-
-def swap_halves(t: Tensor) -> Tensor:
-    """``[t2 | t1]`` for ``t = [t1 | t2]`` (the gradient of the coupling's pass-through)."""
-    half = t.shape[1] // 2
-    return torch.cat([t[:, half:], t[:, :half]], dim=1)
-
-
-def conv1x1_input_grad(grad_fx: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """Gradient of ``conv1x1(h, weight)`` with respect to ``h``, in fp32, cast to ``dtype``."""
-    w = weight.reshape(weight.shape[0], weight.shape[1]).float()
-    return torch.einsum("nchw,ck->nkhw", grad_fx.float(), w).to(dtype)
-
-
-def conv1x1_weight_grad(grad_fx: Tensor, h: Tensor, weight: Tensor) -> Tensor:
-    """Gradient of ``conv1x1(h, weight)`` with respect to ``weight``, in fp32, cast back."""
-    g = torch.einsum("nchw,nkhw->ck", grad_fx.float(), h.float())
-    return g.reshape(weight.shape).to(weight.dtype)
-
-
-def _setup_fx(ctx, inputs, output) -> None:
-    src, fx = inputs
-    ctx.src_dtype, ctx.fx_dtype = src.dtype, fx.dtype
-
-
-def _couple_backward(ctx, grad: Tensor):
-    half = grad.shape[1] // 2
-    return swap_halves(grad).to(ctx.src_dtype), grad[:, half:].to(ctx.fx_dtype)
-
-
-def _uncouple_backward(ctx, grad: Tensor):
-    half = grad.shape[1] // 2
-    return swap_halves(grad).to(ctx.src_dtype), (-grad[:, :half]).to(ctx.fx_dtype)
-
-
-def _setup_conv(ctx, inputs, output) -> None:
-    src, h, weight = inputs
-    ctx.src_dtype = src.dtype
-    ctx.save_for_backward(h, weight)
-
-
-def _couple_conv1x1_backward(ctx, grad: Tensor):
-    h, weight = ctx.saved_tensors
-    grad_fx = grad[:, grad.shape[1] // 2 :]
-    return (
-        swap_halves(grad).to(ctx.src_dtype),
-        conv1x1_input_grad(grad_fx, weight, h.dtype),
-        conv1x1_weight_grad(grad_fx, h, weight),
-    )
-
-
-def _uncouple_conv1x1_backward(ctx, grad: Tensor):
-    h, weight = ctx.saved_tensors
-    grad_fx = -grad[:, : grad.shape[1] // 2]
-    return (
-        swap_halves(grad).to(ctx.src_dtype),
-        conv1x1_input_grad(grad_fx, weight, h.dtype),
-        conv1x1_weight_grad(grad_fx, h, weight),
-    )
-
-
-_couple_op.register_autograd(_couple_backward, setup_context=_setup_fx)
-_uncouple_op.register_autograd(_uncouple_backward, setup_context=_setup_fx)
-_couple_conv1x1_op.register_autograd(_couple_conv1x1_backward, setup_context=_setup_conv)
-_uncouple_conv1x1_op.register_autograd(_uncouple_conv1x1_backward, setup_context=_setup_conv)
-
-
-# ----------------------------------------------------------------------------- public API
-
-
-def couple(x: Tensor, fx: Tensor) -> Tensor:
-    """Reversible coupling with the half swap: ``[x2 | x1 + fx]`` for ``x = [x1 | x2]``."""
-    half = _check_coupling_input("x", x)
-    _check_half("fx", fx, "x", x, half)
-    return _couple_op(x, fx)
-
-
-def uncouple(y: Tensor, fx: Tensor) -> Tensor:
-    """Inverse coupling: ``[y2 - fx | y1]`` for ``y = [y1 | y2]``, where ``fx = F(y1)``."""
-    half = _check_coupling_input("y", y)
-    _check_half("fx", fx, "y", y, half)
-    return _uncouple_op(y, fx)
-
-
-def couple_conv1x1(x: Tensor, h: Tensor, weight: Tensor) -> Tensor:
-    """Fused ``[x2 | x1 + conv1x1(h, weight)]``: F's last 1×1 conv and the coupling in one pass."""
-    _check_conv_operands("x", x, h, weight)
-    return _couple_conv1x1_op(x, h, weight)
-
-
-def uncouple_conv1x1(y: Tensor, h: Tensor, weight: Tensor) -> Tensor:
-    """Fused inverse ``[y2 - conv1x1(h, weight) | y1]``, where ``h`` is F's last hidden activation
-    computed from ``y1``."""
-    _check_conv_operands("y", y, h, weight)
-    return _uncouple_conv1x1_op(y, h, weight)
+    return coupling(src, F.conv2d(h, weight.to(h.dtype)), inverse=inverse)

@@ -3,8 +3,8 @@
 # CUDA-marked test (RevNet coupling kernels and memory-saving backward against plain autograd,
 # patch-extraction kernel against its reference, the cupy path of the RNG, augmentation and the
 # pretext tasks on CUDA, deterministic training steps), then the GPU benchmarks: RevNet memory,
-# patch extraction, data pipeline and training step, each with --device cuda. About 6 minutes on
-# one H100/H200; each part has its own time limit.
+# drift and kernels, patch extraction, data pipeline and training step, each with --device cuda.
+# About 8 minutes on one H100/H200; each part has its own time limit.
 #
 # Needs python3 with torch, triton, cupy and pytest. Where pydantic is missing (the lent machines'
 # image lacks it), wheels carried in .whl/ are installed first (see the device tool's notes).
@@ -40,6 +40,8 @@ part environment 60 bash -c "nvidia-smi; $python -c 'import torch, triton; \
 print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
 part tests 240 "$python" -m pytest -q -p no:cacheprovider -m cuda tests/
 part bench-revnet 120 "$python" benchmarks/revnet_memory.py --device cuda
+part bench-revnet-drift 120 "$python" benchmarks/revnet_drift.py --device cuda
+part bench-revnet-kernels 60 "$python" benchmarks/revnet_kernels.py --device cuda
 part bench-patches 60 "$python" benchmarks/patch_extraction.py --device cuda
 part bench-data 60 "$python" benchmarks/data_pipeline.py --device cuda
 part bench-train 90 "$python" benchmarks/train_step.py --device cuda
