@@ -86,10 +86,11 @@ def _lock(path: Path, *, wait: bool) -> int:
 
 
 @contextmanager
-def locked(path: Path, *, wait: bool = False) -> Iterator[None]:
+def locked(path: Path, *, wait: bool = False, remove: bool = False) -> Iterator[None]:
     """Hold an exclusive advisory lock on file ``path``; without ``wait``, refuse at once
     (:class:`DirectoryBusy`) when another process holds it. The pid of the holder is kept in the
-    file for that message."""
+    file for that message. With ``remove`` the file is deleted on the way out (safe: a waiter that
+    then gets the lock on the deleted file notices and locks a new one)."""
     try:
         fd = _lock(path, wait=wait)
         os.ftruncate(fd, 0)
@@ -99,6 +100,9 @@ def locked(path: Path, *, wait: bool = False) -> Iterator[None]:
     try:
         yield
     finally:
+        if remove:
+            with suppress(OSError):
+                path.unlink()
         os.close(fd)
 
 
