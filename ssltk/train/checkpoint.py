@@ -123,7 +123,10 @@ def load_checkpoint(
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(state).__name__}")
     if validate is not None:
-        validate(state)
+        try:
+            validate(state)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
     return state
 
 
