@@ -167,26 +167,36 @@ def ensure_sqlite_store(db: Path) -> None:
 
 
 def _create_sqlite_store(db: Path) -> None:
+    import sqlalchemy
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     for stale in db.parent.glob(f".{db.name}.tmp-*"):  # left by a killed creator (we hold the lock)
         stale.unlink(missing_ok=True)
     tmp = db.with_name(f".{db.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     uri = f"sqlite:///{tmp}"
-    artifacts = (db.parent.resolve() / "mlruns").as_uri()
+    # No fsync per migration (they take seconds that way): the file is invisible until renamed,
+    # and it is synced once before that.
+    engine = sqlalchemy.create_engine(uri)
+    sqlalchemy.event.listen(engine, "connect", _unsynchronised)
+    SqlAlchemyStore._engine_map[uri] = engine
     try:
-        store = SqlAlchemyStore(uri, artifacts)
-        store.engine.dispose()
+        SqlAlchemyStore(uri, (db.parent.resolve() / "mlruns").as_uri())
+        engine.dispose()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, db)
     except OSError as err:
         raise ConfigError(f"tracking.uri: cannot create {db} ({err.strerror or err})") from None
     finally:
-        engine = SqlAlchemyStore._engine_map.pop(uri, None)
-        if engine is not None:
-            engine.dispose()
-        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
-            with suppress(OSError):
-                leftover.unlink(missing_ok=True)
+        SqlAlchemyStore._engine_map.pop(uri, None)
+        engine.dispose()
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _unsynchronised(connection: Any, record: Any) -> None:
+    connection.execute("PRAGMA synchronous=OFF")
+    connection.execute("PRAGMA journal_mode=MEMORY")
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
