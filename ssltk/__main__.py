@@ -1,3 +1,16 @@
-from ssltk.cli import app
+"""``python -m ssltk``: the command line, with Ctrl-C during its seconds of imports one line too."""
 
-app(prog_name="ssltk")
+import sys
+
+
+def main() -> None:
+    try:
+        from ssltk.cli import app
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        raise SystemExit(130) from None
+    app(prog_name="ssltk")
+
+
+if __name__ == "__main__":
+    main()
