@@ -1,9 +1,16 @@
-"""``python -m ssltk``: the command line, with Ctrl-C during its seconds of imports one line too."""
+"""``python -m ssltk``: the command line. SIGTERM ends a command as Ctrl-C does, and either one
+during the seconds of imports is one line and exit 130, not a traceback or a silent 143."""
 
+import signal
 import sys
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         from ssltk.cli import app
     except KeyboardInterrupt:
