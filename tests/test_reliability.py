@@ -195,19 +195,26 @@ def test_a_corrupt_newest_checkpoint_never_evicts_a_new_one(workspace):
 # 5. an interrupted store creation leaves no store
 
 
-def test_an_interrupted_store_creation_leaves_a_usable_store(tmp_path, monkeypatch):
-    import mlflow.store.db.utils as db_utils
+@pytest.mark.parametrize("statement", [400, 800])  # mid-migration (of about 1700)
+def test_an_interrupted_store_creation_leaves_a_usable_store(tmp_path, statement):
+    import sqlalchemy
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    count = 0
 
-    def interrupted(engine):  # the tables exist, none of the migrations ran: Ctrl-C here
-        raise KeyboardInterrupt
+    def ctrl_c(*args: object) -> None:
+        nonlocal count
+        count += 1
+        if count == statement:
+            raise KeyboardInterrupt
 
-    with monkeypatch.context() as patch:
-        patch.setattr(db_utils, "_upgrade_db", interrupted)
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", ctrl_c)
+    try:
         with pytest.raises(KeyboardInterrupt):
             tracking.ensure_experiment(tracking.client(uri), "x", uri)
-    assert [p.name for p in tmp_path.iterdir()] in ([], ["mlflow.db"])
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", ctrl_c)
+    assert [p.name for p in tmp_path.iterdir()] == []
     client = tracking.client(uri)
     experiment = tracking.ensure_experiment(client, "x", uri)
     assert client.create_run(experiment).info.status == "RUNNING"
