@@ -42,6 +42,7 @@ def _serve() -> None:
     from ssltk import tracking
 
     tracking.quiet_mlflow()
+    entry = _entry()
     # Children start with SIGINT/SIGTERM blocked and unblock them once they handle them as
     # ``python -m ssltk`` does from its first line: a signal is never lost in the fork's set-up.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -50,7 +51,7 @@ def _serve() -> None:
         if request["op"] == "start":
             pid = os.fork()
             if pid == 0:
-                _child(request)
+                _child(request, entry)
             reply = {"pid": pid}
         else:
             done, status = os.waitpid(request["pid"], os.WNOHANG)
@@ -58,8 +59,17 @@ def _serve() -> None:
         print(json.dumps(reply), flush=True)
 
 
-def _child(request: dict) -> None:
-    import ssltk.__main__ as entry
+def _entry() -> object | None:
+    """``ssltk.__main__`` if it has a ``main()`` (at a77bf00 importing it ran the CLI)."""
+    import importlib
+
+    import ssltk
+
+    source = (Path(ssltk.__file__).parent / "__main__.py").read_text()
+    return importlib.import_module("ssltk.__main__") if "def main(" in source else None
+
+
+def _child(request: dict, entry: object | None) -> None:
 
     code = 1
     try:
@@ -71,7 +81,8 @@ def _child(request: dict) -> None:
         os.dup2(log, 2)
         os.environ.update(request.get("env", {}))
         sys.argv = ["ssltk", *request["argv"]]
-        signal.signal(signal.SIGTERM, entry._interrupt)
+        if entry is not None:  # what main()'s first line does
+            signal.signal(signal.SIGTERM, entry._interrupt)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -79,7 +90,12 @@ def _child(request: dict) -> None:
             sys.stderr.write("error: interrupted\n")
             code = 130
             return
-        entry.main()
+        if entry is not None:
+            entry.main()
+        else:
+            from ssltk.cli import app
+
+            app(prog_name="ssltk")
         code = 0
     except SystemExit as err:
         code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
