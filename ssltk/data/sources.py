@@ -225,6 +225,11 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _dir_id(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
 def _scan_class_dirs(split_dir: Path) -> dict[str, list[str]]:
     """``{class: sorted paths relative to split_dir's parent}`` of ``split_dir/<class>/**/*``."""
     found: dict[str, list[str]] = {}
@@ -232,18 +237,17 @@ def _scan_class_dirs(split_dir: Path) -> dict[str, list[str]]:
         if class_dir.name.startswith("."):
             continue
         paths = []
-        seen: set[tuple[int, int]] = set()
+        # Directories already read, and those above the class folder: reaching one again
+        # through a symlink would read images twice (or forever, around a loop).
+        seen = {_dir_id(p) for p in (class_dir.resolve(), *class_dir.resolve().parents)}
+        seen.discard(_dir_id(class_dir))
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            try:
-                stat = os.stat(dirpath)
-            except OSError:
+            key = _dir_id(Path(dirpath))
+            if key in seen:
+                print(f"warning: {dirpath}: symlink loop, not followed", file=sys.stderr)
                 dirnames.clear()
                 continue
-            if (stat.st_dev, stat.st_ino) in seen:  # reached again through a symlink: a loop
-                print(f"warning: {dirpath}: directory already read, skipped", file=sys.stderr)
-                dirnames.clear()
-                continue
-            seen.add((stat.st_dev, stat.st_ino))
+            seen.add(key)
             dirnames.sort()
             rel = Path(dirpath).relative_to(split_dir.parent).as_posix()
             paths.extend(f"{rel}/{name}" for name in sorted(filenames) if _is_image(name))
