@@ -169,6 +169,13 @@ def test_a_run_records_the_settings_of_its_prepared_data(workspace):
     assert workspace.uri in result.stdout  # the store a run used, said plainly
 
 
+def test_a_failing_run_leaves_no_empty_run_directory(workspace, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # another directory: the default --out is runs/<name> here
+    result = cli("pretrain", "--params", str(workspace.params), "--set", "data.prepared_dir=none")
+    assert "prepared dataset not found" in one_error(result)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------------------
 # 2. pruning counts only verified checkpoints
 

@@ -225,8 +225,8 @@ def test_twenty_interrupts_of_a_first_start_up_leave_a_usable_store_and_exact_re
     reference = tmp_path / "reference"
     started = time.monotonic()
     proc = forker.start(*pretrain_argv(ws, reference, store=tmp_path / "s0" / "mlflow.db"))
-    wait_for(lambda: (reference / "checkpoints" / "ckpt-00000001.pt").exists(), proc)
-    start_up = time.monotonic() - started  # to the first step, store creation included
+    wait_for(lambda: (reference / "run.json").exists(), proc)  # written just before step 1
+    start_up = time.monotonic() - started  # data, store creation, model, MLflow run
     assert proc.wait() == 0, proc.output
 
     out = tmp_path / "resumed"
