@@ -24,8 +24,15 @@ from pathlib import Path
 import pytest
 from test_reliability import Workspace, make_workspace, one_error
 
-#: One intra-op thread per process: several share two cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SSLTK_INJECT_NAN_AT_STEP": ""}
+ROOT = Path(__file__).resolve().parents[1]
+#: This checkout's ssltk (not another installed one), one intra-op thread per process (several
+#: share two cores).
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    "OMP_NUM_THREADS": "1",
+    "SSLTK_INJECT_NAN_AT_STEP": "",
+}
 
 
 # --------------------------------------------------------------------------------------------------
