@@ -3,8 +3,10 @@
 A checkpoint ``ckpt-<step>.pt`` is written to a temporary file, fsync'ed and renamed into place;
 then its SHA-256 is written beside it as ``ckpt-<step>.pt.sha256`` (``sha256sum -c`` format), the
 same way. A checkpoint counts only once its sidecar exists and matches, so a process killed at any
-point leaves either a complete, verifiable checkpoint or one that is reported and skipped.
-Checkpoints hold tensors and plain Python values only and load with ``weights_only=True``.
+point leaves either a complete, verifiable checkpoint or one that is reported and skipped (in one
+line, as is one whose structure its caller's ``validate`` rejects). Pruning keeps the newest
+checkpoints that verify, so a corrupt file never takes the place of a good one. Checkpoints hold
+tensors and plain Python values only and load with ``weights_only=True``.
 """
 
 from __future__ import annotations
