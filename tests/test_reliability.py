@@ -354,7 +354,7 @@ def test_a_duplicate_yaml_key_is_refused(tmp_path):
         ("pretrain.base_lr=.inf", "pretrain.base_lr"),
         ("pretrain.weight_decay=.inf", "pretrain.weight_decay"),
         ("pretext.exemplar.margin=.inf", "pretext.exemplar.margin"),
-        ("pretrain.momentum=.nan", "pretrain.momentum"),
+        ("pretrain.decay_epochs=[1, .inf]", "pretrain.decay_epochs.1"),
         ("seed=99999999999999999999999", "seed"),
         ("seed=9223372036854775808", "seed"),
         ("tracking.uri=sqlite:/x.db", "tracking.uri"),
