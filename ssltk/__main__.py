@@ -1,3 +1,23 @@
-from ssltk.cli import app
+"""``python -m ssltk``: the command line. SIGTERM ends a command as Ctrl-C does, and either one
+during the seconds of imports is one line and exit 130, not a traceback or a silent 143."""
 
-app(prog_name="ssltk")
+import signal
+import sys
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        from ssltk.cli import app
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        raise SystemExit(130) from None
+    app(prog_name="ssltk")
+
+
+if __name__ == "__main__":
+    main()

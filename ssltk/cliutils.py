@@ -12,8 +12,11 @@ import typer
 
 from ssltk.config import Config, ConfigError, load_config
 
-#: Exit code of every user error (bad params, override, path or input file).
+#: Exit code of every user error (bad params, override, path or input file, or a disk that
+#: cannot take a write).
 USER_ERROR = 2
+#: Exit code after Ctrl-C or SIGTERM.
+INTERRUPTED = 130
 
 ParamsOption = Annotated[
     Path, typer.Option("--params", help="params file (YAML) to read", show_default=True)
@@ -32,14 +35,17 @@ def fail(message: str, code: int = USER_ERROR) -> NoReturn:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a :class:`ConfigError` (or subclass) raised inside into one line and exit code 2."""
+    """Turn a :class:`ConfigError` (or subclass) or an ``OSError`` (a full disk, a read-only
+    folder) raised inside into one line and exit code 2; Ctrl-C into one line and 130."""
     try:
         yield
     except ConfigError as err:
         fail(str(err))
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        fail(f"{where}{err.strerror or err}")
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+        fail("interrupted", code=INTERRUPTED)
 
 
 def read_config(params: Path, overrides: list[str] | None) -> Config:

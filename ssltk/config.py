@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ssltk.models.spec import ARCHS, LAST_RELU_OPTIONAL
 
@@ -25,6 +33,8 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
+#: Seeds key 64-bit counter-based streams and torch's generator (``seed + rank``): signed 64 bits.
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 
 def _project_root() -> Path:
@@ -35,8 +45,22 @@ def _project_root() -> Path:
     return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
 
 
-#: The project's root, where the default tracking store lives.
+#: The source checkout of the code itself (its git state is recorded with each run).
 PROJECT_ROOT = _project_root()
+
+
+def project_of(params: Path) -> Path:
+    """The project a params file belongs to: its folder, or for a ``dvc exp run --temp`` copy
+    (``<project>/.dvc/tmp/exps/...``) the project it was copied from."""
+    folder = params.resolve().parent
+    parts = folder.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return folder
+
+
+_SQLITE = "sqlite:///"
 
 
 class ConfigError(ValueError):
@@ -44,7 +68,10 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # No .inf/.nan anywhere: every float of the schema is a rate, a size or a probability.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )
 
 
 class DataConfig(Section):
@@ -212,17 +239,35 @@ class EvalConfig(Section):
 
 class TrackingConfig(Section):
     uri: str | None = Field(
-        None, description="MLflow tracking URI; default the project's SQLite store"
+        None, description="MLflow tracking URI; default mlflow.db beside the params file"
     )
     experiment: str = "ssltk"
+    #: Where the default store and relative ``sqlite:///`` paths live (set by ``load_config``).
+    _root: Path | None = PrivateAttr(None)
 
-    def resolved_uri(self, root: Path = PROJECT_ROOT) -> str:
-        """The tracking URI, with relative ``sqlite:///`` paths made absolute against ``root``."""
+    @field_validator("uri")
+    @classmethod
+    def _store_uri(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("empty; leave it null for the project's SQLite store")
+        if (
+            v is not None
+            and v.lower().startswith("sqlite:")
+            and (not v.startswith(_SQLITE) or not v[len(_SQLITE) :].strip())
+        ):
+            raise ValueError(
+                "a SQLite store is sqlite:///relative/path.db or sqlite:////absolute/path.db"
+            )
+        return v
+
+    def resolved_uri(self, root: Path | None = None) -> str:
+        """The tracking URI, with relative ``sqlite:///`` paths made absolute against ``root``
+        (default: the project of the params file, else the working directory)."""
+        root = root or self._root or Path.cwd()
         if self.uri is None:
-            return f"sqlite:///{(root / 'mlflow.db').resolve()}"
-        prefix = "sqlite:///"
-        if self.uri.startswith(prefix) and not Path(self.uri[len(prefix) :]).is_absolute():
-            return f"{prefix}{(root / self.uri[len(prefix) :]).resolve()}"
+            return f"{_SQLITE}{(root / 'mlflow.db').resolve()}"
+        if self.uri.startswith(_SQLITE) and not Path(self.uri[len(_SQLITE) :]).is_absolute():
+            return f"{_SQLITE}{(root / self.uri[len(_SQLITE) :]).resolve()}"
         return self.uri
 
 
@@ -235,7 +280,7 @@ class StudyConfig(Section):
 class Config(Section):
     """The whole of params.yaml."""
 
-    seed: NonNegInt = 0
+    seed: Seed = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     pretext: PretextConfig = PretextConfig()
@@ -325,8 +370,46 @@ def config_from_dict(tree: Mapping[str, Any], origin: str = "params") -> Config:
         raise ConfigError(_describe(err, origin)) from None
 
 
+def read_utf8(path: Path) -> str:
+    """``path``'s text, decoded strictly as UTF-8; any other encoding is a one-line user error."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save it as UTF-8"
+        ) from None
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, line: int) -> None:
+        self.key, self.line = key, line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML where a key given twice in one mapping is an error, not a silent override."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(str(key), key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = "params.yaml", overrides: Iterable[str] = ()) -> Config:
-    """Read ``path`` (``None``: schema defaults only), apply ``overrides``, validate, return."""
+    """Read ``path`` (``None``: schema defaults only), apply ``overrides``, validate, return.
+
+    The default tracking store is the params file's project's ``mlflow.db``.
+    """
     tree: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
@@ -335,7 +418,9 @@ def load_config(path: str | Path | None = "params.yaml", overrides: Iterable[str
         if not path.is_file():
             raise ConfigError(f"{path}: params file not found")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.load(read_utf8(path), Loader=_StrictLoader) or {}
+        except _DuplicateKey as err:
+            raise ConfigError(f"{path}: line {err.line}: duplicate key '{err.key}'") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
@@ -347,7 +432,9 @@ def load_config(path: str | Path | None = "params.yaml", overrides: Iterable[str
     if overrides:
         tree = apply_overrides(tree, overrides)
         origin = f"{origin} with --set"
-    return config_from_dict(tree, origin)
+    config = config_from_dict(tree, origin)
+    config.tracking._root = project_of(path) if path is not None else Path.cwd()
+    return config
 
 
 def dump_config(config: Config) -> str:

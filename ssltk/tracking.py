@@ -7,10 +7,13 @@ artifacts ``config/params.yaml`` and ``checkpoint/<file>`` (with its ``.sha256``
 runs are tagged ``ssltk.kind=eval`` and ``ssltk.pretrain_run_id`` and log ``probe/<method>/top<k>/
 <layer>`` metrics, which are also written back to the pretraining run.
 
-The tracking URI defaults to the project's SQLite store as an absolute path, and artifacts of a
-SQLite store go to ``mlruns/`` beside the database file, so a run started from a temporary copy of
-the project (``dvc exp run``) still lands in the project's store. mlflow is imported lazily and
-kept quiet.
+The tracking URI defaults to ``mlflow.db`` beside the params file (see
+:meth:`ssltk.config.TrackingConfig.resolved_uri`), and artifacts of a SQLite store go to
+``mlruns/`` beside the database file. A new SQLite store is created and migrated in a temporary file
+under a lock on its folder, then renamed into place, so concurrent first runs wait for one another
+and an interrupted creation leaves nothing behind. Remote stores get bounded timeouts and retries
+(unless the ``MLFLOW_HTTP_REQUEST_*`` variables say otherwise). A resumed run logs no step twice.
+mlflow is imported lazily and kept quiet.
 """
 
 from __future__ import annotations
@@ -20,15 +23,18 @@ import logging
 import os
 import platform
 import re
+import secrets
 import subprocess
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from contextlib import suppress
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ssltk import fsutil
 from ssltk.config import PROJECT_ROOT, Config, ConfigError, dump_config
 
 if TYPE_CHECKING:
@@ -41,6 +47,7 @@ TAG_WIDENING = "ssltk.widening"
 TAG_GIT_COMMIT = "ssltk.git_commit"
 TAG_GIT_DIRTY = "ssltk.git_dirty"
 TAG_DATA_HASH = "ssltk.data_hash"
+TAG_DATA_SETTINGS = "ssltk.data_settings"
 TAG_DEVICE = "ssltk.device"
 TAG_WORLD_SIZE = "ssltk.world_size"
 TAG_FAILURE = "ssltk.failure"
@@ -56,6 +63,14 @@ KIND_BASELINE = "baseline"
 
 CONFIG_ARTIFACT = "config/params.yaml"
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
+
+#: Bounds for a remote store (seconds, attempts), unless set in the environment: mlflow's defaults
+#: retry an unreachable server for minutes without a word.
+REMOTE_TIMEOUTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
 
 #: Libraries whose versions every run records.
 TRACKED_LIBRARIES = ("torch", "numpy", "triton", "ssltk")
@@ -94,38 +109,97 @@ def quiet_mlflow() -> None:
 
 
 def client(tracking_uri: str) -> MlflowClient:
-    """A quiet ``MlflowClient`` for ``tracking_uri`` (the SQLite file's folder is created)."""
+    """A quiet ``MlflowClient`` for ``tracking_uri``: a SQLite store is created if missing, a
+    remote one must answer within :data:`REMOTE_TIMEOUTS` (else a one-line ``ConfigError``)."""
     quiet_mlflow()
     db = sqlite_path(tracking_uri)
     if db is not None:
-        check_sqlite_store(db)
+        ensure_sqlite_store(db)
+    remote = tracking_uri.startswith(("http://", "https://"))
+    if remote:
+        for name, value in REMOTE_TIMEOUTS.items():
+            os.environ.setdefault(name, value)
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri)
+    mlflow_client = MlflowClient(tracking_uri)
+    if remote:
+        _probe(mlflow_client, tracking_uri)
+    return mlflow_client
 
 
-def check_sqlite_store(db: Path) -> None:
-    """Create the store's folder; a store that cannot be written is a one-line user error (else
-    SQLAlchemy retries for minutes before it fails with a traceback).
-    """
+def _probe(mlflow_client: MlflowClient, tracking_uri: str) -> None:
     try:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"tracking.uri: cannot create {db.parent} ({err.strerror})") from None
-    usable = db.is_file() and os.access(db, os.R_OK | os.W_OK) if db.exists() else None
-    if usable is None:
-        usable = os.access(db.parent, os.W_OK | os.X_OK) and _can_create(db)
-    if not usable:
+        mlflow_client.search_experiments(max_results=1)
+    except Exception as err:  # mlflow wraps connection errors in several ways
+        text = " ".join(str(err).split())
+        reason = next(
+            (
+                r
+                for r in ("Connection refused", "timed out", "Name or service not known")
+                if r in text
+            ),
+            text[:200],
+        )
+        raise ConfigError(
+            f"tracking.uri {tracking_uri}: the server does not answer ({reason})"
+        ) from None
+
+
+def ensure_sqlite_store(db: Path) -> None:
+    """Create the SQLite store ``db`` if it does not exist, atomically.
+
+    The schema is created and migrated in a temporary file while holding a lock on the store's
+    folder, then renamed into place: a process that waits for the lock finds a complete store, and
+    one interrupted at any point leaves no store (its temporary file is removed, or cleared by the
+    next creator). A store that cannot be written is a one-line user error (else SQLAlchemy
+    retries for minutes before it fails with a traceback).
+    """
+    if not db.exists():
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"tracking.uri: cannot create {db.parent} ({err.strerror})") from None
+        try:
+            with fsutil.locked(db.parent / f".{db.name}.lock", wait=True, remove=True):
+                if not db.exists():
+                    _create_sqlite_store(db)
+        except fsutil.WriteError:
+            raise ConfigError(f"tracking.uri: cannot create the SQLite store {db}") from None
+    if not (db.is_file() and os.access(db, os.R_OK | os.W_OK)):
         raise ConfigError(f"tracking.uri: the SQLite store {db} cannot be opened for writing")
 
 
-def _can_create(db: Path) -> bool:
+def _create_sqlite_store(db: Path) -> None:
+    import sqlalchemy
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    for stale in db.parent.glob(f".{db.name}.tmp-*"):  # left by a killed creator (we hold the lock)
+        stale.unlink(missing_ok=True)
+    tmp = db.with_name(f".{db.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    uri = f"sqlite:///{tmp}"
+    # No fsync per migration (they take seconds that way): the file is invisible until renamed,
+    # and it is synced once before that.
+    engine = sqlalchemy.create_engine(uri)
+    sqlalchemy.event.listen(engine, "connect", _unsynchronised)
+    SqlAlchemyStore._engine_map[uri] = engine
     try:
-        db.touch(exist_ok=False)
-    except OSError:
-        return False
-    db.unlink()
-    return True
+        SqlAlchemyStore(uri, (db.parent.resolve() / "mlruns").as_uri())
+        engine.dispose()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, db)
+    except OSError as err:
+        raise ConfigError(f"tracking.uri: cannot create {db} ({err.strerror or err})") from None
+    finally:
+        SqlAlchemyStore._engine_map.pop(uri, None)
+        engine.dispose()
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _unsynchronised(connection: Any, record: Any) -> None:
+    connection.execute("PRAGMA synchronous=OFF")
+    connection.execute("PRAGMA journal_mode=MEMORY")
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -144,14 +218,21 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 def ensure_experiment(mlflow_client: MlflowClient, name: str, tracking_uri: str) -> str:
     """The id of experiment ``name``, created (with its artifact location) if missing."""
+    from mlflow.exceptions import MlflowException
+
     found = mlflow_client.get_experiment_by_name(name)
-    if found is not None:
-        if found.lifecycle_stage == "deleted":
-            mlflow_client.restore_experiment(found.experiment_id)
-        return found.experiment_id
-    return mlflow_client.create_experiment(
-        name, artifact_location=artifact_location(tracking_uri, name)
-    )
+    if found is None:
+        try:
+            return mlflow_client.create_experiment(
+                name, artifact_location=artifact_location(tracking_uri, name)
+            )
+        except MlflowException:  # created meanwhile by a concurrent run
+            found = mlflow_client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    if found.lifecycle_stage == "deleted":
+        mlflow_client.restore_experiment(found.experiment_id)
+    return found.experiment_id
 
 
 def git_state(cwd: Path | None = None) -> tuple[str, bool | None]:
@@ -201,7 +282,12 @@ def provenance_tags(device: str) -> dict[str, str]:
 
 
 def pretrain_tags(
-    config: Config, *, data_hash: str, device: str, world_size: int = 1
+    config: Config,
+    *,
+    data_hash: str,
+    device: str,
+    world_size: int = 1,
+    data_settings: str | None = None,
 ) -> dict[str, str]:
     return {
         TAG_KIND: KIND_PRETRAIN,
@@ -209,6 +295,7 @@ def pretrain_tags(
         TAG_ARCH: config.model.arch,
         TAG_WIDENING: str(config.model.widening),
         TAG_DATA_HASH: data_hash,
+        **({TAG_DATA_SETTINGS: data_settings} if data_settings else {}),
         TAG_WORLD_SIZE: str(world_size),
         "mlflow.runName": run_name(config),
         **provenance_tags(device),
@@ -228,6 +315,9 @@ class TrackedRun:
     run_id: str
     experiment_id: str
     tracking_uri: str
+    #: Highest step already logged per metric: a resumed run re-runs the steps after its
+    #: checkpoint, and their points (the same values, the run being deterministic) are not resent.
+    logged_steps: dict[str, int] = field(default_factory=dict)
 
     def log_metrics(self, rows: Iterable[tuple[int, Mapping[str, float]]]) -> None:
         """``rows`` of ``(step, {name: value})``, sent in as few requests as allowed."""
@@ -238,6 +328,7 @@ class TrackedRun:
             Metric(name, float(value), now, step)
             for step, values in rows
             for name, value in values.items()
+            if step > self.logged_steps.get(name, -1)
         ]
         for chunk in _chunks(metrics, 1000):
             self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
@@ -277,10 +368,12 @@ def start_pretrain_run(
     world_size: int = 1,
     resume_run_id: str | None = None,
     stale_run_id: str | None = None,
+    data_settings: str | None = None,
 ) -> TrackedRun:
     """Create the pretraining run, or reopen ``resume_run_id`` when the store still has it.
 
-    ``stale_run_id`` is an earlier attempt that left no checkpoint; if it is still RUNNING it is
+    ``data_settings`` is the prepared data's settings fingerprint. ``stale_run_id`` is an earlier
+    attempt that left no checkpoint; if it is still RUNNING it is
     marked KILLED before a new run starts.
 
     A reopened run keeps its params; values that changed since (e.g. ``pretrain.epochs`` raised
@@ -291,11 +384,23 @@ def start_pretrain_run(
     mlflow_client = client(uri)
     experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment, uri)
     params = config.flat()
-    tags = pretrain_tags(config, data_hash=data_hash, device=device, world_size=world_size)
+    tags = pretrain_tags(
+        config,
+        data_hash=data_hash,
+        device=device,
+        world_size=world_size,
+        data_settings=data_settings,
+    )
 
     existing = find_run(mlflow_client, resume_run_id) if resume_run_id else None
     if existing is not None and existing.info.experiment_id == experiment_id:
-        run = TrackedRun(mlflow_client, existing.info.run_id, experiment_id, uri)
+        logged = {
+            name: max(
+                (m.step for m in mlflow_client.get_metric_history(resume_run_id, name)), default=-1
+            )
+            for name in existing.data.metrics
+        }
+        run = TrackedRun(mlflow_client, existing.info.run_id, experiment_id, uri, logged)
         mlflow_client.update_run(run.run_id, status="RUNNING")
         logged = existing.data.params
         missing = {k: v for k, v in params.items() if k not in logged}

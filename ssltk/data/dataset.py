@@ -4,6 +4,9 @@
 uint8 ``[n, 3, S, S]`` gathered from a memory-mapped array, or decoded from the original files for
 datasets prepared as a file list. Splits can be joined with ``+`` (``"train+val"``,
 ``"train+unlabeled"``). Split objects pickle by path, so DataLoader workers reopen them cheaply.
+
+``PreparedDataset.for_config(config)`` also checks that the directory was prepared from the
+config's ``data.*`` settings, so a run never trains or evaluates on other data than it logs.
 """
 
 from __future__ import annotations
@@ -18,11 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from ssltk.config import Config, read_utf8
 from ssltk.data.errors import BadImageError, PreparedDataError
-from ssltk.data.prepare import FORMAT, MANIFEST
+from ssltk.data.prepare import FORMAT, MANIFEST, data_settings
 from ssltk.data.sources import decode_image
 
 IndexLike = torch.Tensor | np.ndarray | Sequence[int]
+
+
+def load_array(path: Path, mmap: bool = False) -> np.ndarray:
+    """``np.load`` of a prepared file; a truncated or corrupt one is a one-line user error."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise PreparedDataError(f"{path} is unreadable ({reason}); run `ssltk prepare`") from None
 
 
 class PreparedSplit(ABC):
@@ -72,7 +85,7 @@ class ArrayBackedSplit(PreparedSplit):
 
     @cached_property
     def _array(self) -> np.ndarray:
-        return np.load(self.path, mmap_mode="r")
+        return load_array(self.path, mmap=True)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -168,6 +181,33 @@ class PreparedDataset:
                 raise PreparedDataError(f"{path}: missing key {key!r}; run `ssltk prepare`")
         return cls(directory, manifest)
 
+    @classmethod
+    def for_config(cls, config: Config) -> PreparedDataset:
+        """``data.prepared_dir``, refused (one line naming the key) unless it was prepared from
+        ``config``'s ``data.*`` settings."""
+        dataset = cls.open(config.data.prepared_dir)
+        dataset.check_settings(config)
+        return dataset
+
+    def check_settings(self, config: Config) -> None:
+        recorded = self.manifest.get("settings")
+        fix = "run `ssltk prepare` with this config (or set data.prepared_dir to data made from it)"
+        if not isinstance(recorded, dict):
+            raise PreparedDataError(
+                f"{self.directory}: no record of the data.* settings it was prepared from "
+                f"(an older ssltk); {fix}"
+            )
+        for key, wanted in data_settings(config).items():
+            if recorded.get(key) != wanted:
+                raise PreparedDataError(
+                    f"{key}: {self.directory} was prepared with {recorded.get(key)!r}, the config "
+                    f"says {wanted!r}; {fix}"
+                )
+
+    @property
+    def settings_fingerprint(self) -> str:
+        return str(self.manifest.get("settings_fingerprint", ""))
+
     @property
     def splits(self) -> tuple[str, ...]:
         return tuple(self.manifest["splits"])
@@ -204,7 +244,7 @@ class PreparedDataset:
         if entry is None:
             have = ", ".join(self.splits)
             raise PreparedDataError(f"{self.directory}: no split {name!r} (has {have})")
-        labels = torch.from_numpy(np.load(self._file(entry["labels"])).astype(np.int64))
+        labels = torch.from_numpy(load_array(self._file(entry["labels"])).astype(np.int64))
         if len(labels) != entry["count"]:
             raise PreparedDataError(
                 f"{self.directory / entry['labels']}: {len(labels)} labels, manifest says "
@@ -218,7 +258,7 @@ class PreparedDataset:
                 )
             return split
         root = Path(self.manifest["root"])
-        files = self._file(entry["files"]).read_text(encoding="utf-8").splitlines()
+        files = read_utf8(self._file(entry["files"])).splitlines()
         if len(files) != len(labels):
             raise PreparedDataError(f"{self.directory / entry['files']}: {len(files)} files")
         return FileBackedSplit(root, files, name, self.class_names, self.image_size, labels)

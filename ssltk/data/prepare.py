@@ -2,7 +2,8 @@
 
 Layout of ``data.prepared_dir``::
 
-    manifest.json                 source, counts, class names, image size, hashes, skipped images
+    manifest.json                 the data.* settings it was made from, source, counts, class
+                                  names, image size, hashes, skipped images
     <split>_labels.npy            int64 [N] (-1 for unlabeled)
     <split>_images.npy            uint8 [N, 3, S, S]        storage "arrays" (read memory-mapped)
     <split>_files.txt             relative paths under root storage "files" (decoded lazily)
@@ -10,11 +11,16 @@ Layout of ``data.prepared_dir``::
 Splits are ``train``, ``val`` (held out from train per class, chosen by ``seed``), ``test`` and, for
 STL-10, ``unlabeled``. The directory is written under a temporary name and renamed into place, so an
 interrupted run never leaves something that looks prepared. Two runs with the same inputs write
-identical bytes.
+identical bytes. Array files are allocated in full before they are filled through a memory map:
+writing a sparse map on a full disk would kill the process with SIGBUS.
+
+The manifest records the ``data.*`` settings it was made from (:func:`data_settings`); training
+and evaluation refuse prepared data whose settings differ from their config's.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -42,6 +48,44 @@ _HOLDOUT_EPOCH = 2**32 - 1
 _HOLDOUT_STREAM = 0x7E1D_0C7
 
 
+def data_settings(config: Config) -> dict[str, Any]:
+    """The config values that decide what ``ssltk prepare`` writes, as written by the user
+    (``seed`` matters only through the held-out split)."""
+    data = config.data
+
+    def written(path: Path | None) -> str | None:
+        return None if path is None else os.path.normpath(Path(path).expanduser())
+
+    return {
+        "data.source": data.source,
+        "data.root": None if data.source == "demo" else written(data.root),
+        "data.file_list": written(data.file_list),
+        "data.image_size": data.image_size,
+        "data.val_fraction": data.val_fraction,
+        "seed": config.seed if data.val_fraction > 0 else None,
+    }
+
+
+def settings_fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _reserve(path: Path) -> None:
+    """Allocate every block of ``path`` now, so a full disk is an error here, not a SIGBUS later."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+
+def _open_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    _reserve(path)
+    return array
+
+
 def held_out_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Train items held out as ``val``: per class ``round(n_c · fraction)``, chosen by ``seed``."""
     count = len(labels)
@@ -61,8 +105,7 @@ class _ArrayWriter:
     def __init__(self, directory: Path, split: str, capacity: int, size: int) -> None:
         self.directory, self.split, self.size = directory, split, size
         self.path = directory / f"{split}_images.npy"
-        shape = (capacity, 3, size, size)
-        self.images = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8, shape=shape)
+        self.images = _open_memmap(self.path, (capacity, 3, size, size))
         self.labels: list[int] = []
         self.digest = hashlib.sha256()
 
@@ -76,8 +119,7 @@ class _ArrayWriter:
         self.images.flush()
         if count < len(self.images):  # images were skipped: keep only the rows written
             kept = self.directory / f"{self.split}_images.kept.npy"
-            shape = (count, 3, self.size, self.size)
-            out = np.lib.format.open_memmap(kept, mode="w+", dtype=np.uint8, shape=shape)
+            out = _open_memmap(kept, (count, 3, self.size, self.size))
             for start in range(0, count, 4096):
                 stop = min(start + 4096, count)
                 out[start:stop] = self.images[start:stop]
@@ -261,8 +303,11 @@ def prepare(config: Config, *, progress: bool = True) -> dict[str, Any]:
         ctx = _Context(config, progress)
         storage = _storage(source, data.max_in_memory_images)
         splits = _write_splits(source, config, storage, tmp, ctx)
+        settings = data_settings(config)
         manifest: dict[str, Any] = {
             "format": FORMAT,
+            "settings": settings,
+            "settings_fingerprint": settings_fingerprint(settings),
             "source": source.name,
             "layout": source.layout,
             "root": str(source.root) if source.root is not None else None,
@@ -281,7 +326,10 @@ def prepare(config: Config, *, progress: bool = True) -> dict[str, Any]:
         manifest["content_hash"] = _content_hash(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _move_into_place(tmp, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):  # e.g. no space left: one line, nothing half-written left
+            where = err.filename or tmp
+            raise DataError(f"{where}: {err.strerror or err}; {out} was left unchanged") from None
         raise
     return manifest

@@ -10,7 +10,9 @@
 A source only describes and decodes; :mod:`ssltk.data.prepare` decides how the result is stored.
 Every image comes out as uint8 ``[3, S, S]``: shorter side resized to ``S`` with an area (box)
 filter, each side ``round(old × ratio)``, then the centre ``S × S`` crop (offset
-``floor((d − S) / 2)``).
+``floor((d − S) / 2)``). An image over PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)
+is a bad image, like a truncated one; directory trees are walked following symlinks, each
+directory once (a symlink loop is reported and not followed again).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import io
 import multiprocessing
 import os
 import pickle
+import sys
 import tarfile
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -28,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ssltk.config import ConfigError, DataConfig
+from ssltk.config import ConfigError, DataConfig, read_utf8
 from ssltk.data.errors import DataError, DatasetNotFoundError, MissingFileError
 
 DEMO_ARCHIVE = Path(__file__).resolve().parent.parent / "assets" / "cifar10-demo.tar.gz"
@@ -67,9 +71,16 @@ def resize_and_center_crop(image: Image.Image, size: int) -> np.ndarray:
     return np.clip(np.rint(crop), 0, 255).astype(np.uint8)
 
 
+def _open_image(data: bytes | Path) -> Image.Image:
+    """``Image.open`` where an image over the pixel limit raises instead of warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+
+
 def decode_image(data: bytes | Path, size: int) -> np.ndarray:
     """Decode an encoded image (bytes or a file) into ``[3, size, size]`` uint8."""
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+    with _open_image(data) as image:
         image.load()
         return resize_and_center_crop(image, size)
 
@@ -80,7 +91,7 @@ def check_image(path: Path, size: int) -> None:
     JPEG decoding uses PIL's draft mode (DCT scaling towards ``size``), which still reads every
     entropy-coded byte, so truncation and corruption are caught at a fraction of the cost.
     """
-    with Image.open(path) as image:
+    with _open_image(path) as image:
         image.draft("RGB", (size, size))
         image.load()
 
@@ -214,6 +225,11 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _dir_id(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
 def _scan_class_dirs(split_dir: Path) -> dict[str, list[str]]:
     """``{class: sorted paths relative to split_dir's parent}`` of ``split_dir/<class>/**/*``."""
     found: dict[str, list[str]] = {}
@@ -221,7 +237,17 @@ def _scan_class_dirs(split_dir: Path) -> dict[str, list[str]]:
         if class_dir.name.startswith("."):
             continue
         paths = []
+        # Directories already read, and those above the class folder: reaching one again
+        # through a symlink would read images twice (or forever, around a loop).
+        seen = {_dir_id(p) for p in (class_dir.resolve(), *class_dir.resolve().parents)}
+        seen.discard(_dir_id(class_dir))
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            key = _dir_id(Path(dirpath))
+            if key in seen:
+                print(f"warning: {dirpath}: symlink loop, not followed", file=sys.stderr)
+                dirnames.clear()
+                continue
+            seen.add(key)
             dirnames.sort()
             rel = Path(dirpath).relative_to(split_dir.parent).as_posix()
             paths.extend(f"{rel}/{name}" for name in sorted(filenames) if _is_image(name))
@@ -440,7 +466,7 @@ def _stl10(root: Path, need_unlabeled: bool) -> Source:
     names_file = base / "class_names.txt"
     if not names_file.is_file():
         raise MissingFileError(names_file, "STL-10 binary version")
-    classes = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    classes = [line.strip() for line in read_utf8(names_file).splitlines() if line.strip()]
     splits: dict[str, SourceSplit] = {}
     for split in ("train", "test"):
         images = _stl10_images(base / f"{split}_X.bin")
@@ -463,7 +489,7 @@ def _file_list(root: Path, list_path: Path) -> Source:
     if not list_path.is_file():
         raise MissingFileError(list_path, "data.file_list")
     entries: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
-    for number, line in enumerate(list_path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_utf8(list_path).splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -3,22 +3,27 @@
 A checkpoint ``ckpt-<step>.pt`` is written to a temporary file, fsync'ed and renamed into place;
 then its SHA-256 is written beside it as ``ckpt-<step>.pt.sha256`` (``sha256sum -c`` format), the
 same way. A checkpoint counts only once its sidecar exists and matches, so a process killed at any
-point leaves either a complete, verifiable checkpoint or one that is reported and skipped.
-Checkpoints hold tensors and plain Python values only and load with ``weights_only=True``.
+point leaves either a complete, verifiable checkpoint or one that is reported and skipped (in one
+line, as is one whose structure its caller's ``validate`` rejects). Pruning keeps the newest
+checkpoints that verify, so a corrupt file never takes the place of a good one. Checkpoints hold
+tensors and plain Python values only and load with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
+import pickle
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ssltk.fsutil import write_atomic
 
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 SIDECAR_SUFFIX = ".sha256"
@@ -49,25 +54,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either nothing or all of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(state: dict[str, Any], directory: Path, step: int) -> CheckpointInfo:
@@ -112,25 +98,50 @@ def verify_checkpoint(path: Path) -> str:
     return actual
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify and load one checkpoint (tensors and plain values only)."""
+def _one_line(err: BaseException) -> str:
+    """A loader's failure in one line (torch's refusal of pickled code is a page of advice)."""
+    text = str(err)
+    refused = re.search(r"GLOBAL (\S+)", text)
+    if isinstance(err, pickle.UnpicklingError) and refused:
+        return f"refused: it would import {refused.group(1)} (only tensors and plain values load)"
+    return f"{type(err).__name__}: {' '.join(text.split())[:300]}"
+
+
+def load_checkpoint(
+    path: Path,
+    map_location: str | torch.device = "cpu",
+    validate: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Verify and load one checkpoint (tensors and plain values only).
+
+    ``validate`` checks the loaded dict's structure and raises :class:`CheckpointError` if it is
+    not a checkpoint its caller can resume from.
+    """
     verify_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # a corrupt archive can fail in many ways
-        raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{path}: cannot be loaded ({_one_line(err)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(state).__name__}")
+    if validate is not None:
+        try:
+            validate(state)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
     return state
 
 
 def latest_valid_checkpoint(
-    directory: Path, map_location: str | torch.device = "cpu"
+    directory: Path,
+    map_location: str | torch.device = "cpu",
+    validate: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[CheckpointInfo, dict[str, Any]] | None:
-    """The newest checkpoint that verifies and loads; each one skipped is reported on stderr."""
+    """The newest checkpoint that verifies, loads and passes ``validate``; each one skipped is
+    reported on stderr in one line."""
     for step, path in list_checkpoints(directory):
         try:
-            state = load_checkpoint(path, map_location)
+            state = load_checkpoint(path, map_location, validate)
         except CheckpointError as err:
             print(f"warning: skipping checkpoint: {err}", file=sys.stderr)
             continue
@@ -138,12 +149,30 @@ def latest_valid_checkpoint(
     return None
 
 
-def prune_checkpoints(directory: Path, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest checkpoints (and stale temporary files)."""
+def _verifies(path: Path) -> bool:
+    try:
+        verify_checkpoint(path)
+    except (CheckpointError, OSError):
+        return False
+    return True
+
+
+def prune_checkpoints(
+    directory: Path, keep: int, fresh: CheckpointInfo | None = None
+) -> list[Path]:
+    """Keep the ``keep`` newest checkpoints that verify; delete every other one (an unverifiable
+    file can never be resumed from, so it must not take a place) and stale temporary files.
+
+    ``fresh`` is a checkpoint just written by :func:`save_checkpoint`, trusted without rehashing.
+    """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     removed = []
-    for _, path in list_checkpoints(directory)[keep:]:
+    kept = 0
+    for _, path in list_checkpoints(directory):
+        if kept < keep and ((fresh is not None and path == fresh.path) or _verifies(path)):
+            kept += 1
+            continue
         for victim in (path, sidecar_path(path)):
             if victim.exists():
                 victim.unlink()

@@ -8,12 +8,18 @@ from typing import Annotated
 
 import typer
 
-from ssltk.cliutils import ParamsOption, SetOption, fail, progress_enabled, read_config, user_errors
+from ssltk.cliutils import (
+    INTERRUPTED,
+    ParamsOption,
+    SetOption,
+    fail,
+    progress_enabled,
+    read_config,
+    user_errors,
+)
 
 #: Exit code of a run stopped by a NaN/inf loss.
 DIVERGED = 3
-#: Exit code of a run stopped by Ctrl-C or SIGTERM (after checkpointing its last step).
-INTERRUPTED = 130
 
 OutOption = Annotated[
     Path | None,
@@ -42,11 +48,11 @@ def pretrain(
     BatchNorm sees the global batch with pretrain.distributed.sync_bn=true, else each process's.
     """
     config = read_config(params, set_)
-    from ssltk.train.engine import DivergenceError, RunInterrupted
-    from ssltk.train.engine import pretrain as run_pretrain
-
     main = int(os.environ.get("RANK", "0")) == 0
     with user_errors():
+        from ssltk.train.engine import DivergenceError, RunInterrupted  # seconds: Ctrl-C-able
+        from ssltk.train.engine import pretrain as run_pretrain
+
         try:
             result = run_pretrain(config, out, restart=restart, progress_bar=progress_enabled())
         except DivergenceError as err:
@@ -58,6 +64,6 @@ def pretrain(
     if main:
         shown = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items())
         typer.echo(
-            f"pretrained {result.steps} steps ({shown}); run {result.run_id}; "
-            f"checkpoint {result.checkpoint}"
+            f"pretrained {result.steps} steps ({shown}); run {result.run_id} in "
+            f"{result.tracking_uri}; checkpoint {result.checkpoint}"
         )

@@ -6,6 +6,11 @@ generator, which is seeded and checkpointed, and kernels are deterministic. Chec
 model, the optimiser, the position (global step), the epoch's running metric sums and every rank's
 RNG states; resuming from one continues the run bit for bit.
 
+Only prepared data made from the config's ``data.*`` settings is used. The run directory is locked
+for the run's lifetime (a second process refuses at once); SIGTERM, like Ctrl-C, ends the run with
+its MLflow run and run.json marked, before the loop as well as in it. Resuming logs no MLflow point
+twice, and pruning never lets an unverifiable checkpoint take a kept place.
+
 Test hook: the environment variable ``SSLTK_INJECT_NAN_AT_STEP=N`` multiplies the loss of global
 step ``N`` by NaN, to exercise the divergence path without a contrived config.
 """
@@ -28,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssltk import tracking
+from ssltk import fsutil, tracking
 from ssltk.config import Config, ConfigError
 from ssltk.data import rng
 from ssltk.data.dataset import PreparedDataset
@@ -36,13 +41,13 @@ from ssltk.data.loader import DeterministicLoader
 from ssltk.pretext import PretextInputs, PretextTask, build_task
 from ssltk.train import distributed
 from ssltk.train.checkpoint import (
+    CheckpointError,
     CheckpointInfo,
     latest_valid_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     remove_checkpoints,
     save_checkpoint,
-    write_atomic,
 )
 from ssltk.train.determinism import deterministic_mode, rng_state, seed_everything, set_rng_state
 from ssltk.train.meters import CurveFile, EpochMeter, MetricWindow, first_non_finite
@@ -78,6 +83,9 @@ RESUMABLE_KEYS = frozenset(
     }
 )
 _TRAJECTORY_SECTIONS = ("seed", "data", "model", "pretext", "pretrain")
+#: What a checkpoint of this format holds (``position`` with at least these entries).
+_STATE_KEYS = ("model", "optimizer", "position", "epoch_meter", "rng", "trajectory", "data_hash")
+_POSITION_KEYS = ("global_step", "steps_per_epoch")
 
 
 class DivergenceError(RuntimeError):
@@ -106,6 +114,7 @@ class PretrainResult:
     checkpoint: Path
     steps: int
     metrics: dict[str, float] = field(default_factory=dict)
+    tracking_uri: str | None = None
 
 
 def default_out_dir(config: Config) -> Path:
@@ -193,7 +202,22 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    fsutil.write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def check_state(state: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has every entry a resume reads (a
+    checkpoint of another format is left to the compatibility check, which names it)."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        return
+    missing = [key for key in _STATE_KEYS if key not in state]
+    position = state.get("position")
+    if isinstance(position, dict):
+        missing += [f"position.{key}" for key in _POSITION_KEYS if key not in position]
+    elif "position" not in missing:
+        missing.append("position")
+    if missing:
+        raise CheckpointError(f"not a complete checkpoint (no {', '.join(missing)})")
 
 
 class _PretrainRun:
@@ -229,8 +253,11 @@ class _PretrainRun:
     def build(self) -> None:
         context, config = self.context, self.config
         seed_everything(config.seed + context.rank)
-        dataset = PreparedDataset.open(config.data.prepared_dir)
+        dataset = PreparedDataset.for_config(config)
         self.data_hash = dataset.content_hash
+        self.data_settings = dataset.settings_fingerprint
+        if context.is_main:  # an unusable store is found before any work, and created once
+            tracking.client(config.tracking.resolved_uri())
         split = dataset.split(config.data.pretrain_split)
         self.loader = DeterministicLoader(
             split,
@@ -300,13 +327,15 @@ class _PretrainRun:
                 for name in (RUN_JSON, METRICS_JSON, CURVE_CSV):
                     (self.out_dir / name).unlink(missing_ok=True)
             else:
-                found = latest_valid_checkpoint(self.ckpt_dir, map_location=self.context.device)
+                found = latest_valid_checkpoint(
+                    self.ckpt_dir, map_location=self.context.device, validate=check_state
+                )
                 if found is not None:
                     self.last_checkpoint, state = found
                     chosen = str(found[0].path)
         chosen = distributed.broadcast_object(self.context, chosen)
         if chosen is not None and state is None:
-            state = load_checkpoint(Path(chosen), map_location=self.context.device)
+            state = load_checkpoint(Path(chosen), self.context.device, validate=check_state)
         return state
 
     def _check_compatible(self, state: dict[str, Any]) -> None:
@@ -351,6 +380,7 @@ class _PretrainRun:
             world_size=self.context.world_size,
             resume_run_id=previous if self.resume_state is not None else None,
             stale_run_id=previous if self.resume_state is None else None,
+            data_settings=self.data_settings,
         )
         self._write_run_json(status="running")
         if self.resume_state is None:
@@ -501,7 +531,7 @@ class _PretrainRun:
                 "data_hash": self.data_hash,
             }
             self.last_checkpoint = save_checkpoint(state, self.ckpt_dir, self.global_step)
-            prune_checkpoints(self.ckpt_dir, self.pre.keep_checkpoints)
+            prune_checkpoints(self.ckpt_dir, self.pre.keep_checkpoints, fresh=self.last_checkpoint)
         self.checkpoint_step = self.global_step
         distributed.barrier(self.context)
 
@@ -538,6 +568,7 @@ class _PretrainRun:
             "total_steps": self.total,
             "steps_per_epoch": self.steps_per_epoch,
             "data_hash": self.data_hash,
+            "data_settings": self.data_settings,
             "world_size": self.context.world_size,
         }
         if failure:
@@ -566,14 +597,22 @@ class _PretrainRun:
             checkpoint=self.last_checkpoint.path if self.last_checkpoint else Path(),
             steps=self.global_step,
             metrics=final,
+            tracking_uri=self.tracked.tracking_uri if self.tracked else None,
         )
 
     def fail(self, status: str, message: str) -> None:
         """Mark the MLflow run and run.json; a run that never started tracking leaves no trace."""
         if self.tracked is None:
             return
-        self.tracked.finish(status, failure=message)
-        self._write_run_json(status=status.lower(), failure=message)
+        for record in (
+            lambda: self._write_run_json(status=status.lower(), failure=message),
+            lambda: self.tracked.finish(status, failure=message),
+        ):
+            try:  # best effort: the failure being reported (a full disk?) may strike here too
+                record()
+            except Exception as err:
+                reason = " ".join(str(err).split())[:200]
+                print(f"warning: could not record the run as {status}: {reason}", file=sys.stderr)
 
 
 def pretrain(
@@ -590,17 +629,38 @@ def pretrain(
     (the MLflow run is then marked FAILED and the last good checkpoint is kept).
     """
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(config)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        message = f"--out {out_dir}: cannot use it as the run directory ({err.strerror})"
-        raise ConfigError(message) from None
-    with deterministic_mode():
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 holds the directory
+    with _sigterm_interrupts(), _run_directory(out_dir, main), deterministic_mode():
         context = distributed.setup(config.pretrain)
         try:
             return _run(config, out_dir, context, restart=restart, progress_bar=progress_bar)
         finally:
             distributed.teardown(context)
+
+
+def _run_directory(out_dir: Path, main: bool) -> Any:
+    if main:
+        return fsutil.run_directory(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return nullcontext(out_dir)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does: outside the training loop (which turns
+    both into a stop after the current step) a run ends marked KILLED, not silently."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(
