@@ -26,7 +26,7 @@ from ssltk.evaluate.lbfgs import topk_accuracy
 from ssltk.evaluate.pooling import make_pool
 from ssltk.evaluate.sgd import predict, train_heads
 from ssltk.evaluate.target import EvalTarget
-from ssltk.train.checkpoint import write_atomic
+from ssltk.fsutil import run_directory, write_atomic
 from ssltk.train.determinism import deterministic_mode
 
 __all__ = ["EvalResult", "evaluate", "resolve_layers"]
@@ -80,7 +80,7 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate ``target`` with ``target.config.eval``; log it; write ``out_dir/metrics.json``."""
     config, ev = target.config, target.config.eval
-    dataset = PreparedDataset.open(config.data.prepared_dir)
+    dataset = PreparedDataset.for_config(config)
     needed = ["train", ev.report_split] + (["val"] if len(ev.lbfgs.l2) > 1 else [])
     for name in dict.fromkeys(needed):
         if name not in dataset.splits:
@@ -91,15 +91,25 @@ def evaluate(
     splits = {name: dataset.split(name) for name in dict.fromkeys(needed)}
     target.task.to(device).eval()
     layers = resolve_layers(target, splits["train"], ev.layers)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with run_directory(out_dir):
+        return _evaluate(target, splits, layers, dataset.content_hash, out_dir, device, progress)
 
+
+def _evaluate(
+    target: EvalTarget,
+    splits: dict[str, PreparedSplit],
+    layers: list[str],
+    data_hash: str,
+    out_dir: Path,
+    device: torch.device,
+    progress: bool,
+) -> EvalResult:
+    ev = target.config.eval
     started = time.perf_counter()
-    run = _start_run(target, dataset.content_hash, device)
+    run = _start_run(target, data_hash, device)
     try:
         with deterministic_mode():
-            features = _features(
-                target, splits, layers, dataset.content_hash, out_dir, device, progress
-            )
+            features = _features(target, splits, layers, data_hash, out_dir, device, progress)
             figures = _probe(target, splits, layers, features, device)
         result = EvalResult(run.run_id, ev.method, ev.report_split, figures)
         result.seconds = time.perf_counter() - started

@@ -70,7 +70,9 @@ def _run_config(run_id: str, current: Config, mlflow_client) -> Config:
     tree["eval"] = current.eval.model_dump(mode="json")
     tree["tracking"] = current.tracking.model_dump(mode="json")
     tree.setdefault("data", {})["prepared_dir"] = str(current.data.prepared_dir)
-    return config_from_dict(tree, origin=f"run {run_id} {tracking.CONFIG_ARTIFACT}")
+    config = config_from_dict(tree, origin=f"run {run_id} {tracking.CONFIG_ARTIFACT}")
+    config.tracking._root = current.tracking._root  # relative store paths resolve as today's
+    return config
 
 
 def _pretrain_run(config: Config, run_id: str):
