@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -109,9 +110,23 @@ def main() -> None:
     parser.add_argument("--log", default="/tmp/study/log.jsonl")
     parser.add_argument("--no-random", action="store_true")
     parser.add_argument("--no-probe", action="store_true")
+    parser.add_argument(
+        "--rotation-eval-crop",
+        action="store_true",
+        help="experiment: rotation trains on the eval preprocessing (no inception crop)",
+    )
     args = parser.parse_args()
     overrides = ["tracking.uri=sqlite:////tmp/study/mlflow.db", "tracking.experiment=tune"]
     config = load_config(args.params, overrides + args.set)
+    if args.rotation_eval_crop:
+        import ssltk.pretext.rotation as rotation
+
+        plain = rotation.inception_preprocess
+
+        def eval_crop(images, keys, stream, size, *, train):
+            return plain(images, keys, stream, size, train=False)
+
+        rotation.inception_preprocess = eval_crop
 
     t0 = time.perf_counter()
     cpu0 = time.process_time()
@@ -169,5 +184,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("PROBE_THREADS", "1")))
     main()

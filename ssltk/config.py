@@ -93,7 +93,11 @@ class ModelConfig(Section):
 
 
 class RotationConfig(Section):
-    pass
+    crop: Literal["inception", "center"] = Field(
+        "inception",
+        description="training preprocessing: the paper's inception crop, or the evaluation's "
+        "centre crop (for tiny images, where inception crops are a few blurred pixels)",
+    )
 
 
 class ExemplarConfig(Section):
