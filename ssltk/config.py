@@ -105,6 +105,11 @@ class ModelConfig(Section):
     last_relu: bool = True
     representation_size: PositiveInt | None = None
     memory_saving: bool = True
+    zero_init_residual: bool = Field(
+        False,
+        description="start every residual branch at zero (Goyal et al. 2017; not in the paper's "
+        "code); no effect on vgg19_bn",
+    )
 
     @model_validator(mode="after")
     def _v1_has_last_relu(self) -> ModelConfig:
@@ -115,7 +120,11 @@ class ModelConfig(Section):
 
 
 class RotationConfig(Section):
-    pass
+    crop: Literal["inception", "center"] = Field(
+        "inception",
+        description="training preprocessing: the paper's inception crop, or the evaluation's "
+        "centre crop (for tiny images, where inception crops are a few blurred pixels)",
+    )
 
 
 class ExemplarConfig(Section):
@@ -175,8 +184,11 @@ class PretrainConfig(Section):
     epochs: PositiveInt = 35
     batch_size: PositiveInt = Field(64, description="global batch in source images")
     base_lr: Annotated[float, Field(gt=0)] = Field(0.1, description="LR per 256 images")
+    schedule: Literal["step", "cosine"] = Field(
+        "step", description="after warm-up: step decays (paper) or cosine to 0 over all epochs"
+    )
     warmup_epochs: NonNegFloat = 5
-    decay_epochs: list[NonNegFloat] = [15, 25]
+    decay_epochs: list[NonNegFloat] = Field([15, 25], description="step schedule only")
     decay_factor: Annotated[float, Field(gt=0, le=1)] = 0.1
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     weight_decay: NonNegFloat = 1e-4

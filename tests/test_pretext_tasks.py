@@ -91,6 +91,14 @@ def test_rotation_eval_batch_is_the_deterministic_inception_eval(tasks, images, 
     assert torch.equal(batch.inputs[::4], expected)
 
 
+def test_rotation_center_crop_trains_on_the_eval_preprocessing(images, keys):
+    task = build_task(tiny_config("rotation", rotation={"crop": "center"}))
+    train = task.prepare_batch(images, keys, batch_key(0, 0, 0), train=True)
+    expected = augment.inception_preprocess(images, None, 0, 32, train=False)
+    assert torch.equal(train.inputs[::4], expected)
+    assert train.labels.tolist() == [0, 1, 2, 3] * BATCH
+
+
 def test_exemplar_copies_share_the_grayscale_decision(images, keys):
     task = build_task(tiny_config("exemplar", exemplar={"grayscale_p": 0.5}))
     batch = task.prepare_batch(images, keys, batch_key(0, 0, 0), train=True)

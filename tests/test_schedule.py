@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 
 from ssltk.config import PretrainConfig
-from ssltk.train.schedule import StepSchedule, peak_lr, steps_per_epoch, total_steps
+from ssltk.train.schedule import (
+    CosineSchedule,
+    StepSchedule,
+    build_schedule,
+    peak_lr,
+    steps_per_epoch,
+    total_steps,
+)
 
 IMAGENET_TRAIN = 1_231_121
 
@@ -104,3 +114,47 @@ def test_batch_larger_than_data_and_negative_step_are_errors():
         steps_per_epoch(10, 64)
     with pytest.raises(ValueError, match="step"):
         released(64)(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cosine (an option, not in the paper)
+
+
+def test_cosine_ramps_like_step_then_follows_half_a_cosine_to_zero():
+    config = PretrainConfig(
+        schedule="cosine", batch_size=64, base_lr=0.4, warmup_epochs=1, epochs=5
+    )
+    schedule = build_schedule(config, steps_per_epoch=4)
+    assert isinstance(schedule, CosineSchedule)
+    assert (schedule.peak, schedule.warmup_steps, schedule.total_steps) == (0.1, 4, 20)
+    assert [schedule(s) for s in range(5)] == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
+    assert schedule(8) == pytest.approx(0.1 * (1 + math.cos(math.pi / 4)) / 2)
+    assert schedule(12) == pytest.approx(0.05)  # half-way through the decay
+    assert schedule(19) == pytest.approx(0.1 * (1 + math.cos(math.pi * 15 / 16)) / 2)
+    assert schedule(20) == 0.0 and schedule(25) == 0.0
+    rates = [schedule(s) for s in range(4, 21)]
+    assert all(a > b for a, b in itertools.pairwise(rates))
+
+
+def test_cosine_spans_epochs_not_max_steps_and_step_is_the_default():
+    config = PretrainConfig(schedule="cosine", warmup_epochs=0, epochs=3, max_steps=5)
+    assert build_schedule(config, steps_per_epoch=10).total_steps == 30
+    assert isinstance(build_schedule(PretrainConfig(), 10), StepSchedule)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "culprit"),
+    [({"peak": -1.0}, "peak"), ({"warmup_steps": 10}, "warmup_steps")],
+)
+def test_bad_cosine_schedules_name_the_argument(kwargs: dict, culprit: str):
+    with pytest.raises(ValueError, match=culprit):
+        CosineSchedule(**{"peak": 0.1, "warmup_steps": 2, "total_steps": 10, **kwargs})
+
+
+def test_cosine_makes_epochs_part_of_a_checkpoints_trajectory():
+    from ssltk.config import Config
+    from ssltk.train.engine import trajectory
+
+    step, cosine = Config(), Config(pretrain=PretrainConfig(schedule="cosine"))
+    assert "pretrain.epochs" not in trajectory(step)  # step decays: more epochs extend the run
+    assert trajectory(cosine)["pretrain.epochs"] == 35  # cosine: they change every step's rate

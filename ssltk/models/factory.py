@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from ssltk.models.init import zero_init_residual_branches
 from ssltk.models.layers import is_excluded_from_weight_decay
 from ssltk.models.resnet import ResNet50
 from ssltk.models.revnet import RevNet50
@@ -30,6 +31,7 @@ def build_model(
     representation_size: int | None = None,
     memory_saving: bool = True,
     input_size: int | None = None,
+    zero_init_residual: bool = False,
 ) -> nn.Module:
     """Build a backbone; calling it on ``[B, 3, H, W]`` returns a dict of endpoints.
 
@@ -37,7 +39,8 @@ def build_model(
     pre_logits, logits``. ``num_classes`` None or 0 leaves out the head and the ``logits`` endpoint
     (for pretext heads that read ``pre_logits``). ``patch_mode`` sets the root and last-stage
     strides to 1 for ResNet/RevNet (paper §3.6; VGG is unchanged). ``memory_saving`` is RevNet's
-    activation recomputation. ``input_size`` is used by VGG only (see :class:`ArchConfig`). The
+    activation recomputation. ``input_size`` is used by VGG only (see :class:`ArchConfig`).
+    ``zero_init_residual`` starts every residual branch at zero (:mod:`ssltk.models.init`). The
     arguments are kept on ``model.config``. Bad arguments raise ``ValueError`` naming them.
     """
     config = ArchConfig(
@@ -49,8 +52,12 @@ def build_model(
         representation_size=representation_size,
         memory_saving=memory_saving,
         input_size=input_size,
+        zero_init_residual=zero_init_residual,
     )
-    return _BUILDERS[config.arch](config)
+    model = _BUILDERS[config.arch](config)
+    if config.zero_init_residual:
+        zero_init_residual_branches(model)
+    return model
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ class ArchConfig:
     representation_size: int | None = None
     memory_saving: bool = True
     input_size: int | None = None
+    zero_init_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -53,7 +54,7 @@ class ArchConfig:
             )
         if self.num_classes == 0:
             object.__setattr__(self, "num_classes", None)
-        for name in ("last_relu", "patch_mode", "memory_saving"):
+        for name in ("last_relu", "patch_mode", "memory_saving", "zero_init_residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be True or False")
         if not self.last_relu and self.arch not in LAST_RELU_OPTIONAL:

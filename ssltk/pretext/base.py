@@ -137,6 +137,7 @@ def backbone_from_config(
         representation_size=model.representation_size,
         memory_saving=model.memory_saving,
         input_size=input_size,
+        zero_init_residual=model.zero_init_residual,
     )
 
 

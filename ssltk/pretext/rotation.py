@@ -2,7 +2,9 @@
 
 Every image is inception-preprocessed once at ``input_size`` and contributes all four rotations to
 the same batch, adjacent: copy ``k`` is rotated ``k × 90°`` counter-clockwise (``numpy.rot90``)
-and labelled ``k``. The 4-way classifier is the backbone's own ``logits`` layer.
+and labelled ``k``. The 4-way classifier is the backbone's own ``logits`` layer. With
+``pretext.rotation.crop: center`` (not in the paper) training uses the deterministic centre crop
+of evaluation instead: on 32-px images an inception crop is often a few blurred pixels.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class Rotation(FullImageTask):
         self, images: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
     ) -> PretextInputs:
         size = self.config.pretext.input_size
-        x = inception_preprocess(images, keys, STREAM_INCEPTION, size, train=train)
+        augment = train and self.config.pretext.rotation.crop == "inception"
+        x = inception_preprocess(images, keys, STREAM_INCEPTION, size, train=augment)
         labels = torch.arange(NUM_ROTATIONS, device=images.device).repeat(images.shape[0])
         return PretextInputs(rotate_all(x), labels, num_images=images.shape[0])
 

@@ -52,7 +52,7 @@ from ssltk.train.checkpoint import (
 from ssltk.train.determinism import deterministic_mode, rng_state, seed_everything, set_rng_state
 from ssltk.train.meters import CurveFile, EpochMeter, MetricWindow, first_non_finite
 from ssltk.train.progress import Progress
-from ssltk.train.schedule import StepSchedule, total_steps
+from ssltk.train.schedule import Schedule, build_schedule, total_steps
 from ssltk.train.sync_bn import convert_sync_bn
 
 FAULT_ENV = "SSLTK_INJECT_NAN_AT_STEP"
@@ -123,10 +123,13 @@ def default_out_dir(config: Config) -> Path:
 
 def trajectory(config: Config) -> dict[str, Any]:
     """The config values a checkpoint's weights depend on (flat, dotted keys)."""
+    resumable = RESUMABLE_KEYS
+    if config.pretrain.schedule == "cosine":  # the cosine's length sets every step's rate
+        resumable = resumable - {"pretrain.epochs"}
     return {
         key: value
         for key, value in config.flat().items()
-        if key.split(".")[0] in _TRAJECTORY_SECTIONS and key not in RESUMABLE_KEYS
+        if key.split(".")[0] in _TRAJECTORY_SECTIONS and key not in resumable
     }
 
 
@@ -147,7 +150,7 @@ class Trainer:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        schedule: StepSchedule,
+        schedule: Schedule,
         *,
         device: torch.device,
         precision: str = "fp32",
@@ -271,7 +274,7 @@ class _PretrainRun:
         )
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.total = total_steps(self.pre, self.steps_per_epoch)
-        self.schedule = StepSchedule.from_config(self.pre, self.steps_per_epoch)
+        self.schedule = build_schedule(self.pre, self.steps_per_epoch)
 
         try:
             task = build_task(config)

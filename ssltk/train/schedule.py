@@ -1,4 +1,5 @@
-"""The pretraining learning-rate schedule (paper §5.1): linear warm-up from 0, then step decays.
+"""The pretraining learning-rate schedule (paper §5.1): linear warm-up from 0, then step decays;
+optionally (``pretrain.schedule: cosine``, not in the paper) a cosine decay to 0 instead of steps.
 
 Everything is expressed in epochs in the config and converted to global steps with
 ``steps_per_epoch = floor(num_images / global_batch)``; the last partial batch is dropped.
@@ -94,6 +95,50 @@ class StepSchedule:
             return self.peak * step / self.warmup_steps
         decays = sum(step >= b for b in self.boundaries)
         return self.peak * self.decay_factor**decays
+
+
+@dataclass(frozen=True)
+class CosineSchedule:
+    """``lr(step)``: the same linear warm-up as :class:`StepSchedule`, then
+    ``peak · (1 + cos(π · t)) / 2`` with ``t`` the fraction of the post-warm-up steps done, reaching
+    0 at ``total_steps`` (Loshchilov & Hutter, 2017, without restarts).
+    """
+
+    peak: float
+    warmup_steps: float
+    total_steps: int
+
+    def __post_init__(self) -> None:
+        if self.peak <= 0 or not math.isfinite(self.peak):
+            raise ValueError(f"peak learning rate must be positive and finite, got {self.peak}")
+        if not 0 <= self.warmup_steps < self.total_steps:
+            raise ValueError(
+                f"warmup_steps must be in [0, total_steps={self.total_steps}), "
+                f"got {self.warmup_steps}"
+            )
+
+    def __call__(self, step: int) -> float:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step < self.warmup_steps:
+            return self.peak * step / self.warmup_steps
+        done = min((step - self.warmup_steps) / (self.total_steps - self.warmup_steps), 1.0)
+        return self.peak * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+Schedule = StepSchedule | CosineSchedule
+
+
+def build_schedule(config: PretrainConfig, steps_per_epoch: int) -> Schedule:
+    """The schedule ``config.schedule`` names. Cosine spans ``epochs`` (not ``max_steps``), so a
+    run stopped early follows the first steps of the full run."""
+    if config.schedule == "cosine":
+        return CosineSchedule(
+            peak=peak_lr(config.base_lr, config.batch_size),
+            warmup_steps=config.warmup_epochs * steps_per_epoch,
+            total_steps=config.epochs * steps_per_epoch,
+        )
+    return StepSchedule.from_config(config, steps_per_epoch)
 
 
 def total_steps(config: PretrainConfig, steps_per_epoch: int) -> int:
