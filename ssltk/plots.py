@@ -23,6 +23,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def _layer_order(cells: list[Cell], method: str) -> list[str]:
     order: list[str] = []
     for cell in cells:
@@ -71,10 +78,7 @@ def depth(cells: list[Cell], method: str, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"linear top-1 (%, {method})")
     axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def widening(cells: list[Cell], method: str, layer: str, path: Path) -> Path:
@@ -100,10 +104,7 @@ def widening(cells: list[Cell], method: str, layer: str, path: Path) -> Path:
     ax.set_xticks(sorted({c.widening for c in cells}))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pretext_vs_linear(cells: list[Cell], config: Config, method: str, path: Path) -> Path:
@@ -137,11 +138,10 @@ def pretext_vs_linear(cells: list[Cell], config: Config, method: str, path: Path
     ax.set_title("Pretext accuracy vs linear accuracy (one point per run)")
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    return _save(fig, path)
 
 
 def cell_config(config: Config, cell: Cell) -> Config:
@@ -162,12 +162,10 @@ def loss_curves(cells: list[Cell], path: Path) -> Path:
         ax.set_title(f"{task}: pretraining loss")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     axes[0][0].set_ylabel("training loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_plots(cells: list[Cell], config: Config, method: str, out_dir: Path) -> list[Path]:
