@@ -19,8 +19,8 @@ from typing import Any
 
 from ssltk import tracking
 from ssltk.config import Config, ConfigError
+from ssltk.fsutil import write_atomic
 from ssltk.pretext import task_class
-from ssltk.train.checkpoint import write_atomic
 
 __all__ = ["CSV_COLUMNS", "Cell", "collect", "write_report"]
 
