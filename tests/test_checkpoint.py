@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from ssltk.fsutil import WriteError
 from ssltk.train.checkpoint import (
     CheckpointError,
     latest_valid_checkpoint,
@@ -228,10 +229,11 @@ def test_a_failed_write_leaves_the_previous_content_intact(tmp_path, faults, nam
     write(path, 1)
     before = path.read_bytes()
     faults.arm(kind)
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(WriteError, match="injected"):  # one line for the user, not a traceback
         write(path, 2)
     faults.disarm()
     assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))  # and no temporary file left behind
     if name.endswith(".json"):
         assert json.loads(before)  # still a whole record
     write(path, 2)  # the next attempt succeeds
@@ -246,7 +248,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_the_newest_valid(
     old = save_checkpoint(state(4), tmp_path, 4)
     files = {p: p.read_bytes() for p in (old.path, sidecar_path(old.path))}
     faults.arm(kind, at=1 if failing == "checkpoint" else 2)
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(WriteError, match="injected"):
         save_checkpoint(state(8), tmp_path, 8)
     faults.disarm()
     assert all(path.read_bytes() == content for path, content in files.items())
