@@ -107,8 +107,8 @@ class ModelConfig(Section):
     memory_saving: bool = True
     zero_init_residual: bool = Field(
         False,
-        description="start every residual branch at zero (Goyal et al. 2017; not in the paper's "
-        "code); no effect on vgg19_bn",
+        description="start every residual branch of ResNet v1/v2 at zero (Goyal et al. 2017; not "
+        "in the paper's code); revnet50 and vgg19_bn are unchanged (see ssltk/models/init.py)",
     )
 
     @model_validator(mode="after")

@@ -10,7 +10,6 @@ from ssltk.config import load_config
 from ssltk.models import build_model
 from ssltk.models.init import zero_init_residual_branches
 from ssltk.models.resnet import BottleneckV1, BottleneckV2
-from ssltk.models.revnet import ReversibleUnit
 from ssltk.pretext import build_task
 
 UNITS = 3 + 4 + 6 + 3
@@ -27,10 +26,7 @@ def shortcut_of(unit: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What each unit must output when its residual branch is zero."""
     if isinstance(unit, BottleneckV1):
         return F.relu(unit.shortcut(x))
-    if isinstance(unit, BottleneckV2):
-        return x if unit.projection is None else unit.projection(unit.preact(x))
-    half = x.shape[1] // 2
-    return torch.cat((x[:, half:], x[:, :half]), dim=1)  # RevNet: the plain half swap
+    return x if unit.projection is None else unit.projection(unit.preact(x))
 
 
 def unit_gaps(model: torch.nn.Module) -> list[float]:
@@ -41,7 +37,6 @@ def unit_gaps(model: torch.nn.Module) -> list[float]:
         gaps.append((output - shortcut_of(unit, inputs[0])).abs().max().item())
 
     units = [m for m in model.modules() if isinstance(m, BottleneckV1 | BottleneckV2)]
-    units += [m for m in model.modules() if isinstance(m, ReversibleUnit)]
     handles = [unit.register_forward_hook(record) for unit in units]
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
@@ -50,7 +45,7 @@ def unit_gaps(model: torch.nn.Module) -> list[float]:
     return gaps
 
 
-@pytest.mark.parametrize("arch", ["resnet50_v1", "resnet50_v2", "revnet50"])
+@pytest.mark.parametrize("arch", ["resnet50_v1", "resnet50_v2"])
 def test_every_unit_is_its_shortcut_at_init(arch):
     gaps = unit_gaps(small(arch, zero=True))
     assert len(gaps) == UNITS
@@ -58,7 +53,7 @@ def test_every_unit_is_its_shortcut_at_init(arch):
     assert min(unit_gaps(small(arch, zero=False))) > 1e-3  # the default init is not the shortcut
 
 
-@pytest.mark.parametrize("arch", ["resnet50_v1", "resnet50_v2", "revnet50"])
+@pytest.mark.parametrize("arch", ["resnet50_v1", "resnet50_v2"])
 def test_zeroed_scales_still_receive_gradients(arch):
     model = small(arch, zero=True).train()
     model(torch.randn(4, 3, 32, 32))["logits"].square().sum().backward()
@@ -67,11 +62,9 @@ def test_zeroed_scales_still_receive_gradients(arch):
             assert module.bn3.weight.grad.abs().sum() > 0
         elif isinstance(module, BottleneckV2):
             assert module.conv3.weight.grad.abs().sum() > 0
-        elif isinstance(module, ReversibleUnit):
-            assert module.f[-1].weight.grad.abs().sum() > 0
 
 
-def test_only_the_last_scale_changes_and_vgg_is_untouched():
+def test_only_the_last_scale_changes_and_revnet_and_vgg_are_untouched():
     plain, zeroed = small("resnet50_v1", zero=False), small("resnet50_v1", zero=True)
     changed = {
         name
@@ -82,11 +75,12 @@ def test_only_the_last_scale_changes_and_vgg_is_untouched():
     }
     assert changed == {n for n in plain.state_dict() if n.endswith("bn3.weight")}
     assert len(changed) == UNITS
-    torch.manual_seed(0)
-    vgg = build_model("vgg19_bn", widening=1, num_classes=4, input_size=32)
-    before = {k: v.clone() for k, v in vgg.state_dict().items()}
-    assert zero_init_residual_branches(vgg) == 0
-    assert all(torch.equal(before[k], v) for k, v in vgg.state_dict().items())
+    for arch in ("revnet50", "vgg19_bn"):
+        torch.manual_seed(0)
+        model = build_model(arch, widening=1, num_classes=4, input_size=32)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        assert zero_init_residual_branches(model) == 0
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_config_option_reaches_the_task_backbone():

@@ -6,11 +6,13 @@ branches grow. The last scale of a branch is
 
 * ResNet v1: the γ of the BN that ends the bottleneck (``bn3``);
 * ResNet v2: the last 1×1 conv's kernel, since the pre-activation branch ends in a conv with no BN
-  after it (timm's ``PreActBottleneck.zero_init_last`` does the same);
-* RevNet: the last conv of F, so each coupling starts as the pure half swap ``[x2 | x1]``, still
-  exactly invertible.
+  after it (timm's ``PreActBottleneck.zero_init_last`` does the same).
 
-VGG has no residual branches and is left unchanged.
+RevNet is left unchanged on purpose. Its equivalent (the last conv of F) makes every unit a plain
+half swap, so the channels that each stage transition pads with zeros, three quarters of block4,
+stay exactly zero until F grows; the final BN then amplifies F's first tiny updates by up to
+1/sqrt(eps), and Exemplar's normalised embedding diverged within two steps (the embedding bias
+reached ~1e8; reports/study_tuning.md). VGG has no residual branches.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 from torch import nn
 
 from ssltk.models.resnet import BottleneckV1, BottleneckV2
-from ssltk.models.revnet import RevBottleneck
 
 __all__ = ["zero_init_residual_branches"]
 
@@ -31,8 +32,6 @@ def zero_init_residual_branches(model: nn.Module) -> int:
             nn.init.zeros_(module.bn3.weight)
         elif isinstance(module, BottleneckV2):
             nn.init.zeros_(module.conv3.weight)
-        elif isinstance(module, RevBottleneck):
-            nn.init.zeros_(module[-1].weight)
         else:
             continue
         count += 1
