@@ -4,13 +4,12 @@ during the seconds of imports is one line and exit 130, not a traceback or a sil
 import signal
 import sys
 
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+from ssltk._startup import interrupt
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
     try:
         from ssltk.cli import app
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from ssltk import _startup
 from ssltk.config import Config, ConfigError, load_config
 
 #: Exit code of every user error (bad params, override, path or input file, or a disk that
@@ -37,6 +38,8 @@ def fail(message: str, code: int = USER_ERROR) -> NoReturn:
 def user_errors() -> Iterator[None]:
     """Turn a :class:`ConfigError` (or subclass) or an ``OSError`` (a full disk, a read-only
     folder) raised inside into one line and exit code 2; Ctrl-C into one line and 130."""
+    if _startup.seen:  # interrupted during start-up, and an import swallowed it
+        fail("interrupted", code=INTERRUPTED)
     try:
         yield
     except ConfigError as err:

@@ -88,9 +88,10 @@ def _child(request: dict, entry: object | None) -> None:
         os.dup2(log, 2)
         os.environ.update(request.get("env", {}))
         sys.argv = ["ssltk", *request["argv"]]
-        if entry is not None:  # what main()'s first line does
-            signal.signal(signal.SIGTERM, entry._interrupt)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if entry is not None:  # what main()'s first lines do
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, entry.interrupt)
         try:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         except KeyboardInterrupt:  # as during ``python -m ssltk``'s imports
