@@ -258,6 +258,7 @@ def markdown(cells: list[Cell], config: Config, method: str, provenance: dict[st
             f"{_pct(chance)} % | {'–' if loss is None else f'{loss:.3f}'} |\n"
         )
 
+    w(verdict(cells, config, method))
     w("\n## The paper's numbers\n\n")
     matched = [c for c in cells if c.key in PAPER_VERIFIED and data == "imagefolder"]
     if matched:
@@ -288,6 +289,42 @@ def markdown(cells: list[Cell], config: Config, method: str, provenance: dict[st
         base_id = cell.baseline.info.run_id if cell.baseline else "(missing)"
         w(f"| {cell.task}-{cell.arch}-w{cell.widening} | `{run_id}` | `{base_id}` |\n")
     return out.getvalue()
+
+
+#: The gain over random init, in points of linear top-1, that counts as a representation learned.
+MIN_GAIN = 0.03
+
+
+def verdict(cells: list[Cell], config: Config, method: str) -> str:
+    """Per task: did pretraining beat random init at the best layer by ``MIN_GAIN`` in every arch,
+    and did the pretext metric end above chance?"""
+    lines = [
+        f"\n## Verdict\n\nA task counts as learning a representation when its best layer beats "
+        f"random init of the same arch and widening by at least {100 * MIN_GAIN:.0f} points; the "
+        "gain is measured at the pretrained network's best layer.\n\n"
+        "| task | gain at the best layer, per cell | ≥ 3 points in every cell "
+        "| pretext ÷ chance |\n"
+        "|---|---|---|---|\n"
+    ]
+    passed = 0
+    for task in dict.fromkeys(c.task for c in cells):
+        gains, ratios = [], []
+        for cell in (c for c in cells if c.task == task):
+            best = _best(cell, method)
+            gain = None if best is None or best[2] is None else best[1] - best[2]
+            gains.append(f"{cell.arch} k={cell.widening}: {_delta(gain)}")
+            _, value, chance = _pretext(cell, config)
+            ratios.append("–" if value is None else f"{value / chance:.1f}×")
+            ok = gain is not None and gain >= MIN_GAIN
+            gains[-1] += "" if ok else " ✗"
+        every = all(not g.endswith("✗") for g in gains)
+        passed += every
+        lines.append(
+            f"| {task} | {'; '.join(gains)} | {'yes' if every else 'no'} | {', '.join(ratios)} |\n"
+        )
+    tasks = len(lines) - 1
+    lines.append(f"\n{passed} of {tasks} tasks beat random init by ≥ 3 points in every cell.\n")
+    return "".join(lines)
 
 
 def _delta(value: float | None) -> str:
