@@ -187,6 +187,20 @@ def test_sgd_probe_trains_heads_deterministically(study: dict):
     assert metric in pretrain_run.data.metrics
 
 
+def test_mlp_probe_on_cached_features_learns_above_chance(study: dict):
+    out = study["root"] / "mlp"
+    args = ["--run-dir", str(study["out"]), "--out", str(out), "--set", "eval.method=mlp"]
+    args += ["--set", "eval.mlp.epochs=30", "--set", "eval.mlp.batch_size=64"]
+    args += ["--set", "eval.mlp.augment=false", "--set", "eval.mlp.decay_epochs=[20]"]
+    result = ssltk_eval(study, *args)
+    assert result.exit_code == 0, result.output
+    layers = json.loads((out / "metrics.json").read_text())["layers"]
+    assert set(layers) == set(LAYERS)
+    # 10 classes: chance is 10 % top-1 and 50 % top-5.
+    assert max(f["top1"] for f in layers.values()) > 0.15
+    assert all(f["top5"] >= f["top1"] for f in layers.values())
+
+
 def one_line_error(result) -> str:
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
