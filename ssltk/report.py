@@ -323,8 +323,20 @@ def verdict(cells: list[Cell], config: Config, method: str) -> str:
             f"| {task} | {'; '.join(gains)} | {'yes' if every else 'no'} | {', '.join(ratios)} |\n"
         )
     tasks = len(lines) - 1
-    lines.append(f"\n{passed} of {tasks} tasks beat random init by ≥ 3 points in every cell.\n")
-    return "".join(lines)
+    lines.append(f"\n{passed} of {tasks} tasks beat random init by ≥ 3 points in every cell.")
+    short = [
+        c
+        for c in cells
+        if (b := _best(c, method)) is None or b[2] is None or b[1] - b[2] < MIN_GAIN
+    ]
+    random_best = [v for c in short if (v := _best_baseline(c, method)) is not None]
+    if random_best:
+        lines.append(
+            f" Where a cell falls short, the random network's own best layer already reaches "
+            f"{_pct(min(random_best))}–{_pct(max(random_best))} % (best-layer table above), and "
+            "the pretrained network's best layer does not exceed it by 3 points."
+        )
+    return "".join(lines) + "\n"
 
 
 def _delta(value: float | None) -> str:
