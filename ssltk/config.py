@@ -1,6 +1,6 @@
 """The schema of ``params.yaml``: the single source of truth read by the CLI, DVC stages and tests.
 
-Every section of design.md's params.yaml lives here with its defaults, ranges and enums. Unknown
+Every section of params.yaml lives here with its defaults, ranges and enums. Unknown
 keys are errors. ``load_config`` reads a file, applies dotted ``--set`` overrides and validates the
 result with the same schema, raising :class:`ConfigError` with one line that names the file and
 the key.

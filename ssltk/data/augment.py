@@ -1,4 +1,5 @@
-"""Batched, deterministic augmentation primitives of the released preprocessing (paper.md §2.0).
+"""Batched, deterministic augmentation primitives of the released preprocessing (the official
+code's ``preprocess.py`` and slim's ``inception_preprocessing.py``).
 
 Every function works on a whole batch ``[B, C, H, W]`` at once, on any device, with no per-image
 Python loop. Random primitives come in two halves:
