@@ -10,12 +10,10 @@ from torch import nn
 from ssltk.config import TASKS as CONFIG_TASKS
 from ssltk.config import Config, config_from_dict
 from ssltk.data import augment
-from ssltk.data.rng import batch_key, sample_keys
+from ssltk.data.rng import Stream, batch_key, sample_keys
 from ssltk.pretext import TASKS, build_task, register_task, registered_tasks
-from ssltk.pretext.exemplar import STREAM_GRAY as EXEMPLAR_GRAY
 from ssltk.pretext.exemplar import Exemplar
 from ssltk.pretext.jigsaw import Jigsaw, arrange_slots
-from ssltk.pretext.patches import STREAM_GRAY as PATCH_GRAY
 from ssltk.pretext.permutations import load_permutations
 from ssltk.pretext.relative_patch_location import RelativePatchLocation, neighbour_centre_pairs
 from ssltk.pretext.rotation import Rotation
@@ -105,7 +103,7 @@ def test_exemplar_copies_share_the_grayscale_decision(images, keys):
     copies = 3
     assert batch.inputs.shape == (copies * BATCH, 3, 32, 32)
     assert batch.labels.tolist() == [i for i in range(BATCH) for _ in range(copies)]
-    gray = augment.grayscale_mask(keys, EXEMPLAR_GRAY, 0.5)
+    gray = augment.grayscale_mask(keys, Stream.EXEMPLAR_GRAY, 0.5)
     assert 0 < int(gray.sum()) < BATCH, "the fixed keys should give both gray and colour images"
     per_copy = batch.inputs.view(BATCH, copies, 3, 32, 32)
     channels_equal = (per_copy[:, :, 0] == per_copy[:, :, 1]).flatten(2).all(dim=2)
@@ -256,7 +254,7 @@ def test_train_patches_without_crop_or_jitter_freedom_equal_eval(images, keys):
     task = build_task(config)
     train = task.sample_patches(images, keys, train=True)
     assert torch.equal(train, task.sample_patches(images, keys, train=False))
-    gray = augment.grayscale_mask(keys, PATCH_GRAY, 0.66)
+    gray = augment.grayscale_mask(keys, Stream.PATCH_GRAY, 0.66)
     assert torch.equal((train[:, :, 0] == train[:, :, 1]).flatten(1).all(1), gray)
 
 

@@ -13,9 +13,8 @@ from torch import nn
 
 from ssltk.config import Config, config_from_dict
 from ssltk.data.augment import inception_preprocess
-from ssltk.data.rng import batch_key, sample_keys
+from ssltk.data.rng import Stream, batch_key, sample_keys
 from ssltk.pretext import TASKS, build_task
-from ssltk.pretext.rotation import STREAM_INCEPTION
 
 NUM_IMAGES = 8
 STEPS = 30
@@ -137,7 +136,7 @@ def test_rotation_predicts_the_rotation_of_held_out_images(cifar_demo, single_th
         optimizer.step()
 
     task.eval()
-    upright = inception_preprocess(held_out, None, STREAM_INCEPTION, 32, train=False)
+    upright = inception_preprocess(held_out, None, Stream.ROTATION_INCEPTION, 32, train=False)
     with torch.no_grad():
         accuracy = [
             (task.backbone(torch.rot90(upright, k, dims=(2, 3)))["logits"].argmax(1) == k)

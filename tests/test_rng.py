@@ -134,3 +134,17 @@ def test_cupy_path_draws_the_same_numbers_as_numpy():
     for draw in (lambda k: rng.uniform(k, 5, 7), lambda k: rng.randint(k, 6, 13, 3)):
         gpu = draw(keys_gpu)
         assert gpu.is_cuda and torch.equal(gpu.cpu(), draw(keys))
+
+
+def test_stream_ids_are_unique_and_leave_room_for_substreams():
+    from enum import unique
+
+    from ssltk.data.augment import substream
+    from ssltk.data.rng import Stream
+
+    unique(Stream)  # raises on two members with one id
+    assert all(0 <= s < 2**40 for s in Stream)
+    derived = {substream(s, part) for s in Stream for part in range(4)}
+    assert len(derived) == 4 * len(Stream) and not derived & set(Stream)
+    # The ids are part of every seed's results: changing one changes every dataset draw.
+    assert (Stream.LOADER_ORDER, Stream.HOLDOUT, Stream.PATCH_GRAY) == (0x0DE7, 0x7E1D0C7, 0x7A01)

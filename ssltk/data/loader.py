@@ -20,7 +20,6 @@ from ssltk.data.errors import DataError
 
 # The epoch order uses a batch key at a step no real batch reaches, on its own stream.
 _ORDER_STEP = 2**63 - 1
-_ORDER_STREAM = 0x0DE7
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ class DeterministicLoader:
         if not self.shuffle:
             return torch.arange(n, dtype=torch.int64)
         key = rng.batch_key(self.seed, epoch, _ORDER_STEP)
-        return rng.permutation(key, _ORDER_STREAM, n)[0]
+        return rng.permutation(key, rng.Stream.LOADER_ORDER, n)[0]
 
     def _shard(self, global_batch: torch.Tensor) -> torch.Tensor:
         if len(global_batch) == self.batch_size:

@@ -45,7 +45,6 @@ SPLIT_ORDER = ("train", "val", "test", "unlabeled")
 MANIFEST = "manifest.json"
 # The held-out split draws from its own (epoch, stream) so it never correlates with augmentation.
 _HOLDOUT_EPOCH = 2**32 - 1
-_HOLDOUT_STREAM = 0x7E1D_0C7
 
 
 def data_settings(config: Config) -> dict[str, Any]:
@@ -90,7 +89,7 @@ def held_out_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Train items held out as ``val``: per class ``round(n_c · fraction)``, chosen by ``seed``."""
     count = len(labels)
     keys = rng.sample_keys(seed, _HOLDOUT_EPOCH, torch.arange(count, dtype=torch.int64))
-    scores = rng.uniform(keys, _HOLDOUT_STREAM, 1)[:, 0].numpy()
+    scores = rng.uniform(keys, rng.Stream.HOLDOUT, 1)[:, 0].numpy()
     mask = np.zeros(count, dtype=bool)
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)

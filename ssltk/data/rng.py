@@ -9,6 +9,7 @@ for CUDA tensors (shared through DLPack without a copy), so GPU batches draw bit
 
 from __future__ import annotations
 
+from enum import IntEnum, unique
 from types import ModuleType
 from typing import Any
 
@@ -19,6 +20,28 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
 _MASK64 = 2**64 - 1
+
+
+
+@unique
+class Stream(IntEnum):
+    """Every stream id of ssltk, in one place: ``unique`` refuses two parts sharing a stream.
+
+    Ids are below ``2**40`` so that ``augment.substream`` can derive per-draw streams from them.
+    """
+
+    LOADER_ORDER = 0x0DE7
+    HOLDOUT = 0x7E1D_0C7
+    PATCH_GRAY = 0x7A01
+    PATCH_CROP = 0x7A02
+    PATCH_JITTER = 0x7A03
+    PATCH_EVAL_CROP = 0x7A04
+    JIGSAW_PERMUTATIONS = 0x7A10
+    ROTATION_INCEPTION = 0x7A20
+    EXEMPLAR_GRAY = 0x7A30
+    EXEMPLAR_COPY_KEYS = 0x7A31
+    EXEMPLAR_INCEPTION = 0x7A32
+    FULL_IMAGE_EVAL_CROP = 0x7B01
 
 
 def array_module(tensor: torch.Tensor) -> ModuleType:

@@ -26,10 +26,6 @@ from ssltk.pretext.triplet import (
 
 __all__ = ["Exemplar", "nearest_neighbour_accuracy"]
 
-STREAM_GRAY = 0x7A30
-STREAM_COPY_KEYS = 0x7A31
-STREAM_INCEPTION = 0x7A32
-
 
 def nearest_neighbour_accuracy(distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Fraction of embeddings whose nearest other embedding has the same label."""
@@ -61,14 +57,14 @@ class Exemplar(FullImageTask):
         batch, copies = images.shape[0], exemplar.copies
         if batch < 2:
             raise ValueError(f"exemplar needs at least 2 images per batch, got {batch}")
-        gray = grayscale_mask(keys, STREAM_GRAY, exemplar.grayscale_p)
+        gray = grayscale_mask(keys, rng.Stream.EXEMPLAR_GRAY, exemplar.grayscale_p)
         images = to_gray(images, gray)
         # One derived key per copy, so every copy is an independent draw of the same primitive.
-        copy_keys = rng.bits(keys, STREAM_COPY_KEYS, copies).reshape(-1)
+        copy_keys = rng.bits(keys, rng.Stream.EXEMPLAR_COPY_KEYS, copies).reshape(-1)
         x = inception_preprocess(
             images.repeat_interleave(copies, dim=0),
             copy_keys,
-            STREAM_INCEPTION,
+            rng.Stream.EXEMPLAR_INCEPTION,
             self.config.pretext.input_size,
             train=True,
         )

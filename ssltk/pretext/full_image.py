@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ssltk.config import Config
+from ssltk.data import rng
 from ssltk.data.augment import (
     center_crop_offsets,
     crop,
@@ -16,9 +17,6 @@ from ssltk.pretext.base import Pool, PretextTask, backbone_from_config, select_e
 from ssltk.pretext.geometry import PAPER_INPUT_SIZE, round_half_up
 
 __all__ = ["FullImageTask"]
-
-#: The random crop of the SGD probe's training augmentation.
-STREAM_EVAL_CROP = 0x7B01
 
 #: Linear evaluation resizes the shorter side to 256 for a 224 input (paper §4.3).
 PAPER_EVAL_RESIZE = 256
@@ -59,7 +57,7 @@ class FullImageTask(PretextTask):
         if keys is None:
             offsets = center_crop_offsets(in_hw, size, images.shape[0])
         else:
-            offsets = random_crop_offsets(keys, STREAM_EVAL_CROP, in_hw, size)
+            offsets = random_crop_offsets(keys, rng.Stream.FULL_IMAGE_EVAL_CROP, in_hw, size)
         x = to_minus1_1(crop(resized, offsets, size))
         endpoints = select_endpoints(self.backbone(x), layers)
         if pool is None:

@@ -22,8 +22,6 @@ from ssltk.pretext.permutations import load_permutations
 
 __all__ = ["Jigsaw", "arrange_slots"]
 
-STREAM_PERMUTATIONS = 0x7A10
-
 
 def arrange_slots(embeddings: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Classifier inputs ``[B·K, P·E]``: for image ``i`` and permutation ``order[i, k]``, slot ``s``
@@ -72,8 +70,8 @@ class Jigsaw(PatchTask):
             return torch.arange(count).expand(batch, count)
         subset = self.config.pretext.jigsaw.perm_subset
         if self.config.pretext.jigsaw.per_image_perms:
-            return rng.permutation(keys, STREAM_PERMUTATIONS, count)[:, :subset].cpu()
-        shared = rng.permutation(batch_key, STREAM_PERMUTATIONS, count)[0, :subset].cpu()
+            return rng.permutation(keys, rng.Stream.JIGSAW_PERMUTATIONS, count)[:, :subset].cpu()
+        shared = rng.permutation(batch_key, rng.Stream.JIGSAW_PERMUTATIONS, count)[0, :subset].cpu()
         return shared.expand(batch, subset)
 
     def prepare_batch(

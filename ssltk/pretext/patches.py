@@ -33,10 +33,6 @@ from ssltk.pretext.geometry import PatchLayout, resolve_patch_layout
 
 __all__ = ["PatchHead", "PatchTask", "grid_offsets"]
 
-STREAM_GRAY = 0x7A01
-STREAM_CROP = 0x7A02
-STREAM_JITTER = 0x7A03
-STREAM_EVAL_CROP = 0x7A04
 
 HEAD_INIT_STD = 0.005
 HEAD_HIDDEN_BIAS = 0.1
@@ -109,10 +105,12 @@ class PatchTask(PretextTask):
         batch = images.shape[0]
         resized = resize_bilinear(images, layout.resize)
         square = (layout.resize, layout.resize)
-        gray = grayscale_mask(keys, STREAM_GRAY, self.config.pretext.patches.grayscale_p)
+        gray = grayscale_mask(keys, rng.Stream.PATCH_GRAY, self.config.pretext.patches.grayscale_p)
         if train:
-            crop = random_crop_offsets(keys, STREAM_CROP, square, layout.crop)
-            jitter = rng.randint(keys, STREAM_JITTER, layout.jitter + 1, n=2 * layout.num_patches)
+            crop = random_crop_offsets(keys, rng.Stream.PATCH_CROP, square, layout.crop)
+            jitter = rng.randint(
+                keys, rng.Stream.PATCH_JITTER, layout.jitter + 1, n=2 * layout.num_patches
+            )
             jitter = jitter.view(batch, layout.num_patches, 2)
         else:
             crop = center_crop_offsets(square, layout.crop, batch)
@@ -151,7 +149,7 @@ class PatchTask(PretextTask):
         if keys is None:
             corner = center_crop_offsets(in_hw, layout.eval_crop, batch)
         else:
-            corner = random_crop_offsets(keys, STREAM_EVAL_CROP, in_hw, layout.eval_crop)
+            corner = random_crop_offsets(keys, rng.Stream.PATCH_EVAL_CROP, in_hw, layout.eval_crop)
         cells = grid_offsets(layout.grid, layout.patch, images.device)
         offsets = corner.to(images.device)[:, None, :] + cells[None]
         gray = torch.zeros(batch, dtype=torch.bool, device=images.device)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ssltk.config import Config
+from ssltk.data import rng
 from ssltk.data.augment import inception_preprocess
 from ssltk.pretext.base import (
     PretextInputs,
@@ -25,7 +26,6 @@ from ssltk.pretext.full_image import FullImageTask
 __all__ = ["NUM_ROTATIONS", "Rotation", "rotate_all"]
 
 NUM_ROTATIONS = 4
-STREAM_INCEPTION = 0x7A20
 
 
 def rotate_all(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ class Rotation(FullImageTask):
     ) -> PretextInputs:
         size = self.config.pretext.input_size
         augment = train and self.config.pretext.rotation.crop == "inception"
-        x = inception_preprocess(images, keys, STREAM_INCEPTION, size, train=augment)
+        x = inception_preprocess(images, keys, rng.Stream.ROTATION_INCEPTION, size, train=augment)
         labels = torch.arange(NUM_ROTATIONS, device=images.device).repeat(images.shape[0])
         return PretextInputs(rotate_all(x), labels, num_images=images.shape[0])
 
