@@ -78,15 +78,15 @@ def models(
         int | None, typer.Option(help="input side (default: pretext.input_size, or the patch size)")
     ] = None,
     patch_mode: Annotated[
-        bool | None, typer.Option(help="patch mode (default: on for jigsaw and RPL)")
+        bool | None, typer.Option(help="patch mode (default: the task's, on for jigsaw and RPL)")
     ] = None,
 ) -> None:
     """Parameter counts and endpoint shapes of ``model.*``, before you train it."""
     config = read_config(params, set_)
     from ssltk.models import format_summary, model_summary
+    from ssltk.pretext import task_class
 
-    patch_tasks = ("jigsaw", "relative_patch_location")
-    patch = config.pretext.task in patch_tasks if patch_mode is None else patch_mode
+    patch = task_class(config.pretext.task).patch_mode if patch_mode is None else patch_mode
     size = input_size or config.pretext.input_size
     m = config.model
     with user_errors():

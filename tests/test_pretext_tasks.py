@@ -341,3 +341,15 @@ def test_cuda_batches_match_cpu_and_train(tasks, images, keys, name):
     representation = task.eval().representation(images.cuda(), ["pre_logits"])
     assert representation["pre_logits"].is_cuda
     task.cpu()
+
+
+def test_tasks_carry_their_traits():
+    from ssltk.pretext import task_class
+
+    assert {t for t in TASKS if task_class(t).patch_mode} == {"jigsaw", "relative_patch_location"}
+    assert {t for t in TASKS if task_class(t).couples_batch} == {"exemplar"}
+    assert {t: task_class(t).metric for t in TASKS}["exemplar"] == "nn_accuracy"
+    chance = {t: task_class(t).chance_level(Config()) for t in TASKS}
+    assert chance["rotation"] == 0.25 and chance["jigsaw"] == 0.01
+    assert chance["relative_patch_location"] == 0.125
+    assert chance["exemplar"] == 7 / (8 * 64 - 1)  # 7 other views among 8·64 − 1 embeddings

@@ -56,6 +56,11 @@ class PretextTask(nn.Module, ABC):
     """
 
     name: str = ""
+    #: The backbone embeds patches in patch mode (paper §3.6) rather than whole images.
+    patch_mode: bool = False
+    #: The loss compares examples across the batch, so data parallelism changes it unless each
+    #: rank sees the whole batch (the Exemplar triplet loss, paper §2.2).
+    couples_batch: bool = False
     #: The step metric that says how well the pretext task is solved.
     metric: str = "accuracy"
 

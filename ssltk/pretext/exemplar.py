@@ -38,6 +38,7 @@ class Exemplar(FullImageTask):
     """Instance discrimination with a semi-hard triplet loss."""
 
     metric = "nn_accuracy"
+    couples_batch = True
 
     @classmethod
     def chance_level(cls, config: Config) -> float:

@@ -79,6 +79,8 @@ def grid_offsets(grid: int, cell: int, device: torch.device | None = None) -> to
 class PatchTask(PretextTask):
     """A task whose backbone embeds each patch in patch mode and whose head reads the embeddings."""
 
+    patch_mode = True
+
     def __init__(
         self, config: Config, backbone: nn.Module, head: PatchHead, head_config: PatchHeadConfig
     ) -> None:

@@ -294,13 +294,13 @@ class _PretrainRun:
             device_ids = [context.device.index] if context.device.type == "cuda" else None
             model = DistributedDataParallel(self.task, device_ids=device_ids)
             if (
-                config.pretext.task == "exemplar"
+                self.task.couples_batch
                 and context.world_size > 1
                 and not self.pre.distributed.per_replica_semantics
                 and context.is_main
             ):
                 print(
-                    "warning: exemplar's triplet loss sees each rank's share of the batch only "
+                    f"warning: {self.task.name}'s loss sees each rank's share of the batch only "
                     "(per-replica semantics) even though pretrain.distributed."
                     "per_replica_semantics=false",
                     file=sys.stderr,
