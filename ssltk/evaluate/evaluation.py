@@ -186,17 +186,16 @@ def _probe(
     if ev.method == "lbfgs":
         figures = {}
         train, val = features["train"], features.get("val")
+        on_device = _array_module_for(device)
+        options = {"num_classes": classes, "max_iter": ev.lbfgs.max_iter}
         for layer in layers:
             clock = time.perf_counter()
-            on_device = _array_module_for(device)
             if val is None:  # a single strength: nothing to choose
                 fit = lbfgs.fit(
                     on_device(train.layers[layer]),
                     train.labels,
                     ev.lbfgs.l2[0],
-                    num_classes=classes,
-                    max_iter=ev.lbfgs.max_iter,
-                    precondition=_precondition(train.layers[layer]),
+                    **options,
                 )
                 chosen = {}
             else:
@@ -206,9 +205,7 @@ def _probe(
                     on_device(val.layers[layer]),
                     val.labels,
                     ev.lbfgs.l2,
-                    num_classes=classes,
-                    max_iter=ev.lbfgs.max_iter,
-                    precondition=_precondition(train.layers[layer]),
+                    **options,
                 )
                 point = next(p for p in fit.points if p.l2 == fit.l2)
                 chosen = {"val_top1": point.val.top1}
@@ -258,15 +255,6 @@ def _array_module_for(device: torch.device):
     import cupy
 
     return lambda array: cupy.asarray(np.asarray(array))
-
-
-#: Whitening costs an eigendecomposition cubic in the feature count: at 4096 features it took
-#: longer than the iterations it saves on a 2-core CPU, at 2048 it was 3× faster overall.
-PRECONDITION_MAX_FEATURES = 2048
-
-
-def _precondition(features: np.ndarray) -> bool:
-    return features.shape[1] <= PRECONDITION_MAX_FEATURES
 
 
 def _record(

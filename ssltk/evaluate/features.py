@@ -26,6 +26,7 @@ from torch import nn
 
 from ssltk.data.dataset import PreparedSplit
 from ssltk.evaluate.pooling import make_pool
+from ssltk.fsutil import write_atomic
 from ssltk.pretext import PretextTask
 from ssltk.train.progress import format_duration
 
@@ -110,9 +111,7 @@ class _CacheWriter:
         del self.array
         os.replace(self.tmp, _path(self.stem, ".npy"))
         text = json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"
-        tmp_json = self.stem.with_name(f".{self.stem.name}.{os.getpid()}.json.tmp")
-        tmp_json.write_text(text, encoding="utf-8")
-        os.replace(tmp_json, _path(self.stem, ".json"))
+        write_atomic(_path(self.stem, ".json"), text.encode())
         return np.load(_path(self.stem, ".npy"), mmap_mode="r")
 
     def discard(self) -> None:
