@@ -8,12 +8,13 @@ the key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,13 +23,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from ssltk.models.spec import ARCHS, LAST_RELU_OPTIONAL
-
-TASKS = ("rotation", "exemplar", "jigsaw", "relative_patch_location")
-
-Arch = Literal[ARCHS]  # type: ignore[valid-type]
-Task = Literal[TASKS]  # type: ignore[valid-type]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -65,6 +61,40 @@ _SQLITE = "sqlite:///"
 
 class ConfigError(ValueError):
     """A user error in params.yaml or an override; its message is one line naming the culprit."""
+
+
+def _one_of(registered: Callable[[], tuple[str, ...]]) -> AfterValidator:
+    """A check that a name is registered now (not when this module was imported), so backbones
+    and tasks registered later are accepted; the error reads as an enum's."""
+
+    def check(name: str) -> str:
+        names = registered()
+        if name not in names:
+            quoted = [repr(n) for n in names]
+            expected = " or ".join(filter(None, [", ".join(quoted[:-1]), *quoted[-1:]]))
+            raise PydanticCustomError(
+                "literal_error", "Input should be {expected}", {"expected": expected}
+            )
+        return name
+
+    return AfterValidator(check)
+
+
+def arch_names() -> tuple[str, ...]:
+    from ssltk.models import arch_names  # imports torch and registers the shipped backbones
+
+    return arch_names()
+
+
+def task_names() -> tuple[str, ...]:
+    from ssltk.pretext import registered_tasks  # imports torch and registers the shipped tasks
+
+    return registered_tasks()
+
+
+#: A backbone or pretext task name, checked against the registries when validated.
+Arch = Annotated[str, _one_of(arch_names)]
+Task = Annotated[str, _one_of(task_names)]
 
 
 class Section(BaseModel):
@@ -112,43 +142,16 @@ class ModelConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _v1_has_last_relu(self) -> ModelConfig:
-        if not self.last_relu and self.arch not in LAST_RELU_OPTIONAL:
-            allowed = " and ".join(LAST_RELU_OPTIONAL)
-            raise ValueError(f"last_relu=false is only defined for {allowed}, not {self.arch}")
+    def _last_relu_optional(self) -> ModelConfig:
+        if not self.last_relu:
+            from ssltk.models import arch_traits
+            from ssltk.models.spec import last_relu_optional
+
+            if not arch_traits(self.arch).last_relu_optional:
+                raise ValueError(
+                    f"last_relu=false is only defined for {last_relu_optional()}, not {self.arch}"
+                )
         return self
-
-
-class RotationConfig(Section):
-    crop: Literal["inception", "center"] = Field(
-        "inception",
-        description="training preprocessing: the paper's inception crop, or the evaluation's "
-        "centre crop (for tiny images, where inception crops are a few blurred pixels)",
-    )
-
-
-class ExemplarConfig(Section):
-    copies: Annotated[int, Field(ge=2)] = 8
-    grayscale_p: Probability = 0.66
-    embed_dim: PositiveInt = 1000
-    margin: NonNegFloat = 0.5
-    normalize: Literal["per_vector", "faithful_axis0"] = "per_vector"
-
-
-class PatchHeadConfig(Section):
-    embed_dim: PositiveInt = 1000
-    hidden: PositiveInt = 4096
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
-    weight_decay: NonNegFloat = 5e-4
-
-
-class JigsawConfig(PatchHeadConfig):
-    perm_subset: Annotated[int, Field(ge=1, le=100)] = 8
-    per_image_perms: bool = False
-
-
-class RelativePatchLocationConfig(PatchHeadConfig):
-    pass
 
 
 class PatchGeometry(Section):
@@ -162,13 +165,40 @@ class PatchGeometry(Section):
 
 
 class PretextConfig(Section):
+    """``task`` and, under its name, the section of every registered task that has one (its
+    class's ``config_section``), so a task registered later brings its own keys."""
+
+    model_config = ConfigDict(extra="allow")  # only task sections; anything else is an error
+
     task: Task = "rotation"
-    input_size: PositiveInt = Field(224, description="network input side for rotation/exemplar")
-    rotation: RotationConfig = RotationConfig()
-    exemplar: ExemplarConfig = ExemplarConfig()
-    jigsaw: JigsawConfig = JigsawConfig()
-    relative_patch_location: RelativePatchLocationConfig = RelativePatchLocationConfig()
+    input_size: PositiveInt = Field(224, description="network input side of full-image tasks")
     patches: PatchGeometry = PatchGeometry()
+
+    @model_validator(mode="after")
+    def _task_sections(self) -> PretextConfig:
+        from ssltk.pretext import task_class
+
+        given = dict(self.__pydantic_extra__ or {})
+        sections: dict[str, Section] = {}
+        for name in task_names():
+            section = task_class(name).config_section
+            if section is not None:
+                sections[name] = _validate_section(section, given.pop(name, {}), name)
+        for name, value in given.items():
+            raise ValidationError.from_exception_data(
+                type(self).__name__, [{"type": "extra_forbidden", "loc": (name,), "input": value}]
+            )
+        self.__pydantic_extra__ = sections
+        return self
+
+
+def _validate_section(section: type[Section], value: Any, name: str) -> Section:
+    """``value`` validated as ``section``, its errors located under ``name``."""
+    try:
+        return section.model_validate(value)
+    except ValidationError as err:
+        errors = [{**e, "loc": (name, *e["loc"])} for e in err.errors()]
+        raise ValidationError.from_exception_data(section.__name__, errors) from None
 
 
 class DistributedConfig(Section):
@@ -284,8 +314,8 @@ class TrackingConfig(Section):
 
 
 class StudyConfig(Section):
-    tasks: list[Task] = Field(list(TASKS), min_length=1)
-    archs: list[Arch] = Field(list(ARCHS), min_length=1)
+    tasks: list[Task] = Field(default_factory=lambda: list(task_names()), min_length=1)
+    archs: list[Arch] = Field(default_factory=lambda: list(arch_names()), min_length=1)
     widenings: list[PositiveInt] = Field([4], min_length=1)
 
 
@@ -295,18 +325,21 @@ class Config(Section):
     seed: Seed = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    pretext: PretextConfig = PretextConfig()
+    pretext: PretextConfig = Field(default_factory=PretextConfig)
     pretrain: PretrainConfig = PretrainConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
-    study: StudyConfig = StudyConfig()
+    study: StudyConfig = Field(default_factory=StudyConfig)
 
     @model_validator(mode="after")
-    def _exemplar_needs_negatives(self) -> Config:
-        if self.pretext.task == "exemplar" and self.pretrain.batch_size < 2:
+    def _batch_fits_task(self) -> Config:
+        from ssltk.pretext import task_class
+
+        task = task_class(self.pretext.task)
+        if self.pretrain.batch_size < task.min_batch_size:
             raise ValueError(
-                "pretrain.batch_size must be at least 2 for exemplar (negatives come from other "
-                f"images of the batch), got {self.pretrain.batch_size}"
+                f"pretrain.batch_size must be at least {task.min_batch_size} for {task.name} "
+                f"({task.min_batch_reason}), got {self.pretrain.batch_size}"
             )
         return self
 

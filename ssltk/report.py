@@ -20,7 +20,7 @@ from typing import Any
 from ssltk import tracking
 from ssltk.config import Config, ConfigError
 from ssltk.fsutil import write_atomic
-from ssltk.pretext import task_class
+from ssltk.pretext import registered_tasks, task_class
 
 __all__ = ["CSV_COLUMNS", "Cell", "collect", "write_report"]
 
@@ -40,14 +40,16 @@ CSV_COLUMNS = (
 HEADLINE_LAYER = "pre_logits"
 _PROBE = re.compile(r"^probe/(?P<method>[^/]+)/top(?P<k>\d+)/(?P<layer>.+)$")
 
-#: Paper figures (arXiv 1901.09005, ImageNet linear top-1) that were checked against a second
-#: source: Table 2 (SGD protocol, official val set) and two Table 1 cells (L-BFGS, pre-logits).
-PAPER_VERIFIED = {
-    ("rotation", "revnet50", 16): {"Table 1": 53.7, "Table 2": 55.4},
-    ("relative_patch_location", "resnet50_v1", 8): {"Table 1": 50.5, "Table 2": 51.4},
-    ("exemplar", "resnet50_v1", 12): {"Table 2": 46.0},
-    ("jigsaw", "resnet50_v1", 8): {"Table 2": 44.6},
-}
+
+def paper_verified() -> dict[tuple[str, str, int], dict[str, float]]:
+    """Paper figures (arXiv 1901.09005, ImageNet linear top-1) that were checked against a second
+    source, per (task, arch, widening): Table 2 (SGD protocol, official val set) and Table 1 cells
+    (L-BFGS, pre-logits). Each task carries its own (``paper_results``)."""
+    return {
+        (task, arch, k): figures
+        for task in registered_tasks()
+        for arch, k, figures in task_class(task).paper_results
+    }
 
 
 @dataclass
@@ -260,10 +262,11 @@ def markdown(cells: list[Cell], config: Config, method: str, provenance: dict[st
 
     w(verdict(cells, config, method))
     w("\n## The paper's numbers\n\n")
-    matched = [c for c in cells if c.key in PAPER_VERIFIED and data == "imagefolder"]
+    verified = paper_verified()
+    matched = [c for c in cells if c.key in verified and data == "imagefolder"]
     if matched:
         for cell in matched:
-            figures = ", ".join(f"{t}: {v}" for t, v in PAPER_VERIFIED[cell.key].items())
+            figures = ", ".join(f"{t}: {v}" for t, v in verified[cell.key].items())
             w(
                 f"- {cell.task}, {cell.arch}, k={cell.widening}: paper {figures}; this run "
                 f"{_pct(cell.probes('run').get((method, 1, HEADLINE_LAYER)))}\n"
@@ -275,7 +278,7 @@ def markdown(cells: list[Cell], config: Config, method: str, provenance: dict[st
             "beside these figures. For reference, the paper's ImageNet linear top-1 figures that "
             "were checked against a second source:\n\n"
         )
-        for (task, arch, k), figures in PAPER_VERIFIED.items():
+        for (task, arch, k), figures in verified.items():
             shown = ", ".join(f"{t} {v}" for t, v in figures.items())
             w(f"- {task}, {arch}, k={k}: {shown}\n")
     w("\nOther Table 1 cells are not verified and are not shown.\n")

@@ -8,13 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ssltk.config import (
-    ARCHS,
-    TASKS,
     Config,
     ConfigError,
+    arch_names,
     dump_config,
     load_config,
     parse_override,
+    task_names,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +29,8 @@ def write(tmp_path: Path, tree: dict) -> Path:
 def test_project_params_file_is_valid_and_complete():
     config = load_config(ROOT / "params.yaml")
     assert config.data.source == "demo"
-    assert set(config.study.tasks) <= set(TASKS)
-    assert set(config.study.archs) <= set(ARCHS)
+    assert set(config.study.tasks) <= set(task_names())
+    assert set(config.study.archs) <= set(arch_names())
 
 
 def test_schema_defaults_follow_the_paper():

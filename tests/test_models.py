@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ssltk.models import (
-    ARCHS,
     ArchConfig,
+    arch_names,
     build_model,
     count_parameters,
     format_summary,
@@ -26,6 +26,7 @@ from ssltk.models import (
 from ssltk.models.layers import ZeroPadMaxPool
 from ssltk.models.revnet import PoolAndPadChannels, ReversibleStage
 
+ARCHS = arch_names()
 RESNETS = ("resnet50_v1", "resnet50_v2", "revnet50")
 
 

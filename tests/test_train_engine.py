@@ -29,12 +29,12 @@ class TinyTask(nn.Module):
         logits = self.linear(batch.inputs)
         loss = F.cross_entropy(logits, batch.labels)
         accuracy = (logits.argmax(1) == batch.labels).float().mean()
-        return TaskOutput(loss, {"accuracy": accuracy}, num_inputs=len(batch.inputs))
+        return TaskOutput(loss, {"accuracy": accuracy})
 
 
 def batch(seed: int = 0) -> PretextInputs:
     g = torch.Generator().manual_seed(seed)
-    return PretextInputs(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g), 8)
+    return PretextInputs(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))
 
 
 def make_trainer(task: TinyTask, wd: float = 0.01, **kwargs) -> Trainer:

@@ -4,17 +4,26 @@
 gives the optimizer groups; ``model_summary``/``format_summary`` describe a configuration.
 """
 
+# Importing a backbone's module registers it; registration order is the study's default order.
+from ssltk.models import resnet, revnet, vgg
 from ssltk.models.factory import build_model, weight_decay_groups
-from ssltk.models.spec import ARCHS, ArchConfig
+from ssltk.models.registry import arch_names, arch_traits, register_arch, unregister_arch
+from ssltk.models.spec import ArchConfig
 from ssltk.models.summary import SummaryRow, count_parameters, format_summary, model_summary
 
 __all__ = [
-    "ARCHS",
     "ArchConfig",
     "SummaryRow",
+    "arch_names",
+    "arch_traits",
     "build_model",
     "count_parameters",
     "format_summary",
     "model_summary",
+    "register_arch",
+    "resnet",
+    "revnet",
+    "unregister_arch",
+    "vgg",
     "weight_decay_groups",
 ]

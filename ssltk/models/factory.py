@@ -8,17 +8,8 @@ from torch import nn
 
 from ssltk.models.init import zero_init_residual_branches
 from ssltk.models.layers import is_excluded_from_weight_decay
-from ssltk.models.resnet import ResNet50
-from ssltk.models.revnet import RevNet50
+from ssltk.models.registry import arch_traits
 from ssltk.models.spec import ArchConfig
-from ssltk.models.vgg import VGG19BN
-
-_BUILDERS: dict[str, type[nn.Module]] = {
-    "resnet50_v1": ResNet50,
-    "resnet50_v2": ResNet50,
-    "revnet50": RevNet50,
-    "vgg19_bn": VGG19BN,
-}
 
 
 def build_model(
@@ -33,7 +24,7 @@ def build_model(
     input_size: int | None = None,
     zero_init_residual: bool = False,
 ) -> nn.Module:
-    """Build a backbone; calling it on ``[B, 3, H, W]`` returns a dict of endpoints.
+    """Build the registered backbone ``arch``; called on ``[B, 3, H, W]`` it returns endpoints.
 
     ResNet/RevNet: ``after_root, block1..block4, pre_logits, logits``; VGG: ``block1..block5, fc6,
     pre_logits, logits``. ``num_classes`` None or 0 leaves out the head and the ``logits`` endpoint
@@ -54,7 +45,7 @@ def build_model(
         input_size=input_size,
         zero_init_residual=zero_init_residual,
     )
-    model = _BUILDERS[config.arch](config)
+    model = arch_traits(config.arch).build(config)
     if config.zero_init_residual:
         zero_init_residual_branches(model)
     return model

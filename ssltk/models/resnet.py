@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ssltk.models.layers import PreLogits, ZeroPadMaxPool, batch_norm, conv, init_weights
+from ssltk.models.registry import register_arch
 from ssltk.models.spec import ArchConfig
 
 DEPTHS = (3, 4, 6, 3)
@@ -117,15 +118,13 @@ class StagedBackbone(nn.Module):
 
 
 class ResNet50(StagedBackbone):
-    """ResNet50 v1 or v2 (``config.arch``), returning the endpoint dict of paper §4.1."""
+    """ResNet50 v1 or, with ``preactivation``, v2, returning the endpoint dict of paper §4.1."""
 
-    def __init__(self, config: ArchConfig) -> None:
+    def __init__(self, config: ArchConfig, *, preactivation: bool) -> None:
         super().__init__()
-        if config.arch not in ("resnet50_v1", "resnet50_v2"):
-            raise ValueError(f"arch={config.arch!r}: ResNet50 builds resnet50_v1 or resnet50_v2")
         self.config = config
         k = config.widening
-        v1 = config.arch == "resnet50_v1"
+        v1 = not preactivation
         root_stride = 1 if config.patch_mode else 2
         root_width = ROOT_WIDTH * k
         if v1:
@@ -147,3 +146,13 @@ class ResNet50(StagedBackbone):
             channels = width * k
         self._add_head(channels, final_norm=not v1)
         init_weights(self)
+
+
+@register_arch("resnet50_v1")
+def resnet50_v1(config: ArchConfig) -> ResNet50:
+    return ResNet50(config, preactivation=False)
+
+
+@register_arch("resnet50_v2", last_relu_optional=True)
+def resnet50_v2(config: ArchConfig) -> ResNet50:
+    return ResNet50(config, preactivation=True)

@@ -27,6 +27,7 @@ from ssltk.models.layers import (
     exclude_from_weight_decay,
     init_weights,
 )
+from ssltk.models.registry import register_arch
 from ssltk.models.resnet import DEPTHS, STAGE_WIDTHS, StagedBackbone, stage_strides
 from ssltk.models.spec import ArchConfig
 
@@ -313,13 +314,12 @@ class ReversibleStage(nn.Module):
         return y
 
 
+@register_arch("revnet50", last_relu_optional=True)
 class RevNet50(StagedBackbone):
     """RevNet50 with widening k: stage widths 64k..512k, (3, 4, 6, 3) units."""
 
     def __init__(self, config: ArchConfig) -> None:
         super().__init__()
-        if config.arch != "revnet50":
-            raise ValueError(f"arch={config.arch!r}: RevNet50 builds revnet50")
         self.config = config
         k = config.widening
         widths = [w * k for w in STAGE_WIDTHS]

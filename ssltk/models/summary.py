@@ -54,7 +54,7 @@ def model_summary(
             last_relu=last_relu,
             patch_mode=patch_mode,
             representation_size=representation_size,
-            input_size=input_size if arch == "vgg19_bn" else None,
+            input_size=input_size,
         )
         model.eval()
         with torch.no_grad():

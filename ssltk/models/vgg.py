@@ -17,8 +17,14 @@ import torch
 from torch import nn
 
 from ssltk.models.layers import batch_norm, conv, init_weights
-from ssltk.models.spec import VGG_DOWNSAMPLING, ArchConfig
+from ssltk.models.registry import register_arch
+from ssltk.models.spec import ArchConfig, is_int
 
+#: Default input side: full images (224) or Jigsaw/RelPatchLoc patches (64).
+VGG_IMAGE_SIZE = 224
+VGG_PATCH_SIZE = 64
+#: VGG halves the resolution five times before fc6.
+VGG_DOWNSAMPLING = 32
 CONVS_PER_BLOCK = (2, 2, 4, 4, 4)
 BLOCK_WIDTHS = (1, 2, 4, 8, 8)  # multiples of w = 8k
 
@@ -40,13 +46,27 @@ def fully_connected(in_channels: int, out_channels: int, kernel_size: int) -> li
     ]
 
 
+def vgg_input_size(size: int | None, patch_mode: bool) -> int:
+    """The side fc6's kernel is built for: ``size``, by default 224 (64 in patch mode); the model
+    then accepts sides in ``[32·(size//32), 32·(size//32) + 31]``."""
+    if size is None:
+        size = VGG_PATCH_SIZE if patch_mode else VGG_IMAGE_SIZE
+    if not is_int(size) or size < VGG_DOWNSAMPLING:
+        raise ValueError(
+            f"input_size={size!r}: VGG needs at least {VGG_DOWNSAMPLING} px "
+            "(five 2×2 poolings before fc6)"
+        )
+    return size
+
+
+@register_arch("vgg19_bn", input_size_rule=vgg_input_size)
 class VGG19BN(nn.Module):
     """VGG19-BN returning ``block1..block5, fc6, pre_logits, logits`` (paper §4.1)."""
 
     def __init__(self, config: ArchConfig) -> None:
         super().__init__()
-        if config.arch != "vgg19_bn" or config.input_size is None:
-            raise ValueError(f"arch={config.arch!r}: VGG19BN builds vgg19_bn")
+        if config.input_size is None:
+            raise ValueError("input_size: VGG19BN is built for one input size (see vgg_input_size)")
         self.config = config
         w = 8 * config.widening
         channels = 3
@@ -75,7 +95,7 @@ class VGG19BN(nn.Module):
         pooled = tuple(s // VGG_DOWNSAMPLING for s in x.shape[-2:])
         if x.ndim != 4 or pooled != (self.fc6_kernel, self.fc6_kernel):
             raise ValueError(
-                f"input size {tuple(x.shape[-2:])}: vgg19_bn was built for input_size="
+                f"input size {tuple(x.shape[-2:])}: {self.config.arch} was built for input_size="
                 f"{self.config.input_size} (fc6 kernel {self.fc6_kernel}×{self.fc6_kernel}) and "
                 f"takes [B, 3, H, W] with H and W in [{side}, {side + VGG_DOWNSAMPLING - 1}]"
             )

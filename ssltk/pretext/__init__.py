@@ -1,12 +1,16 @@
 """Pretext tasks of the paper (§2): Rotation, Exemplar, Jigsaw and Relative Patch Location.
 
 ``build_task(config)`` returns the :class:`PretextTask` named by ``config.pretext.task``. Each task
-lives in its own module and registers itself with :func:`register_task`; a new task is one more
-module imported here, and its name added to ``ssltk.config.TASKS``.
+lives in its own module, registers itself with :func:`register_task` and carries its traits and its
+``pretext.<name>`` config section; a new task is one more such module, imported before the config
+is read.
 """
 
-from ssltk.config import TASKS  # the schema's enum of task names, one source of truth
-from ssltk.pretext import exemplar, jigsaw, relative_patch_location, rotation
+# Importing a task's module registers it; registration order is the study's default order.
+# isort: off
+from ssltk.pretext import rotation, exemplar, jigsaw, relative_patch_location
+
+# isort: on
 from ssltk.pretext.base import (
     PretextInputs,
     PretextTask,
@@ -15,13 +19,13 @@ from ssltk.pretext.base import (
     register_task,
     registered_tasks,
     task_class,
+    unregister_task,
 )
 from ssltk.pretext.geometry import PatchLayout, resolve_patch_layout
 from ssltk.pretext.permutations import load_permutations
 from ssltk.pretext.triplet import semihard_triplet_loss
 
 __all__ = [
-    "TASKS",
     "PatchLayout",
     "PretextInputs",
     "PretextTask",
@@ -37,4 +41,5 @@ __all__ = [
     "rotation",
     "semihard_triplet_loss",
     "task_class",
+    "unregister_task",
 ]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ssltk.config import Config
+from ssltk.config import Config, Section
 from ssltk.models import build_model, weight_decay_groups
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "register_task",
     "registered_tasks",
     "task_class",
+    "unregister_task",
 ]
 
 Pool = Callable[[torch.Tensor], torch.Tensor]
@@ -27,7 +28,7 @@ Pool = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class PretextInputs:
-    """One prepared batch: what the backbone sees, the pretext labels, the source image count.
+    """One prepared batch: what the backbone sees and the pretext labels.
 
     ``inputs``: rotation ``[4B, 3, S, S]``, exemplar ``[copies·B, 3, S, S]``, patch tasks
     ``[B, grid², 3, p, p]``. ``labels``: one per classified example (per embedding for exemplar).
@@ -35,21 +36,21 @@ class PretextInputs:
 
     inputs: torch.Tensor
     labels: torch.Tensor
-    num_images: int
 
 
 @dataclass
 class TaskOutput:
-    """The scalar loss, detached metrics and the number of backbone inputs of one step."""
+    """The scalar loss and detached metrics of one step."""
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
-    num_inputs: int
 
 
 class PretextTask(nn.Module, ABC):
     """A backbone and its pretext head; see :func:`build_task`.
 
+    ``__init__`` takes plain arguments; ``from_config`` reads them from a :class:`Config` (its
+    ``pretext.<name>`` section is an instance of ``config_section``).
     ``prepare_batch`` turns uint8 images and their per-sample keys into network inputs and labels
     (every random decision comes from the keys), ``forward`` computes the loss and metrics,
     ``param_groups`` gives optimizer groups, ``representation`` the linear-evaluation endpoints.
@@ -63,15 +64,22 @@ class PretextTask(nn.Module, ABC):
     couples_batch: bool = False
     #: The step metric that says how well the pretext task is solved.
     metric: str = "accuracy"
+    #: The model of this task's ``pretext.<name>`` section of params.yaml (None: no section).
+    config_section: type[Section] | None = None
+    #: The smallest global batch the loss is defined for, and why (checked on the config).
+    min_batch_size: int = 1
+    min_batch_reason: str = ""
+    #: The paper's linear top-1 figures (ImageNet, %) of this task that were checked against a
+    #: second source, as ``(arch, widening, {table: value})``; ``ssltk report`` prints them.
+    paper_results: tuple[tuple[str, int, dict[str, float]], ...] = ()
 
     @classmethod
     @abstractmethod
     def chance_level(cls, config: Config) -> float:
         """``metric`` of a network that has learned nothing, for ``config``."""
 
-    def __init__(self, config: Config, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
-        self.config = config
         self.backbone = backbone
 
     @classmethod
@@ -166,7 +174,13 @@ def register_task(name: str) -> Callable[[type[PretextTask]], type[PretextTask]]
     return add
 
 
+def unregister_task(name: str) -> None:
+    """Remove task ``name`` (for code that registers one for a while, such as a test)."""
+    del _REGISTRY[name]
+
+
 def registered_tasks() -> tuple[str, ...]:
+    """Registered task names, in registration order."""
     return tuple(_REGISTRY)
 
 

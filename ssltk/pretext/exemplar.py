@@ -11,9 +11,12 @@ task is defined by the random copies; their draws still come from the keys alone
 
 from __future__ import annotations
 
-import torch
+from typing import Annotated, Literal
 
-from ssltk.config import Config
+import torch
+from pydantic import Field
+
+from ssltk.config import Config, NonNegFloat, PositiveInt, Probability, Section
 from ssltk.data import rng
 from ssltk.data.augment import grayscale_mask, inception_preprocess, standardize, to_gray
 from ssltk.pretext.base import PretextInputs, TaskOutput, register_task
@@ -24,7 +27,15 @@ from ssltk.pretext.triplet import (
     semihard_triplet_loss_from_distances,
 )
 
-__all__ = ["Exemplar", "nearest_neighbour_accuracy"]
+__all__ = ["Exemplar", "ExemplarConfig", "nearest_neighbour_accuracy"]
+
+
+class ExemplarConfig(Section):
+    copies: Annotated[int, Field(ge=2)] = 8
+    grayscale_p: Probability = 0.66
+    embed_dim: PositiveInt = 1000
+    margin: NonNegFloat = 0.5
+    normalize: Literal["per_vector", "faithful_axis0"] = "per_vector"
 
 
 def nearest_neighbour_accuracy(distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -39,6 +50,24 @@ class Exemplar(FullImageTask):
 
     metric = "nn_accuracy"
     couples_batch = True
+    config_section = ExemplarConfig
+    min_batch_size = 2
+    min_batch_reason = "negatives come from other images of the batch"
+    paper_results = (("resnet50_v1", 12, {"Table 2": 46.0}),)
+
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        input_size: int,
+        *,
+        copies: int,
+        grayscale_p: float,
+        margin: float,
+        normalize: str,
+    ) -> None:
+        super().__init__(backbone, input_size)
+        self.copies, self.grayscale_p = copies, grayscale_p
+        self.margin, self.normalize = margin, normalize
 
     @classmethod
     def chance_level(cls, config: Config) -> float:
@@ -49,16 +78,25 @@ class Exemplar(FullImageTask):
 
     @classmethod
     def from_config(cls, config: Config) -> Exemplar:
-        return cls(config, cls.full_image_backbone(config, config.pretext.exemplar.embed_dim))
+        section = config.pretext.exemplar
+        return cls(
+            cls.full_image_backbone(config, section.embed_dim),
+            config.pretext.input_size,
+            copies=section.copies,
+            grayscale_p=section.grayscale_p,
+            margin=section.margin,
+            normalize=section.normalize,
+        )
 
     def prepare_batch(
         self, images: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
     ) -> PretextInputs:
-        exemplar = self.config.pretext.exemplar
-        batch, copies = images.shape[0], exemplar.copies
-        if batch < 2:
-            raise ValueError(f"exemplar needs at least 2 images per batch, got {batch}")
-        gray = grayscale_mask(keys, rng.Stream.EXEMPLAR_GRAY, exemplar.grayscale_p)
+        batch, copies = images.shape[0], self.copies
+        if batch < self.min_batch_size:
+            raise ValueError(
+                f"{self.name} needs at least {self.min_batch_size} images per batch, got {batch}"
+            )
+        gray = grayscale_mask(keys, rng.Stream.EXEMPLAR_GRAY, self.grayscale_p)
         images = to_gray(images, gray)
         # One derived key per copy, so every copy is an independent draw of the same primitive.
         copy_keys = rng.bits(keys, rng.Stream.EXEMPLAR_COPY_KEYS, copies).reshape(-1)
@@ -66,19 +104,18 @@ class Exemplar(FullImageTask):
             images.repeat_interleave(copies, dim=0),
             copy_keys,
             rng.Stream.EXEMPLAR_INCEPTION,
-            self.config.pretext.input_size,
+            self.input_size,
             train=True,
         )
         labels = torch.arange(batch, device=images.device).repeat_interleave(copies)
-        return PretextInputs(standardize(x), labels, num_images=batch)
+        return PretextInputs(standardize(x), labels)
 
     def forward(self, batch: PretextInputs) -> TaskOutput:
-        exemplar = self.config.pretext.exemplar
         embeddings = self.backbone(batch.inputs)["logits"]
         # Semi-hard selection compares distances closely: keep them in float32 under autocast.
         with torch.autocast(embeddings.device.type, enabled=False):
-            normalised = normalize_embeddings(embeddings.float(), exemplar.normalize)
+            normalised = normalize_embeddings(embeddings.float(), self.normalize)
             distances = pairwise_squared_distances(normalised)
-        loss = semihard_triplet_loss_from_distances(distances, batch.labels, exemplar.margin)
+        loss = semihard_triplet_loss_from_distances(distances, batch.labels, self.margin)
         metrics = {"nn_accuracy": nearest_neighbour_accuracy(distances, batch.labels)}
-        return TaskOutput(loss, metrics, num_inputs=batch.inputs.shape[0])
+        return TaskOutput(loss, metrics)

@@ -25,6 +25,10 @@ PAPER_EVAL_RESIZE = 256
 class FullImageTask(PretextTask):
     """A task whose backbone sees whole ``input_size``² images."""
 
+    def __init__(self, backbone: torch.nn.Module, input_size: int) -> None:
+        super().__init__(backbone)
+        self.input_size = input_size
+
     @staticmethod
     def full_image_backbone(config: Config, num_outputs: int) -> torch.nn.Module:
         """``model.*`` in full-image mode, its final linear layer with ``num_outputs``."""
@@ -35,8 +39,7 @@ class FullImageTask(PretextTask):
     @property
     def eval_resize(self) -> int:
         """Shorter side before the centre crop: ``round(256 · input_size / 224)``."""
-        size = self.config.pretext.input_size
-        return round_half_up(PAPER_EVAL_RESIZE * size / PAPER_INPUT_SIZE)
+        return round_half_up(PAPER_EVAL_RESIZE * self.input_size / PAPER_INPUT_SIZE)
 
     @torch.no_grad()
     def representation(
@@ -51,7 +54,7 @@ class FullImageTask(PretextTask):
         random from ``keys``), [-1, 1] scaling (no standardisation, also for Exemplar), then the
         backbone's endpoints ``layers``, each passed through ``pool`` if given.
         """
-        size = self.config.pretext.input_size
+        size = self.input_size
         resized = resize_small(images, self.eval_resize)
         in_hw = tuple(resized.shape[-2:])
         if keys is None:

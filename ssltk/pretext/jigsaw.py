@@ -11,16 +11,26 @@ always has one output per permutation.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
 
 from ssltk.config import Config
 from ssltk.data import rng
 from ssltk.pretext.base import PretextInputs, TaskOutput, accuracy, register_task
-from ssltk.pretext.patches import PatchHead, PatchTask
+from ssltk.pretext.geometry import PatchLayout
+from ssltk.pretext.patches import PatchHead, PatchHeadConfig, PatchTask
 from ssltk.pretext.permutations import load_permutations
 
-__all__ = ["Jigsaw", "arrange_slots"]
+__all__ = ["Jigsaw", "JigsawConfig", "arrange_slots"]
+
+
+class JigsawConfig(PatchHeadConfig):
+    perm_subset: Annotated[int, Field(ge=1, le=100)] = 8
+    per_image_perms: bool = False
 
 
 def arrange_slots(embeddings: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -37,12 +47,34 @@ def arrange_slots(embeddings: torch.Tensor, order: torch.Tensor) -> torch.Tensor
 class Jigsaw(PatchTask):
     """Permutation classification over the patches of a grid."""
 
+    config_section = JigsawConfig
+    paper_results = (("resnet50_v1", 8, {"Table 2": 44.6}),)
+
     @classmethod
     def chance_level(cls, config: Config) -> float:
         return 1 / len(load_permutations())
 
-    def __init__(self, config: Config) -> None:
-        jigsaw = config.pretext.jigsaw
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: PatchHead,
+        layout: PatchLayout,
+        permutations: torch.Tensor,
+        *,
+        perm_subset: int,
+        per_image_perms: bool,
+        head_weight_decay: float,
+        grayscale_p: float,
+    ) -> None:
+        super().__init__(
+            backbone, head, layout, head_weight_decay=head_weight_decay, grayscale_p=grayscale_p
+        )
+        self.perm_subset, self.per_image_perms = perm_subset, per_image_perms
+        self.register_buffer("permutations", permutations, persistent=False)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Jigsaw:
+        section = config.pretext.jigsaw
         permutations = load_permutations()
         grid = config.pretext.patches.grid
         if permutations.shape[1] != grid * grid:
@@ -51,14 +83,17 @@ class Jigsaw(PatchTask):
                 f"{permutations.shape[1]} patches, i.e. a 3×3 grid"
             )
         head = PatchHead(
-            grid * grid * jigsaw.embed_dim, jigsaw.hidden, permutations.shape[0], jigsaw.dropout
+            grid * grid * section.embed_dim, section.hidden, permutations.shape[0], section.dropout
         )
-        super().__init__(config, self.patch_backbone(config, jigsaw), head, jigsaw)
-        self.register_buffer("permutations", permutations, persistent=False)
-
-    @classmethod
-    def from_config(cls, config: Config) -> Jigsaw:
-        return cls(config)
+        return cls(
+            cls.patch_backbone(config, section.embed_dim),
+            head,
+            cls.layout_from_config(config),
+            permutations,
+            perm_subset=section.perm_subset,
+            per_image_perms=section.per_image_perms,
+            **cls.patch_options(config, section),
+        )
 
     def choose_permutations(
         self, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
@@ -68,8 +103,8 @@ class Jigsaw(PatchTask):
         batch = keys.shape[0]
         if not train:
             return torch.arange(count).expand(batch, count)
-        subset = self.config.pretext.jigsaw.perm_subset
-        if self.config.pretext.jigsaw.per_image_perms:
+        subset = self.perm_subset
+        if self.per_image_perms:
             return rng.permutation(keys, rng.Stream.JIGSAW_PERMUTATIONS, count)[:, :subset].cpu()
         shared = rng.permutation(batch_key, rng.Stream.JIGSAW_PERMUTATIONS, count)[0, :subset].cpu()
         return shared.expand(batch, subset)
@@ -79,17 +114,11 @@ class Jigsaw(PatchTask):
     ) -> PretextInputs:
         patches = self.sample_patches(images, keys, train=train)
         chosen = self.choose_permutations(keys, batch_key, train=train)
-        return PretextInputs(
-            patches, chosen.reshape(-1).to(images.device), num_images=images.shape[0]
-        )
+        return PretextInputs(patches, chosen.reshape(-1).to(images.device))
 
     def forward(self, batch: PretextInputs) -> TaskOutput:
         embeddings = self.embed(batch.inputs)  # [B, 9, E]
         order = self.permutations[batch.labels].view(embeddings.shape[0], -1, embeddings.shape[1])
         logits = self.head(arrange_slots(embeddings, order))
         loss = F.cross_entropy(logits, batch.labels)
-        return TaskOutput(
-            loss,
-            {"accuracy": accuracy(logits, batch.labels)},
-            num_inputs=batch.inputs.shape[0] * batch.inputs.shape[1],
-        )
+        return TaskOutput(loss, {"accuracy": accuracy(logits, batch.labels)})

@@ -10,11 +10,14 @@ batch without materialising the crop. Patches are in row-major grid order (centr
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 from torch import nn
 
 from kernels.patch_extraction import extract_patches
-from ssltk.config import Config, PatchHeadConfig
+from ssltk.config import Config, NonNegFloat, PositiveInt, Section
 from ssltk.data import rng
 from ssltk.data.augment import (
     center_crop_offsets,
@@ -31,7 +34,16 @@ from ssltk.pretext.base import (
 )
 from ssltk.pretext.geometry import PatchLayout, resolve_patch_layout
 
-__all__ = ["PatchHead", "PatchTask", "grid_offsets"]
+__all__ = ["PatchHead", "PatchHeadConfig", "PatchTask", "grid_offsets"]
+
+
+class PatchHeadConfig(Section):
+    """The per-patch embedding and the MLP head of a patch task (its ``pretext.<name>`` keys)."""
+
+    embed_dim: PositiveInt = 1000
+    hidden: PositiveInt = 4096
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    weight_decay: NonNegFloat = 5e-4
 
 
 HEAD_INIT_STD = 0.005
@@ -82,21 +94,41 @@ class PatchTask(PretextTask):
     patch_mode = True
 
     def __init__(
-        self, config: Config, backbone: nn.Module, head: PatchHead, head_config: PatchHeadConfig
+        self,
+        backbone: nn.Module,
+        head: PatchHead,
+        layout: PatchLayout,
+        *,
+        head_weight_decay: float,
+        grayscale_p: float,
     ) -> None:
-        super().__init__(config, backbone)
+        super().__init__(backbone)
         self.head = head
-        self.head_weight_decay = head_config.weight_decay
-        self.layout: PatchLayout = resolve_patch_layout(
-            config.pretext.patches, config.pretext.input_size
+        self.layout = layout
+        self.head_weight_decay = head_weight_decay
+        self.grayscale_p = grayscale_p
+
+    @staticmethod
+    def layout_from_config(config: Config) -> PatchLayout:
+        return resolve_patch_layout(config.pretext.patches, config.pretext.input_size)
+
+    @classmethod
+    def patch_backbone(cls, config: Config, embed_dim: int) -> nn.Module:
+        """``model.*`` in patch mode at the patch size, embedding each patch in ``embed_dim``."""
+        return backbone_from_config(
+            config,
+            num_classes=embed_dim,
+            patch_mode=True,
+            input_size=cls.layout_from_config(config).patch,
         )
 
     @staticmethod
-    def patch_backbone(config: Config, head_config: PatchHeadConfig) -> nn.Module:
-        layout = resolve_patch_layout(config.pretext.patches, config.pretext.input_size)
-        return backbone_from_config(
-            config, num_classes=head_config.embed_dim, patch_mode=True, input_size=layout.patch
-        )
+    def patch_options(config: Config, section: PatchHeadConfig) -> dict[str, float]:
+        """The keyword arguments of :class:`PatchTask` read from ``config``."""
+        return {
+            "head_weight_decay": section.weight_decay,
+            "grayscale_p": config.pretext.patches.grayscale_p,
+        }
 
     def sample_patches(
         self, images: torch.Tensor, keys: torch.Tensor, *, train: bool
@@ -107,7 +139,7 @@ class PatchTask(PretextTask):
         batch = images.shape[0]
         resized = resize_bilinear(images, layout.resize)
         square = (layout.resize, layout.resize)
-        gray = grayscale_mask(keys, rng.Stream.PATCH_GRAY, self.config.pretext.patches.grayscale_p)
+        gray = grayscale_mask(keys, rng.Stream.PATCH_GRAY, self.grayscale_p)
         if train:
             crop = random_crop_offsets(keys, rng.Stream.PATCH_CROP, square, layout.crop)
             jitter = rng.randint(

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ssltk.config import Config
 from ssltk.pretext.base import PretextInputs, TaskOutput, accuracy, register_task
-from ssltk.pretext.patches import PatchHead, PatchTask
+from ssltk.pretext.geometry import PatchLayout
+from ssltk.pretext.patches import PatchHead, PatchHeadConfig, PatchTask
 
-__all__ = ["RelativePatchLocation", "neighbour_centre_pairs"]
+__all__ = ["RelativePatchLocation", "RelativePatchLocationConfig", "neighbour_centre_pairs"]
+
+
+class RelativePatchLocationConfig(PatchHeadConfig):
+    pass
 
 
 def neighbour_centre_pairs(
@@ -32,25 +38,43 @@ def neighbour_centre_pairs(
 class RelativePatchLocation(PatchTask):
     """Classification of each neighbour's position around the centre patch."""
 
+    config_section = RelativePatchLocationConfig
+    paper_results = (("resnet50_v1", 8, {"Table 1": 50.5, "Table 2": 51.4}),)
+
     @classmethod
     def chance_level(cls, config: Config) -> float:
         return 1 / (config.pretext.patches.grid**2 - 1)
 
-    def __init__(self, config: Config) -> None:
-        rpl = config.pretext.relative_patch_location
-        grid = config.pretext.patches.grid
-        if grid % 2 == 0:
-            raise ValueError(f"pretext.patches.grid={grid}: needs a centre patch, i.e. an odd grid")
-        positions = grid * grid
-        head = PatchHead(2 * rpl.embed_dim, rpl.hidden, positions - 1, rpl.dropout)
-        super().__init__(config, self.patch_backbone(config, rpl), head, rpl)
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: PatchHead,
+        layout: PatchLayout,
+        *,
+        head_weight_decay: float,
+        grayscale_p: float,
+    ) -> None:
+        super().__init__(
+            backbone, head, layout, head_weight_decay=head_weight_decay, grayscale_p=grayscale_p
+        )
+        positions = layout.grid * layout.grid
         self.centre = positions // 2
         neighbours = torch.tensor([i for i in range(positions) if i != self.centre])
         self.register_buffer("neighbours", neighbours, persistent=False)
 
     @classmethod
     def from_config(cls, config: Config) -> RelativePatchLocation:
-        return cls(config)
+        section = config.pretext.relative_patch_location
+        grid = config.pretext.patches.grid
+        if grid % 2 == 0:
+            raise ValueError(f"pretext.patches.grid={grid}: needs a centre patch, i.e. an odd grid")
+        head = PatchHead(2 * section.embed_dim, section.hidden, grid * grid - 1, section.dropout)
+        return cls(
+            cls.patch_backbone(config, section.embed_dim),
+            head,
+            cls.layout_from_config(config),
+            **cls.patch_options(config, section),
+        )
 
     def prepare_batch(
         self, images: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
@@ -58,14 +82,10 @@ class RelativePatchLocation(PatchTask):
         patches = self.sample_patches(images, keys, train=train)
         num_neighbours = self.neighbours.numel()
         labels = torch.arange(num_neighbours, device=images.device).repeat(images.shape[0])
-        return PretextInputs(patches, labels, num_images=images.shape[0])
+        return PretextInputs(patches, labels)
 
     def forward(self, batch: PretextInputs) -> TaskOutput:
         embeddings = self.embed(batch.inputs)  # [B, P, E]
         logits = self.head(neighbour_centre_pairs(embeddings, self.neighbours, self.centre))
         loss = F.cross_entropy(logits, batch.labels)
-        return TaskOutput(
-            loss,
-            {"accuracy": accuracy(logits, batch.labels)},
-            num_inputs=batch.inputs.shape[0] * batch.inputs.shape[1],
-        )
+        return TaskOutput(loss, {"accuracy": accuracy(logits, batch.labels)})

@@ -9,10 +9,13 @@ of evaluation instead: on 32-px images an inception crop is often a few blurred 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from ssltk.config import Config
+from ssltk.config import Config, Section
 from ssltk.data import rng
 from ssltk.data.augment import inception_preprocess
 from ssltk.pretext.base import (
@@ -23,7 +26,7 @@ from ssltk.pretext.base import (
 )
 from ssltk.pretext.full_image import FullImageTask
 
-__all__ = ["NUM_ROTATIONS", "Rotation", "rotate_all"]
+__all__ = ["NUM_ROTATIONS", "Rotation", "RotationConfig", "rotate_all"]
 
 NUM_ROTATIONS = 4
 
@@ -34,9 +37,26 @@ def rotate_all(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rotations, dim=1).flatten(0, 1)
 
 
+class RotationConfig(Section):
+    crop: Literal["inception", "center"] = Field(
+        "inception",
+        description="training preprocessing: the paper's inception crop, or the evaluation's "
+        "centre crop (for tiny images, where inception crops are a few blurred pixels)",
+    )
+
+
 @register_task("rotation")
 class Rotation(FullImageTask):
     """Four-way rotation classification."""
+
+    config_section = RotationConfig
+    paper_results = (("revnet50", 16, {"Table 1": 53.7, "Table 2": 55.4}),)
+
+    def __init__(
+        self, backbone: torch.nn.Module, input_size: int, *, inception_crop: bool = True
+    ) -> None:
+        super().__init__(backbone, input_size)
+        self.inception_crop = inception_crop
 
     @classmethod
     def chance_level(cls, config: Config) -> float:
@@ -44,20 +64,23 @@ class Rotation(FullImageTask):
 
     @classmethod
     def from_config(cls, config: Config) -> Rotation:
-        return cls(config, cls.full_image_backbone(config, NUM_ROTATIONS))
+        return cls(
+            cls.full_image_backbone(config, NUM_ROTATIONS),
+            config.pretext.input_size,
+            inception_crop=config.pretext.rotation.crop == "inception",
+        )
 
     def prepare_batch(
         self, images: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
     ) -> PretextInputs:
-        size = self.config.pretext.input_size
-        augment = train and self.config.pretext.rotation.crop == "inception"
-        x = inception_preprocess(images, keys, rng.Stream.ROTATION_INCEPTION, size, train=augment)
+        augment = train and self.inception_crop
+        x = inception_preprocess(
+            images, keys, rng.Stream.ROTATION_INCEPTION, self.input_size, train=augment
+        )
         labels = torch.arange(NUM_ROTATIONS, device=images.device).repeat(images.shape[0])
-        return PretextInputs(rotate_all(x), labels, num_images=images.shape[0])
+        return PretextInputs(rotate_all(x), labels)
 
     def forward(self, batch: PretextInputs) -> TaskOutput:
         logits = self.backbone(batch.inputs)["logits"]
         loss = F.cross_entropy(logits, batch.labels)
-        return TaskOutput(
-            loss, {"accuracy": accuracy(logits, batch.labels)}, num_inputs=batch.inputs.shape[0]
-        )
+        return TaskOutput(loss, {"accuracy": accuracy(logits, batch.labels)})

@@ -1,0 +1,69 @@
+"""The backbone registry: each builder registers itself and its traits (as timm's
+``@register_model``), and every list of architecture names derives from here.
+
+This module imports no torch; importing :mod:`ssltk.models` registers the paper's backbones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ssltk.models.spec import ArchConfig
+
+__all__ = ["ArchEntry", "arch_names", "arch_traits", "register_arch", "unregister_arch"]
+
+#: ``(input_size or None, patch_mode) -> input_size``: the side a backbone is built for, or a
+#: ``ValueError`` naming ``input_size``.
+InputSizeRule = Callable[[int | None, bool], int]
+
+
+@dataclass(frozen=True)
+class ArchEntry:
+    """A registered backbone: its builder and the traits that differ between backbones."""
+
+    name: str
+    build: Callable[[ArchConfig], nn.Module]
+    #: The final ReLU may be dropped (the paper's "(-)" rows, §3.4).
+    last_relu_optional: bool = False
+    #: The model is built for one input size (VGG's fc6 covers the last map). ``None``: any size,
+    #: and ``input_size`` is only recorded.
+    input_size_rule: InputSizeRule | None = None
+
+
+_REGISTRY: dict[str, ArchEntry] = {}
+
+
+def register_arch(
+    name: str, *, last_relu_optional: bool = False, input_size_rule: InputSizeRule | None = None
+) -> Callable[[Callable[[ArchConfig], nn.Module]], Callable[[ArchConfig], nn.Module]]:
+    """Decorator registering ``build(config: ArchConfig) -> nn.Module`` as backbone ``name``."""
+
+    def add(build: Callable[[ArchConfig], nn.Module]) -> Callable[[ArchConfig], nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _REGISTRY[name] = ArchEntry(name, build, last_relu_optional, input_size_rule)
+        return build
+
+    return add
+
+
+def unregister_arch(name: str) -> None:
+    """Remove backbone ``name`` (for code that registers one for a while, such as a test)."""
+    del _REGISTRY[name]
+
+
+def arch_names() -> tuple[str, ...]:
+    """Registered backbones, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def arch_traits(name: str) -> ArchEntry:
+    """The registry entry of backbone ``name``; a ``ValueError`` listing the registered ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"arch={name!r}: expected one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
