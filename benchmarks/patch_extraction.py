@@ -6,7 +6,7 @@ a 3×3 grid of 85-px cells, 64-px patches with random jitter, grayscale on about
 per-patch standardisation. By default the paper geometry (224) and the CIFAR-scale one of the
 default study (32: 42² images, 9-px patches) are measured.
 
-* ``batched``: :func:`kernels.patch_extraction.extract_patches` (the vectorised torch reference on
+* ``batched``: :func:`kernels.patch_extraction.extract_patches` (the vectorised torch path on
   CPU, the Triton kernel on CUDA), allocating its output; ``batched out=`` writes into a
   preallocated buffer;
 * ``per-image loop``: a Python loop over images; each image is grayed if flagged, its patches are
@@ -176,7 +176,7 @@ def main() -> None:
     batch = args.batch or (32 if args.quick else (512 if on_cuda else 128))
     repeats = args.repeats or (3 if args.quick else (50 if on_cuda else 7))
     dtype = torch.uint8 if args.dtype == "uint8" else torch.float32
-    implementation = "triton kernel" if on_cuda else "torch reference"
+    implementation = "triton kernel" if on_cuda else "torch path"
     print(
         f"patch extraction on {device.type} ({implementation}; {torch.get_num_threads()} CPU "
         f"threads), fastest of {repeats} round-robin repeats"

@@ -10,9 +10,9 @@ and a per-image grayscale flag ``[B]``, :func:`extract_patches` writes float32 p
   std over all ``N = C·p·p`` values.
 
 ``extract_patches_triton`` is the kernel: one program per patch, two reductions over the patch
-(mean, then the centred sum of squares) and one normalised write. ``extract_patches_reference`` is
-the vectorised torch reference it is tested against. :func:`extract_patches` validates the inputs
-and dispatches through :mod:`kernels.dispatch`.
+(mean, then the centred sum of squares) and one normalised write. ``extract_patches_torch`` is
+the vectorised torch path, what runs on CPU and what the kernel is tested against.
+:func:`extract_patches` validates the inputs and dispatches through :mod:`kernels.dispatch`.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import triton.language as tl
 
 from kernels.dispatch import use_triton
 
-__all__ = ["extract_patches", "extract_patches_reference", "extract_patches_triton"]
+__all__ = ["extract_patches", "extract_patches_torch", "extract_patches_triton"]
 
 # Largest pixel tile one program holds at once; bigger patches are processed in chunks.
 _MAX_TILE_PIXELS = 4096
-# Output bytes per chunk of images in the torch reference: about one core's L2 cache.
+# Output bytes per chunk of images in the torch path: about one core's L2 cache.
 _CHUNK_BYTES = 1 << 20
 
 
@@ -123,7 +123,7 @@ def extract_patches(
     gray = gray.to(images.device)
     if use_triton(images):
         return extract_patches_triton(images, offsets, gray, patch_size, out=out)
-    return extract_patches_reference(images, offsets, gray, patch_size, out=out)
+    return extract_patches_torch(images, offsets, gray, patch_size, out=out)
 
 
 def _gray_plane(patches: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -149,7 +149,7 @@ def _chunk_images(batch: int, image_bytes: int) -> int:
     return max(1, min(batch, _CHUNK_BYTES // image_bytes))
 
 
-def extract_patches_reference(
+def extract_patches_torch(
     images: torch.Tensor,
     offsets: torch.Tensor,
     gray: torch.Tensor,
@@ -157,7 +157,7 @@ def extract_patches_reference(
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Vectorised torch reference of :func:`extract_patches` (no validation).
+    """Vectorised torch implementation of :func:`extract_patches` (no validation): the CPU path.
 
     Each patch row is a run of ``p`` consecutive values of the flattened image, so one
     ``index_select`` over the (overlapping) view of all such runs gathers every row of every patch,

@@ -1,4 +1,4 @@
-"""Batched patch extraction: Triton kernel (interpreted on CPU), torch reference, naive loop."""
+"""Batched patch extraction: Triton kernel (interpreted on CPU), the torch path, naive loop."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from kernels import patch_extraction
 from kernels.dispatch import force
 from kernels.patch_extraction import (
     extract_patches,
-    extract_patches_reference,
+    extract_patches_torch,
     extract_patches_triton,
 )
 
@@ -78,7 +78,7 @@ def _case(
     num_patches=st.integers(1, 4),
     border=st.booleans(),
 )
-def test_kernel_matches_reference_and_naive_loop(
+def test_kernel_matches_torch_path_and_naive_loop(
     seed, dtype, batch, channels, height, width, p_frac, num_patches, border
 ):
     p = max(1, int(min(height, width) * p_frac))
@@ -86,7 +86,7 @@ def test_kernel_matches_reference_and_naive_loop(
         seed, dtype, batch, channels, height, width, p, num_patches, border
     )
     naive = naive_patches(images, offsets, gray, p)
-    reference = extract_patches_reference(images, offsets, gray, p)
+    reference = extract_patches_torch(images, offsets, gray, p)
     with force("triton"):
         kernel = extract_patches(images, offsets, gray, p)
     assert kernel.shape == (batch, num_patches, channels, p, p) and kernel.dtype == torch.float32
@@ -100,7 +100,7 @@ def test_kernel_chunked_path_for_large_patches(dtype, gray_on):
     # 70×70 = 4900 pixels needs more than one tile per patch.
     images, offsets, _ = _case(3, dtype, 2, 3, 72, 75, 70, 2, border=True)
     gray = torch.full((2,), gray_on)
-    reference = extract_patches_reference(images, offsets, gray, 70)
+    reference = extract_patches_torch(images, offsets, gray, 70)
     kernel = extract_patches_triton(images, offsets, gray, 70)
     torch.testing.assert_close(kernel, reference, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(
@@ -139,14 +139,14 @@ _CASE_IMAGE_BYTES = 4 * 3 * 36 * 4
 
 @pytest.mark.parametrize("images_per_chunk", [1, 2, 3, 7])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float16])
-def test_reference_chunks_agree_with_naive_loop(monkeypatch, images_per_chunk, dtype):
+def test_torch_path_chunks_agree_with_naive_loop(monkeypatch, images_per_chunk, dtype):
     # Chunks of 2 and 3 images see all-gray, all-colour and mixed chunks; 7 is the whole batch.
     images, offsets, _ = _case(13, dtype, 7, 3, 14, 15, 6, 4, border=True)
     gray = torch.tensor([True, True, False, True, False, False, True])
     monkeypatch.setattr(patch_extraction, "_CHUNK_BYTES", images_per_chunk * _CASE_IMAGE_BYTES + 1)
     assert patch_extraction._chunk_images(7, _CASE_IMAGE_BYTES) == images_per_chunk
     buffer = torch.full((7, 4, 3, 6, 6), float("nan"))
-    got = extract_patches_reference(images, offsets, gray, 6, out=buffer)
+    got = extract_patches_torch(images, offsets, gray, 6, out=buffer)
     expected = naive_patches(images, offsets, gray, 6)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(extract_patches_triton(images, offsets, gray, 6), got)
@@ -158,14 +158,14 @@ def test_non_contiguous_images():
     assert not images.is_contiguous()
     with force("triton"):
         kernel = extract_patches(images, offsets, gray, 4)
-    torch.testing.assert_close(kernel, extract_patches_reference(base, offsets, gray, 4))
+    torch.testing.assert_close(kernel, extract_patches_torch(base, offsets, gray, 4))
 
 
-def test_dispatch_uses_reference_on_cpu_by_default():
+def test_dispatch_uses_torch_path_on_cpu_by_default():
     images, offsets, gray = _case(7, torch.uint8, 2, 3, 10, 10, 5, 2, border=False)
     with force("auto"):
         out = extract_patches(images, offsets, gray, 5)
-    assert torch.equal(out, extract_patches_reference(images, offsets, gray, 5))
+    assert torch.equal(out, extract_patches_torch(images, offsets, gray, 5))
 
 
 @pytest.mark.parametrize(
@@ -219,7 +219,7 @@ def test_bad_out_buffer_is_named():
 @pytest.mark.parametrize("p", [9, 64, 70])
 def test_cuda_kernel_matches_cpu_reference(dtype, p):
     images, offsets, gray = _case(p, dtype, 16, 3, 96, 101, p, 9, border=True)
-    expected = extract_patches_reference(images, offsets, gray, p)
+    expected = extract_patches_torch(images, offsets, gray, p)
     with force("auto"):
         got = extract_patches(images.cuda(), offsets.cuda(), gray.cuda(), p)
     assert got.is_cuda
