@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ssltk.models import ARCHS, build_model, count_parameters
+from ssltk.models import arch_names, arch_traits, build_model, count_parameters
 
 WARMUP = 2  # untimed steps that warm up allocators and kernels
 
@@ -37,10 +37,14 @@ def step_times(model: torch.nn.Module, x: torch.Tensor, steps: int) -> list[floa
 
 
 def variants() -> list[tuple[str, str, dict]]:
-    rows = [(arch, arch, {}) for arch in ARCHS if arch != "revnet50"]
-    rows.insert(2, ("revnet50", "revnet50", {"memory_saving": False}))
-    if importlib.util.find_spec("ssltk.models.reversible") is not None:
-        rows.insert(3, ("revnet50_memory_saving", "revnet50", {"memory_saving": True}))
+    """Every registered backbone; one with memory saving also with it on, where it exists."""
+    reversible = importlib.util.find_spec("ssltk.models.reversible") is not None
+    rows = []
+    for arch in arch_names():
+        saving = arch_traits(arch).memory_saving
+        rows.append((arch, arch, {"memory_saving": False} if saving else {}))
+        if saving and reversible:
+            rows.append((f"{arch}_memory_saving", arch, {"memory_saving": True}))
     return rows
 
 

@@ -30,8 +30,6 @@ from ssltk.pretext import build_task
 from ssltk.train.determinism import seed_everything
 from ssltk.train.engine import pretrain
 
-FULL_LAYERS = ["after_root", "block1", "block2", "block3", "block4", "pre_logits"]
-VGG_LAYERS = ["block1", "block2", "block3", "block4", "block5", "fc6", "pre_logits"]
 L2 = (1e-2, 1e-3)  # per-sample-mean CE + l2·|W|², strongest first (warm starts)
 
 
@@ -57,7 +55,9 @@ def probe(task, config) -> dict[str, float]:
     task.eval()
     data = PreparedDataset.open(config.data.prepared_dir)
     train, val = data.split("train"), data.split("val")
-    layers = VGG_LAYERS if config.model.arch == "vgg19_bn" else FULL_LAYERS
+    # Every endpoint of the backbone up to pre_logits (its own names, whatever the arch).
+    layers = list(task.representation(train.images(np.arange(1)), None))
+    layers = layers[: layers.index("pre_logits") + 1]
     ftr, fva = features(task, train, layers), features(task, val, layers)
     ytr, yva = train.labels.numpy(), val.labels.numpy()
     result = {}

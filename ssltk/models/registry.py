@@ -33,20 +33,27 @@ class ArchEntry:
     #: The model is built for one input size (VGG's fc6 covers the last map). ``None``: any size,
     #: and ``input_size`` is only recorded.
     input_size_rule: InputSizeRule | None = None
+    #: ``memory_saving`` changes the model: activations are recomputed in backward (RevNet).
+    memory_saving: bool = False
 
 
 _REGISTRY: dict[str, ArchEntry] = {}
 
 
 def register_arch(
-    name: str, *, last_relu_optional: bool = False, input_size_rule: InputSizeRule | None = None
+    name: str,
+    *,
+    last_relu_optional: bool = False,
+    input_size_rule: InputSizeRule | None = None,
+    memory_saving: bool = False,
 ) -> Callable[[Callable[[ArchConfig], nn.Module]], Callable[[ArchConfig], nn.Module]]:
-    """Decorator registering ``build(config: ArchConfig) -> nn.Module`` as backbone ``name``."""
+    """Decorator registering ``build(config: ArchConfig) -> nn.Module`` as backbone ``name``,
+    with the traits of :class:`ArchEntry`."""
 
     def add(build: Callable[[ArchConfig], nn.Module]) -> Callable[[ArchConfig], nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} is already registered")
-        _REGISTRY[name] = ArchEntry(name, build, last_relu_optional, input_size_rule)
+        _REGISTRY[name] = ArchEntry(name, build, last_relu_optional, input_size_rule, memory_saving)
         return build
 
     return add

@@ -8,7 +8,7 @@ is read.
 
 # Importing a task's module registers it; registration order is the study's default order.
 # isort: off
-from ssltk.pretext import rotation, exemplar, jigsaw, relative_patch_location
+from ssltk.pretext import rotation, exemplar, jigsaw, relative_patch_location  # noqa: F401
 
 # isort: on
 from ssltk.pretext.base import (
@@ -31,14 +31,10 @@ __all__ = [
     "PretextTask",
     "TaskOutput",
     "build_task",
-    "exemplar",
-    "jigsaw",
     "load_permutations",
     "register_task",
     "registered_tasks",
-    "relative_patch_location",
     "resolve_patch_layout",
-    "rotation",
     "semihard_triplet_loss",
     "task_class",
     "unregister_task",
