@@ -1,9 +1,11 @@
 """The schema of ``params.yaml``: the single source of truth read by the CLI, DVC stages and tests.
 
-Every section of params.yaml lives here with its defaults, ranges and enums. Unknown
-keys are errors. ``load_config`` reads a file, applies dotted ``--set`` overrides and validates the
-result with the same schema, raising :class:`ConfigError` with one line that names the file and
-the key.
+Every section of params.yaml lives here with its defaults, ranges and enums, except each pretext
+task's own ``pretext.<name>`` section, which its task class carries (``config_section``). Backbone
+and task names are checked against the registries when a config is validated, so names
+registered after this module was imported are accepted. Unknown keys are errors. ``load_config``
+reads a file, applies dotted ``--set`` overrides and validates the result with the same schema,
+raising :class:`ConfigError` with one line that names the file and the key.
 """
 
 from __future__ import annotations
