@@ -23,6 +23,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -192,6 +193,13 @@ class PretextConfig(Section):
             )
         self.__pydantic_extra__ = sections
         return self
+
+    @model_serializer(mode="wrap")
+    def _patches_last(self, handler: Any) -> dict[str, Any]:
+        # The shared patch geometry after the task sections, as params files list them.
+        data = handler(self)
+        data["patches"] = data.pop("patches")
+        return data
 
 
 def _validate_section(section: type[Section], value: Any, name: str) -> Section:
