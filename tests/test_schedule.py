@@ -153,7 +153,7 @@ def test_bad_cosine_schedules_name_the_argument(kwargs: dict, culprit: str):
 
 def test_cosine_makes_epochs_part_of_a_checkpoints_trajectory():
     from ssltk.config import Config
-    from ssltk.train.engine import trajectory
+    from ssltk.train.resume import trajectory
 
     step, cosine = Config(), Config(pretrain=PretrainConfig(schedule="cosine"))
     assert "pretrain.epochs" not in trajectory(step)  # step decays: more epochs extend the run
