@@ -6,9 +6,9 @@ a 3×3 grid of 85-px cells, 64-px patches with random jitter, grayscale on about
 per-patch standardisation. By default the paper geometry (224) and the CIFAR-scale one of the
 default study (32: 42² images, 9-px patches) are measured.
 
-* ``batched``: :func:`kernels.patch_extraction.extract_patches` (the vectorised torch reference on
-  CPU, the Triton kernel on CUDA), allocating its output; ``batched out=`` writes into a
-  preallocated buffer;
+* ``batched``: :func:`ssltk.kernels.patch_extraction.extract_patches` (the vectorised torch
+  reference on CPU, the Triton kernel on CUDA), allocating its output; ``batched out=`` writes into
+  a preallocated buffer;
 * ``per-image loop``: a Python loop over images; each image is grayed if flagged, its patches are
   sliced out one by one, stacked and standardised together (what a per-image data pipeline does).
   It is the honest alternative: the torch ops a user would call per image, with no extra copies or
@@ -38,8 +38,8 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.patch_extraction import extract_patches
 from ssltk.config import PatchGeometry
+from ssltk.kernels.patch_extraction import extract_patches
 from ssltk.pretext.geometry import PatchLayout, resolve_patch_layout
 
 TARGET_SPEEDUP = 20.0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.patch_extraction import extract_patches
 from ssltk.config import Config, PatchHeadConfig
 from ssltk.data import rng
 from ssltk.data.augment import (
@@ -23,6 +22,7 @@ from ssltk.data.augment import (
     resize_bilinear,
     resize_small,
 )
+from ssltk.kernels.patch_extraction import extract_patches
 from ssltk.pretext.base import (
     Pool,
     PretextTask,
