@@ -33,10 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import in_turns
 
 from ssltk.config import PatchGeometry
 from ssltk.kernels.patch_extraction import extract_patches
@@ -83,19 +83,7 @@ def time_round_robin(
     methods: dict[str, Callable[[], object]], device: torch.device, repeats: int
 ) -> dict[str, float]:
     """Fastest seconds per call of each method, timed in turns after one warm-up call each."""
-    for fn in methods.values():
-        fn()
-    best = dict.fromkeys(methods, math.inf)
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    return {name: min(t) for name, t in in_turns(methods, repeats, device).items()}
 
 
 def measure(
