@@ -177,11 +177,11 @@ class _PretrainRun:
             raise ConfigError(f"model/pretext: {err}") from None
         self.task = task.to(context.device)
         self.task.train()
-        if self.restart and context.is_main:
-            self.run_dir.clear_records()
         self.last_checkpoint, self.resume_state = resume.select(
             self.run_dir.checkpoints, context, restart=self.restart
         )
+        if self.restart and context.is_main:  # after the checkpoints: none outlives its run.json
+            self.run_dir.clear_records()
         if self.resume_state is not None:
             resume.check_compatible(
                 self.resume_state,
@@ -192,6 +192,24 @@ class _PretrainRun:
             )
             self.task.load_state_dict(self.resume_state["model"])
 
+        model = self._wrapped_model()
+        self.optimizer = build_optimizer(self.task, config)
+        self.trainer = Trainer(
+            model,
+            self.optimizer,
+            self.schedule,
+            device=context.device,
+            precision=self.pre.precision,
+        )
+        if self.resume_state is not None:
+            self.global_step = resume.restore(
+                self.resume_state, self.optimizer, self.meter, context.rank
+            )
+            self.checkpoint_step = self.global_step
+
+    def _wrapped_model(self) -> nn.Module:
+        """The task as the forward pass runs it: in DDP under torchrun, compiled on request."""
+        context = self.context
         model: nn.Module = self.task
         if context.initialized:
             if self.pre.distributed.sync_bn:
@@ -212,19 +230,7 @@ class _PretrainRun:
                 )
         if self.pre.compile:
             model = torch.compile(model)
-        self.optimizer = build_optimizer(self.task, config)
-        self.trainer = Trainer(
-            model,
-            self.optimizer,
-            self.schedule,
-            device=context.device,
-            precision=self.pre.precision,
-        )
-        if self.resume_state is not None:
-            self.global_step = resume.restore(
-                self.resume_state, self.optimizer, self.meter, context.rank
-            )
-            self.checkpoint_step = self.global_step
+        return model
 
     def start_tracking(self) -> None:
         if not self.context.is_main:
