@@ -13,8 +13,10 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
+from _timing import in_turns
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.checkpoint import checkpoint
@@ -172,11 +174,6 @@ def measure_step(
     }
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_steps(
     models: dict[str, nn.Module],
     loss_fn: Callable[[nn.Module], torch.Tensor],
@@ -187,16 +184,14 @@ def time_steps(
     process's CPU time (run it on one thread): other processes' load barely moves it, where a
     shared machine makes wall-clock ratios noise. The models take turns, so that what noise
     remains hits all alike."""
+
+    def step(model: nn.Module) -> None:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model).backward()
+
     clock = time.perf_counter if device.type == "cuda" else time.process_time
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(steps):
-        for name, model in models.items():
-            model.zero_grad(set_to_none=True)
-            sync(device)
-            start = clock()
-            loss_fn(model).backward()
-            sync(device)
-            times[name].append(clock() - start)
+    calls = {name: partial(step, model) for name, model in models.items()}
+    times = in_turns(calls, steps, device, warmup=0, clock=clock)
     return {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
 

@@ -22,12 +22,13 @@ import io
 import json
 import sys
 import tarfile
-import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import repeat
 from PIL import Image
 
 from ssltk.data import rng
@@ -114,17 +115,12 @@ def best_time(
 ) -> float:
     """Best wall time of ``repeats`` passes; each batch is dropped once made, as a training loop
     consumes it (keeping them all would time page faults of fresh memory instead)."""
-    for _ in runner(pipeline, images[:batch], batch):  # warm-up
-        pass
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in runner(pipeline, images, batch):
-            pass
-        if images.is_cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+
+    def one_pass(images: torch.Tensor) -> None:
+        deque(runner(pipeline, images, batch), maxlen=0)
+
+    one_pass(images[:batch])  # warm-up
+    return min(repeat(lambda: one_pass(images), repeats, images.device, warmup=0))
 
 
 def figures(images: int, batched_s: float, per_sample_s: float) -> dict[str, float]:

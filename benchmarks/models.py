@@ -13,9 +13,9 @@ import argparse
 import importlib.util
 import json
 import statistics
-import time
 
 import torch
+from _timing import repeat
 
 from ssltk.models import arch_names, arch_traits, build_model, count_parameters
 
@@ -23,17 +23,11 @@ WARMUP = 2  # untimed steps that warm up allocators and kernels
 
 
 def step_times(model: torch.nn.Module, x: torch.Tensor, steps: int) -> list[float]:
-    times = []
-    for _ in range(steps + WARMUP):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    def step() -> None:
         model.zero_grad(set_to_none=True)
         model(x)["logits"].square().sum().backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times[WARMUP:]
+
+    return repeat(step, steps, x.device, warmup=WARMUP)
 
 
 def variants() -> list[tuple[str, str, dict]]:

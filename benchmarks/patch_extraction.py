@@ -6,8 +6,8 @@ a 3×3 grid of 85-px cells, 64-px patches with random jitter, grayscale on about
 per-patch standardisation. By default the paper geometry (224) and the CIFAR-scale one of the
 default study (32: 42² images, 9-px patches) are measured.
 
-* ``batched``: :func:`kernels.patch_extraction.extract_patches` (the vectorised torch path on
-  CPU, the Triton kernel on CUDA), allocating its output; ``batched out=`` writes into a
+* ``batched``: :func:`ssltk.kernels.patch_extraction.extract_patches` (the vectorised torch path
+  on CPU, the Triton kernel on CUDA), allocating its output; ``batched out=`` writes into a
   preallocated buffer;
 * ``per-image loop``: a Python loop over images; each image is grayed if flagged, its patches are
   sliced out one by one, stacked and standardised together (what a per-image data pipeline does).
@@ -33,13 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import in_turns
 
-from kernels.patch_extraction import extract_patches
 from ssltk.config import PatchGeometry
+from ssltk.kernels.patch_extraction import extract_patches
 from ssltk.pretext.geometry import PatchLayout, resolve_patch_layout
 
 TARGET_SPEEDUP = 20.0
@@ -83,19 +83,7 @@ def time_round_robin(
     methods: dict[str, Callable[[], object]], device: torch.device, repeats: int
 ) -> dict[str, float]:
     """Fastest seconds per call of each method, timed in turns after one warm-up call each."""
-    for fn in methods.values():
-        fn()
-    best = dict.fromkeys(methods, math.inf)
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    return {name: min(t) for name, t in in_turns(methods, repeats, device).items()}
 
 
 def measure(

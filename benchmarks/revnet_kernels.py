@@ -2,8 +2,8 @@
 
 Rows per F dtype: ``coupling`` (the Triton kernel vs ``torch.cat``), and for F's last 1×1 conv
 plus the coupling three ways: the fused Triton GEMM + coupling kernel, cuDNN's conv followed by
-the coupling kernel, and the torch reference (cuDNN conv + ``cat``). ``kernels.dispatch`` sends
-16-bit F to the fused kernel and fp32 to cuDNN + coupling kernel; this table is the evidence.
+the coupling kernel, and the torch reference (cuDNN conv + ``cat``). ``ssltk.kernels.dispatch``
+sends 16-bit F to the fused kernel and fp32 to cuDNN + coupling kernel; this table is the evidence.
 GPU time from CUDA-graph replay (Triton's ``do_bench_cudagraph``), TF32 off. On CPU it prints
 that it needs CUDA. The last line is JSON.
 """
@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels import dispatch
-from kernels.revnet_coupling import _launch_coupling_conv1x1, coupling, coupling_conv1x1
+from ssltk.kernels import dispatch
+from ssltk.kernels.revnet_coupling import _launch_coupling_conv1x1, coupling, coupling_conv1x1
 
 
 def cuda_ms(fn: Callable[[], torch.Tensor]) -> float:

@@ -10,18 +10,19 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _timing import Stopwatch
 
 HERE = Path(__file__).resolve().parent
 
 
 def run(script: Path, extra: list[str]) -> tuple[int, str, dict | None, float]:
-    start = time.perf_counter()
+    watch = Stopwatch()
     proc = subprocess.run(
         [sys.executable, str(script), *extra], capture_output=True, text=True, check=False
     )
-    elapsed = time.perf_counter() - start
+    elapsed = watch.elapsed()
     output = proc.stdout + (f"\n[stderr]\n{proc.stderr}" if proc.returncode else "")
     lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]
     figures = None

@@ -22,11 +22,11 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _timing import Stopwatch
 
 from ssltk.config import load_config
 from ssltk.data import rng
@@ -40,19 +40,12 @@ from ssltk.train.schedule import StepSchedule
 TARGET = 1.05
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_steps(step: Callable[[], None], count: int, device: torch.device) -> float:
     """Seconds per step over ``count`` consecutive steps."""
-    synchronize(device)
-    start = time.perf_counter()
+    watch = Stopwatch(device)
     for _ in range(count):
         step()
-    synchronize(device)
-    return (time.perf_counter() - start) / count
+    return watch.elapsed() / count
 
 
 def main() -> int:

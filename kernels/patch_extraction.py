@@ -12,7 +12,7 @@ and a per-image grayscale flag ``[B]``, :func:`extract_patches` writes float32 p
 ``extract_patches_triton`` is the kernel: one program per patch, two reductions over the patch
 (mean, then the centred sum of squares) and one normalised write. ``extract_patches_torch`` is
 the vectorised torch path, what runs on CPU and what the kernel is tested against.
-:func:`extract_patches` validates the inputs and dispatches through :mod:`kernels.dispatch`.
+:func:`extract_patches` validates the inputs and dispatches through :mod:`ssltk.kernels.dispatch`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from ssltk.kernels.dispatch import use_triton
 
 __all__ = ["extract_patches", "extract_patches_torch", "extract_patches_triton"]
 

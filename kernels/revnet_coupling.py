@@ -10,9 +10,9 @@ A reversible unit maps ``x = [x1 | x2]`` (channel halves) to ``y = [x2 | x1 + F(
 
 The kernels write both output halves straight into one freshly allocated tensor (no ``cat``), read
 inputs through their strides (any layout), mask sizes that are not multiples of the block sizes,
-and index memory in int64. :mod:`kernels.dispatch` picks kernel or reference: the kernel on CUDA
-tensors outside autograd (the kernels have no backward; the memory-saving RevNet calls them with
-autograd off), the differentiable reference everywhere else.
+and index memory in int64. :mod:`ssltk.kernels.dispatch` picks kernel or reference: the kernel on
+CUDA tensors outside autograd (the kernels have no backward; the memory-saving RevNet calls them
+with autograd off), the differentiable reference everywhere else.
 
 Dtypes: the result has ``torch.result_type`` of the coupling input and ``fx`` (so an fp32 coupling
 stream stays fp32 under bf16 autocast). The fused kernel computes the 1×1 conv in ``h.dtype`` (the
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.dispatch import fuse_conv1x1, use_triton
+from ssltk.kernels.dispatch import fuse_conv1x1, use_triton
 
 __all__ = ["coupling", "coupling_conv1x1"]
 

@@ -1,11 +1,12 @@
 """MLflow conventions of ssltk, all in one place.
 
-One experiment per study (``tracking.experiment``), created up front. A pretraining run carries the
-flattened config as params, ``ssltk.*`` tags (kind, task, arch, widening, git commit, data hash,
-library versions, device), step metrics ``train/*`` and epoch metrics ``epoch/*``, and the
-artifacts ``config/params.yaml`` and ``checkpoint/<file>`` (with its ``.sha256`` sidecar). Eval
-runs are tagged ``ssltk.kind=eval`` and ``ssltk.pretrain_run_id`` and log ``probe/<method>/top<k>/
-<layer>`` metrics, which are also written back to the pretraining run.
+One experiment per study (``tracking.experiment``), created up front. A pretraining run carries
+as params the flattened config sections that shape it (:data:`PRETRAIN_SECTIONS`), ``ssltk.*``
+tags (kind, task, arch, widening, git commit, data hash, library versions, device), step metrics
+``train/*`` and epoch metrics ``epoch/*``, and the artifacts ``config/params.yaml`` (the whole
+config) and ``checkpoint/<file>`` (with its ``.sha256`` sidecar). Eval runs carry the ``eval.*``
+params, are tagged ``ssltk.kind=eval`` and ``ssltk.pretrain_run_id`` and log
+``probe/<method>/top<k>/<layer>`` metrics, which are also written back to the pretraining run.
 
 The tracking URI defaults to ``mlflow.db`` beside the params file (see
 :meth:`ssltk.config.TrackingConfig.resolved_uri`), and artifacts of a SQLite store go to
@@ -62,6 +63,9 @@ KIND_EVAL = "eval"
 KIND_BASELINE = "baseline"
 
 CONFIG_ARTIFACT = "config/params.yaml"
+#: The config sections that shape pretraining (not ``eval``, ``study``, ``tracking``): a pretraining
+#: run's params, and the sections a checkpoint's trajectory is drawn from.
+PRETRAIN_SECTIONS = ("seed", "data", "model", "pretext", "pretrain")
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
 
 #: Bounds for a remote store (seconds, attempts), unless set in the environment: mlflow's defaults
@@ -266,6 +270,11 @@ def param_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def pretrain_params(config: Config) -> dict[str, Any]:
+    """The flat config values of :data:`PRETRAIN_SECTIONS`: what a pretraining run logs."""
+    return {k: v for k, v in config.flat().items() if k.split(".")[0] in PRETRAIN_SECTIONS}
+
+
 def provenance_tags(device: str) -> dict[str, str]:
     """Git commit (and whether the tree was dirty), library versions and device."""
     commit, dirty = git_state()
@@ -383,7 +392,7 @@ def start_pretrain_run(
     uri = config.tracking.resolved_uri()
     mlflow_client = client(uri)
     experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment, uri)
-    params = config.flat()
+    params = pretrain_params(config)
     tags = pretrain_tags(
         config,
         data_hash=data_hash,

@@ -29,7 +29,7 @@ from ssltk.train.checkpoint import (
     write_atomic,
 )
 from ssltk.train.determinism import rng_state, seed_everything, set_rng_state
-from ssltk.train.engine import _write_json
+from ssltk.train.rundir import write_json
 
 
 def state(step: int) -> dict:
@@ -205,15 +205,15 @@ def checkpoint_bytes(step: int) -> bytes:
 
 
 def json_bytes(path: Path, data: dict) -> bytes:
-    _write_json(path, data)
+    write_json(path, data)
     return path.read_bytes()
 
 
 #: The files of a run directory and how each is (re)written: JSON records through the engine's
 #: writer, checkpoint bytes and sidecar lines through ``write_atomic``.
 FILES = {
-    "run.json": lambda path, n: _write_json(path, {"status": "running", "global_step": n}),
-    "metrics.json": lambda path, n: _write_json(path, {"loss": 1.0 / (n + 1), "steps": n}),
+    "run.json": lambda path, n: write_json(path, {"status": "running", "global_step": n}),
+    "metrics.json": lambda path, n: write_json(path, {"loss": 1.0 / (n + 1), "steps": n}),
     "ckpt-00000004.pt": lambda path, n: write_atomic(path, checkpoint_bytes(n)),
     "ckpt-00000004.pt.sha256": lambda path, n: write_atomic(
         path, f"{hashlib.sha256(checkpoint_bytes(n)).hexdigest()}  ckpt-00000004.pt\n".encode()

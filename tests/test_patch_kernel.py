@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import patch_extraction
-from kernels.dispatch import force
-from kernels.patch_extraction import (
+from ssltk.kernels import patch_extraction
+from ssltk.kernels.dispatch import force
+from ssltk.kernels.patch_extraction import (
     extract_patches,
     extract_patches_torch,
     extract_patches_triton,

@@ -31,7 +31,6 @@ ENV = {
     **os.environ,
     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     "OMP_NUM_THREADS": "1",
-    "SSLTK_INJECT_NAN_AT_STEP": "",
 }
 
 

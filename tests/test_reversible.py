@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kernels import dispatch
+from ssltk.kernels import dispatch
 from ssltk.models import build_model
 from ssltk.models.layers import ZeroPadMaxPool
 from ssltk.models.reversible import (

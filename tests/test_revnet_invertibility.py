@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.revnet_coupling import coupling
+from ssltk.kernels.revnet_coupling import coupling
 from ssltk.models.revnet import ReversibleStage, ReversibleUnit
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import dispatch, revnet_coupling
-from kernels.revnet_coupling import coupling, coupling_conv1x1
+from ssltk.kernels import dispatch, revnet_coupling
+from ssltk.kernels.revnet_coupling import coupling, coupling_conv1x1
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(

@@ -64,8 +64,12 @@ def test_pretrain_run_records_params_tags_and_config(store: Path):
     run = tracking.start_pretrain_run(config, data_hash="abc123", device="cpu")
     got = run.client.get_run(run.run_id)
     assert got.info.status == "RUNNING"
-    expected = {k: tracking.param_value(v) for k, v in config.flat().items()}
-    assert got.data.params == expected
+    flat = config.flat()
+    sections = {"seed", "data", "model", "pretext", "pretrain"}
+    expected = {k: tracking.param_value(v) for k, v in flat.items() if k.split(".")[0] in sections}
+    assert got.data.params == expected and "pretrain.epochs" in expected and "seed" in expected
+    assert not [k for k in got.data.params if k.startswith(("eval.", "study.", "tracking."))]
+    assert any(k.startswith("eval.") for k in flat) and any(k.startswith("study.") for k in flat)
     tags = got.data.tags
     assert tags[tracking.TAG_KIND] == "pretrain"
     assert (tags["ssltk.task"], tags["ssltk.arch"], tags["ssltk.widening"]) == (

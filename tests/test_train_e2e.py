@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -32,7 +32,8 @@ from ssltk.data.prepare import prepare
 from ssltk.pretext import build_task
 from ssltk.train.checkpoint import load_checkpoint, save_checkpoint, sidecar_path
 from ssltk.train.determinism import seed_everything
-from ssltk.train.engine import CHECKPOINT_FORMAT, FAULT_ENV
+from ssltk.train.engine import Trainer
+from ssltk.train.resume import CHECKPOINT_FORMAT
 from ssltk.train.schedule import StepSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ STEPS = 20  # 4 epochs
 CHECKPOINTS = (3, 6, 9, 12, 15, 18, 20)
 
 #: One intra-op thread: on a shared two-core machine OpenMP barriers otherwise stall for seconds.
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SSLTK_INJECT_NAN_AT_STEP": ""}
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def tiny_imagefolder(root: Path, per_class: int) -> Path:
@@ -118,10 +119,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     torch.set_num_threads(threads)
 
 
-def cli(workspace: Workspace, out: Path, *args: str, env: dict | None = None) -> Result:
-    runner = CliRunner(env={FAULT_ENV: None, **(env or {})})
+def cli(workspace: Workspace, out: Path, *args: str) -> Result:
     argv = ["pretrain", "--params", str(workspace.params), "--out", str(out), *args]
-    return runner.invoke(app, argv, catch_exceptions=False)
+    return CliRunner().invoke(app, argv, catch_exceptions=False)
 
 
 def checkpoint_hashes(out: Path) -> dict[int, str]:
@@ -227,9 +227,32 @@ def test_truncated_newest_checkpoint_is_skipped_on_resume(workspace, reference):
     assert "steps" in json.loads((out / "metrics.json").read_text())
 
 
-def test_nan_loss_stops_with_one_line_failed_run_and_good_checkpoint(workspace):
+def nan_loss_at(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+    """Make the loss of global step ``at`` NaN: the divergence path without a contrived config."""
+    step = Trainer.step
+
+    def faulty(self: Trainer, inputs, index: int):
+        if index != at:
+            return step(self, inputs, index)
+        model = self.model
+
+        def nan_loss(batch):
+            output = model(batch)
+            return replace(output, loss=output.loss * float("nan"))
+
+        self.model = nan_loss
+        try:
+            return step(self, inputs, index)
+        finally:
+            self.model = model
+
+    monkeypatch.setattr(Trainer, "step", faulty)
+
+
+def test_nan_loss_stops_with_one_line_failed_run_and_good_checkpoint(workspace, monkeypatch):
     out = workspace.root / "nan"
-    result = cli(workspace, out, env={FAULT_ENV: "4"})
+    nan_loss_at(monkeypatch, 4)
+    result = cli(workspace, out)
     assert result.exit_code == 3
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.output
@@ -253,7 +276,8 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(workspace, reference):
     run = client.get_run(record["run_id"])
     assert run.info.status == "FINISHED" and run.info.experiment_id == record["experiment_id"]
     assert client.get_experiment(run.info.experiment_id).name == "e2e"
-    assert run.data.params == {k: tracking.param_value(v) for k, v in config.flat().items()}
+    params = tracking.pretrain_params(config)
+    assert run.data.params == {k: tracking.param_value(v) for k, v in params.items()}
 
     tags = run.data.tags
     manifest = json.loads((workspace.root / "prepared" / "manifest.json").read_text())

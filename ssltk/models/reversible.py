@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from kernels.revnet_coupling import coupling, coupling_conv1x1
+from ssltk.kernels.revnet_coupling import coupling, coupling_conv1x1
 
 __all__ = ["invert_sequence", "reversible_sequence"]
 

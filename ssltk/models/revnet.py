@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from kernels.revnet_coupling import coupling
+from ssltk.kernels.revnet_coupling import coupling
 from ssltk.models.layers import (
     ZeroPadMaxPool,
     batch_norm,

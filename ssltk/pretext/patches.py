@@ -4,8 +4,9 @@ Training patches (paper §2.3): bilinear resize to ``resize``², grayscale per i
 probability ``grayscale_p``, a ``crop``² crop (random; centred in eval), a ``grid``×``grid`` grid of
 ``cell``² cells and a ``patch``² sub-crop per cell (random jitter; centred in eval), each patch
 standardised. The crop and jitter are folded into per-patch offsets, so one call of
-:func:`kernels.patch_extraction.extract_patches` gathers, grays and standardises every patch of the
-batch without materialising the crop. Patches are in row-major grid order (centre = ``grid²//2``).
+:func:`ssltk.kernels.patch_extraction.extract_patches` gathers, grays and standardises every
+patch of the batch without materialising the crop. Patches are in row-major grid order (centre =
+``grid²//2``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from kernels.patch_extraction import extract_patches
 from ssltk.config import Config, NonNegFloat, PositiveInt, Section
 from ssltk.data import rng
 from ssltk.data.augment import (
@@ -26,6 +26,7 @@ from ssltk.data.augment import (
     resize_bilinear,
     resize_small,
 )
+from ssltk.kernels.patch_extraction import extract_patches
 from ssltk.pretext.base import (
     Pool,
     PretextTask,

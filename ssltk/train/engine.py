@@ -2,22 +2,18 @@
 
 A run is a pure function of the config and the prepared data: the data order and every
 augmentation come from counter-based keys, model-internal randomness (dropout) from torch's global
-generator, which is seeded and checkpointed, and kernels are deterministic. Checkpoints hold the
-model, the optimiser, the position (global step), the epoch's running metric sums and every rank's
-RNG states; resuming from one continues the run bit for bit.
+generator, which is seeded and checkpointed, and kernels are deterministic. What a checkpoint holds
+and when a run may resume from it is :mod:`ssltk.train.resume`; the files the run leaves are
+:mod:`ssltk.train.rundir`.
 
 Only prepared data made from the config's ``data.*`` settings is used. The run directory is locked
 for the run's lifetime (a second process refuses at once); SIGTERM, like Ctrl-C, ends the run with
 its MLflow run and run.json marked, before the loop as well as in it. Resuming logs no MLflow point
 twice, and pruning never lets an unverifiable checkpoint take a kept place.
-
-Test hook: the environment variable ``SSLTK_INJECT_NAN_AT_STEP=N`` multiplies the loss of global
-step ``N`` by NaN, to exercise the divergence path without a contrived config.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -27,65 +23,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssltk import fsutil, tracking
+from ssltk import tracking
 from ssltk.config import Config, ConfigError
 from ssltk.data import rng
 from ssltk.data.dataset import PreparedDataset
 from ssltk.data.loader import DeterministicLoader
 from ssltk.pretext import PretextInputs, PretextTask, build_task
-from ssltk.train import distributed
-from ssltk.train.checkpoint import (
-    CheckpointError,
-    CheckpointInfo,
-    latest_valid_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    remove_checkpoints,
-    save_checkpoint,
-)
-from ssltk.train.determinism import deterministic_mode, rng_state, seed_everything, set_rng_state
-from ssltk.train.meters import CurveFile, EpochMeter, MetricWindow, first_non_finite
+from ssltk.train import distributed, resume
+from ssltk.train.checkpoint import CheckpointInfo, prune_checkpoints, save_checkpoint
+from ssltk.train.determinism import deterministic_mode, seed_everything
+from ssltk.train.meters import EpochMeter, MetricWindow, first_non_finite
 from ssltk.train.progress import Progress
+from ssltk.train.rundir import RunDir, default_out_dir, hold
 from ssltk.train.schedule import Schedule, build_schedule, total_steps
 from ssltk.train.sync_bn import convert_sync_bn
-
-FAULT_ENV = "SSLTK_INJECT_NAN_AT_STEP"
-CHECKPOINT_FORMAT = 1
-RUN_JSON = "run.json"
-METRICS_JSON = "metrics.json"
-CURVE_CSV = "curve.csv"
-CHECKPOINT_DIR = "checkpoints"
-
-#: Config keys that may change between a checkpoint and its resumption: they do not alter the
-#: trajectory (or, like ``compile`` and ``device``, only within floating-point noise).
-RESUMABLE_KEYS = frozenset(
-    {
-        "pretrain.epochs",
-        "pretrain.max_steps",
-        "pretrain.workers",
-        "pretrain.checkpoint_every",
-        "pretrain.keep_checkpoints",
-        "pretrain.log_every",
-        "pretrain.compile",
-        "pretrain.device",
-        "data.root",
-        "data.file_list",
-        "data.prepared_dir",
-        "data.on_bad_image",
-        "data.max_in_memory_images",
-        "data.workers",
-    }
-)
-_TRAJECTORY_SECTIONS = ("seed", "data", "model", "pretext", "pretrain")
-#: What a checkpoint of this format holds (``position`` with at least these entries).
-_STATE_KEYS = ("model", "optimizer", "position", "epoch_meter", "rng", "trajectory", "data_hash")
-_POSITION_KEYS = ("global_step", "steps_per_epoch")
 
 
 class DivergenceError(RuntimeError):
@@ -117,22 +73,6 @@ class PretrainResult:
     tracking_uri: str | None = None
 
 
-def default_out_dir(config: Config) -> Path:
-    return Path("runs") / tracking.run_name(config)
-
-
-def trajectory(config: Config) -> dict[str, Any]:
-    """The config values a checkpoint's weights depend on (flat, dotted keys)."""
-    resumable = RESUMABLE_KEYS
-    if config.pretrain.schedule == "cosine":  # the cosine's length sets every step's rate
-        resumable = resumable - {"pretrain.epochs"}
-    return {
-        key: value
-        for key, value in config.flat().items()
-        if key.split(".")[0] in _TRAJECTORY_SECTIONS and key not in resumable
-    }
-
-
 def build_optimizer(task: PretextTask, config: Config) -> torch.optim.SGD:
     """SGD with momentum over the task's weight-decay groups; the rate is set every step."""
     groups = task.param_groups(config.pretrain.weight_decay)
@@ -154,7 +94,6 @@ class Trainer:
         *,
         device: torch.device,
         precision: str = "fp32",
-        fault_step: int | None = None,
     ) -> None:
         if precision == "bf16" and device.type != "cuda":
             raise ConfigError("pretrain.precision=bf16 needs a CUDA device (use fp32 on CPU)")
@@ -163,7 +102,6 @@ class Trainer:
         self.schedule = schedule
         self.device = device
         self.bf16 = precision == "bf16"
-        self.fault_step = fault_step
 
     def step(self, inputs: PretextInputs, step: int) -> tuple[float, dict[str, torch.Tensor]]:
         """Apply update number ``step`` (0-based); returns its rate and detached metrics."""
@@ -174,53 +112,12 @@ class Trainer:
         with autocast:
             output = self.model(inputs)
         loss = output.loss
-        if step == self.fault_step:
-            loss = loss * float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         metrics = {"loss": loss.detach().float()}
         metrics.update({name: value.detach().float() for name, value in output.metrics.items()})
         return lr, metrics
-
-
-def _fault_step() -> int | None:
-    raw = os.environ.get(FAULT_ENV)
-    if raw is None or raw == "":
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{FAULT_ENV}={raw!r}: expected a step number") from None
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fsutil.write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-
-
-def check_state(state: dict[str, Any]) -> None:
-    """Raise :class:`CheckpointError` unless ``state`` has every entry a resume reads (a
-    checkpoint of another format is left to the compatibility check, which names it)."""
-    if state.get("format") != CHECKPOINT_FORMAT:
-        return
-    missing = [key for key in _STATE_KEYS if key not in state]
-    position = state.get("position")
-    if isinstance(position, dict):
-        missing += [f"position.{key}" for key in _POSITION_KEYS if key not in position]
-    elif "position" not in missing:
-        missing.append("position")
-    if missing:
-        raise CheckpointError(f"not a complete checkpoint (no {', '.join(missing)})")
 
 
 class _PretrainRun:
@@ -237,8 +134,7 @@ class _PretrainRun:
     ) -> None:
         self.config = config
         self.pre = config.pretrain
-        self.out_dir = out_dir
-        self.ckpt_dir = out_dir / CHECKPOINT_DIR
+        self.run_dir = RunDir(out_dir)
         self.context = context
         self.restart = restart
         self.progress_bar = progress_bar and context.is_main
@@ -248,7 +144,6 @@ class _PretrainRun:
         self.global_step = 0
         self.meter = EpochMeter()
         self.window = MetricWindow()
-        self.curve = CurveFile(out_dir / CURVE_CSV)
         self.stop_requested = False
 
     # ---------------------------------------------------------------------------------- set-up
@@ -282,11 +177,39 @@ class _PretrainRun:
             raise ConfigError(f"model/pretext: {err}") from None
         self.task = task.to(context.device)
         self.task.train()
-        self.resume_state = self._select_checkpoint()
+        self.last_checkpoint, self.resume_state = resume.select(
+            self.run_dir.checkpoints, context, restart=self.restart
+        )
+        if self.restart and context.is_main:  # after the checkpoints: none outlives its run.json
+            self.run_dir.clear_records()
         if self.resume_state is not None:
-            self._check_compatible(self.resume_state)
+            resume.check_compatible(
+                self.resume_state,
+                config,
+                data_hash=self.data_hash,
+                steps_per_epoch=self.steps_per_epoch,
+                name=self.last_checkpoint.path if self.last_checkpoint else "checkpoint",
+            )
             self.task.load_state_dict(self.resume_state["model"])
 
+        model = self._wrapped_model()
+        self.optimizer = build_optimizer(self.task, config)
+        self.trainer = Trainer(
+            model,
+            self.optimizer,
+            self.schedule,
+            device=context.device,
+            precision=self.pre.precision,
+        )
+        if self.resume_state is not None:
+            self.global_step = resume.restore(
+                self.resume_state, self.optimizer, self.meter, context.rank
+            )
+            self.checkpoint_step = self.global_step
+
+    def _wrapped_model(self) -> nn.Module:
+        """The task as the forward pass runs it: in DDP under torchrun, compiled on request."""
+        context = self.context
         model: nn.Module = self.task
         if context.initialized:
             if self.pre.distributed.sync_bn:
@@ -307,75 +230,12 @@ class _PretrainRun:
                 )
         if self.pre.compile:
             model = torch.compile(model)
-        self.optimizer = build_optimizer(self.task, config)
-        self.trainer = Trainer(
-            model,
-            self.optimizer,
-            self.schedule,
-            device=context.device,
-            precision=self.pre.precision,
-            fault_step=_fault_step(),
-        )
-        if self.resume_state is not None:
-            self._restore(self.resume_state)
-
-    def _select_checkpoint(self) -> dict[str, Any] | None:
-        """Rank 0 picks the newest valid checkpoint (or clears them on ``--restart``)."""
-        chosen: str | None = None
-        state = None
-        if self.context.is_main:
-            if self.restart:
-                if self.ckpt_dir.is_dir():
-                    remove_checkpoints(self.ckpt_dir)
-                for name in (RUN_JSON, METRICS_JSON, CURVE_CSV):
-                    (self.out_dir / name).unlink(missing_ok=True)
-            else:
-                found = latest_valid_checkpoint(
-                    self.ckpt_dir, map_location=self.context.device, validate=check_state
-                )
-                if found is not None:
-                    self.last_checkpoint, state = found
-                    chosen = str(found[0].path)
-        chosen = distributed.broadcast_object(self.context, chosen)
-        if chosen is not None and state is None:
-            state = load_checkpoint(Path(chosen), self.context.device, validate=check_state)
-        return state
-
-    def _check_compatible(self, state: dict[str, Any]) -> None:
-        name = self.last_checkpoint.path if self.last_checkpoint else "checkpoint"
-        hint = "use --restart to start over, or another --out"
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError(
-                f"{name}: checkpoint format {state.get('format')!r}, "
-                f"expected {CHECKPOINT_FORMAT}; {hint}"
-            )
-        saved, now = state["trajectory"], trajectory(self.config)
-        for key in sorted(set(saved) | set(now)):
-            if saved.get(key) != now.get(key):
-                raise ConfigError(
-                    f"{name} was trained with {key}={saved.get(key)!r}, the config now says "
-                    f"{now.get(key)!r}; {hint}"
-                )
-        if state["data_hash"] != self.data_hash:
-            raise ConfigError(
-                f"{name} was trained on prepared data {state['data_hash'][:12]}…, "
-                f"{self.config.data.prepared_dir} now holds {self.data_hash[:12]}…; {hint}"
-            )
-        if state["position"]["steps_per_epoch"] != self.steps_per_epoch:
-            raise ConfigError(f"{name}: steps per epoch changed; {hint}")
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.global_step = self.checkpoint_step = int(state["position"]["global_step"])
-        self.meter.load_state_dict(state["epoch_meter"])
-        states = state["rng"]
-        if self.context.rank < len(states):
-            set_rng_state(states[self.context.rank])
+        return model
 
     def start_tracking(self) -> None:
         if not self.context.is_main:
             return
-        previous = self._read_run_json().get("run_id")
+        previous = self.run_dir.read_record().get("run_id")
         self.tracked = tracking.start_pretrain_run(
             self.config,
             data_hash=self.data_hash,
@@ -385,11 +245,11 @@ class _PretrainRun:
             stale_run_id=previous if self.resume_state is None else None,
             data_settings=self.data_settings,
         )
-        self._write_run_json(status="running")
+        self._write_record(status="running")
         if self.resume_state is None:
-            self.curve.reset()
+            self.run_dir.curve.reset()
         else:
-            self.curve.truncate(self.global_step)
+            self.run_dir.curve.truncate(self.global_step)
 
     # -------------------------------------------------------------------------------- training
 
@@ -497,7 +357,7 @@ class _PretrainRun:
             ]
             logged.append((rows[-1][0], {tracking.train_metric("images_per_sec"): images_per_sec}))
             self.tracked.log_metrics(logged)
-            self.curve.append(rows)
+            self.run_dir.curve.append(rows)
         if self.progress is not None:
             count = len(rows)
             means = {
@@ -515,68 +375,45 @@ class _PretrainRun:
             self.tracked.log_metrics([(epoch, values)])
 
     def _checkpoint(self) -> None:
-        rng_states = distributed.gather_objects(self.context, _to_cpu(rng_state()))
+        rng_states = distributed.gather_objects(self.context, resume.local_rng_state())
         if self.context.is_main:
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "model": _to_cpu(self.task.state_dict()),
-                "optimizer": _to_cpu(self.optimizer.state_dict()),
-                "position": {
-                    "global_step": self.global_step,
-                    "epoch": self.global_step // self.steps_per_epoch,
-                    "step_in_epoch": self.global_step % self.steps_per_epoch,
-                    "steps_per_epoch": self.steps_per_epoch,
-                },
-                "epoch_meter": self.meter.state_dict(),
-                "rng": rng_states,
-                "world_size": self.context.world_size,
-                "trajectory": trajectory(self.config),
-                "data_hash": self.data_hash,
-            }
-            self.last_checkpoint = save_checkpoint(state, self.ckpt_dir, self.global_step)
-            prune_checkpoints(self.ckpt_dir, self.pre.keep_checkpoints, fresh=self.last_checkpoint)
+            state = resume.state_of(
+                self.task,
+                self.optimizer,
+                self.meter,
+                global_step=self.global_step,
+                steps_per_epoch=self.steps_per_epoch,
+                rng=rng_states,
+                world_size=self.context.world_size,
+                config=self.config,
+                data_hash=self.data_hash,
+            )
+            ckpt_dir = self.run_dir.checkpoints
+            self.last_checkpoint = save_checkpoint(state, ckpt_dir, self.global_step)
+            prune_checkpoints(ckpt_dir, self.pre.keep_checkpoints, fresh=self.last_checkpoint)
         self.checkpoint_step = self.global_step
         distributed.barrier(self.context)
 
     # ------------------------------------------------------------------------------- finishing
 
-    def _read_run_json(self) -> dict[str, Any]:
-        path = self.out_dir / RUN_JSON
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def _write_run_json(self, status: str, failure: str | None = None) -> None:
+    def _write_record(self, status: str, failure: str | None = None) -> None:
         if not self.context.is_main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = self.last_checkpoint
-        data: dict[str, Any] = {
-            "status": status,
-            "run_id": self.tracked.run_id if self.tracked else None,
-            "experiment_id": self.tracked.experiment_id if self.tracked else None,
-            "experiment": self.config.tracking.experiment,
-            "tracking_uri": self.tracked.tracking_uri if self.tracked else None,
-            "checkpoint": str(ckpt.path) if ckpt else None,
-            "checkpoint_sha256": ckpt.sha256 if ckpt else None,
-            "checkpoint_artifact": (
-                f"{tracking.CHECKPOINT_ARTIFACT_DIR}/{ckpt.path.name}" if ckpt else None
-            ),
-            "task": self.config.pretext.task,
-            "arch": self.config.model.arch,
-            "widening": self.config.model.widening,
-            "global_step": self.global_step,
-            "total_steps": self.total,
-            "steps_per_epoch": self.steps_per_epoch,
-            "data_hash": self.data_hash,
-            "data_settings": self.data_settings,
-            "world_size": self.context.world_size,
-        }
-        if failure:
-            data["failure"] = failure
-        _write_json(self.out_dir / RUN_JSON, data)
+        self.run_dir.write_record(
+            self.config,
+            status=status,
+            tracked=self.tracked,
+            checkpoint=self.last_checkpoint,
+            position={
+                "global_step": self.global_step,
+                "total_steps": self.total,
+                "steps_per_epoch": self.steps_per_epoch,
+            },
+            data_hash=self.data_hash,
+            data_settings=self.data_settings,
+            world_size=self.context.world_size,
+            failure=failure,
+        )
 
     def finish(self) -> PretrainResult:
         if self.checkpoint_step != self.global_step:
@@ -585,7 +422,7 @@ class _PretrainRun:
         if self.context.is_main and self.last_checkpoint is not None:
             metrics = {**final, "steps": self.global_step}
             metrics["epochs"] = self.global_step / self.steps_per_epoch
-            _write_json(self.out_dir / METRICS_JSON, metrics)
+            self.run_dir.write_metrics(metrics)
             if self.tracked is not None:
                 ckpt = self.last_checkpoint.path
                 self.tracked.log_artifact(ckpt, tracking.CHECKPOINT_ARTIFACT_DIR)
@@ -593,7 +430,7 @@ class _PretrainRun:
                     ckpt.with_name(ckpt.name + ".sha256"), tracking.CHECKPOINT_ARTIFACT_DIR
                 )
                 self.tracked.finish("FINISHED")
-            self._write_run_json(status="finished")
+            self._write_record(status="finished")
         distributed.barrier(self.context)
         return PretrainResult(
             run_id=self.tracked.run_id if self.tracked else None,
@@ -608,7 +445,7 @@ class _PretrainRun:
         if self.tracked is None:
             return
         for record in (
-            lambda: self._write_run_json(status=status.lower(), failure=message),
+            lambda: self._write_record(status=status.lower(), failure=message),
             lambda: self.tracked.finish(status, failure=message),
         ):
             try:  # best effort: the failure being reported (a full disk?) may strike here too
@@ -633,19 +470,12 @@ def pretrain(
     """
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(config)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 holds the directory
-    with _sigterm_interrupts(), _run_directory(out_dir, main), deterministic_mode():
+    with _sigterm_interrupts(), hold(out_dir, main), deterministic_mode():
         context = distributed.setup(config.pretrain)
         try:
             return _run(config, out_dir, context, restart=restart, progress_bar=progress_bar)
         finally:
             distributed.teardown(context)
-
-
-def _run_directory(out_dir: Path, main: bool) -> Any:
-    if main:
-        return fsutil.run_directory(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return nullcontext(out_dir)
 
 
 @contextmanager

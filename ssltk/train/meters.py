@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,43 +87,3 @@ def first_non_finite(
         if not math.isfinite(values[name]):
             return step, values[name]
     return None
-
-
-class CurveFile:
-    """Step metrics as CSV (``step,<name>,…``) for ``dvc plots``, appended at every flush.
-
-    On resume the rows at or past the checkpoint's step (and a line cut short by a kill) are
-    dropped, so an interrupted and resumed run writes the same file as an uninterrupted one.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def reset(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-    def truncate(self, steps: int) -> None:
-        """Keep the rows of the first ``steps`` updates."""
-        if not self.path.is_file():
-            return
-        header, *rows = self.path.read_text().splitlines() or [""]
-        width = len(header.split(","))
-        kept = [
-            row
-            for row in rows
-            if len(row.split(",")) == width
-            and row.split(",")[0].isdigit()
-            and int(row.split(",")[0]) < steps
-        ]
-        self.path.write_text("".join(f"{line}\n" for line in [header, *kept]))
-
-    def append(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        if not rows:
-            return
-        names = list(rows[0][1])
-        new = not self.path.is_file() or self.path.stat().st_size == 0
-        with open(self.path, "a") as f:
-            if new:
-                f.write(",".join(["step", *names]) + "\n")
-            for step, values in rows:
-                f.write(",".join([str(step), *(repr(values[n]) for n in names)]) + "\n")

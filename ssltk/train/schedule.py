@@ -1,7 +1,7 @@
 """The pretraining learning-rate schedule (paper §5.1): linear warm-up from 0, then step decays;
 optionally (``pretrain.schedule: cosine``, not in the paper) a cosine decay to 0 instead of steps.
 
-Everything is expressed in epochs in the config and converted to global steps with
+Everything is expressed in epochs in the config and converted to global steps with the loader's
 ``steps_per_epoch = floor(num_images / global_batch)``; the last partial batch is dropped.
 """
 
@@ -15,19 +15,6 @@ from ssltk.config import PretrainConfig
 
 #: The batch size (in source images) that ``base_lr`` refers to.
 LR_REFERENCE_BATCH = 256
-
-
-def steps_per_epoch(num_images: int, batch_size: int) -> int:
-    """Full global batches in one pass over ``num_images`` images."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    steps = num_images // batch_size
-    if steps == 0:
-        raise ValueError(
-            f"pretrain.batch_size={batch_size} is larger than the training split "
-            f"({num_images} images)"
-        )
-    return steps
 
 
 def peak_lr(base_lr: float, batch_size: int) -> float:
