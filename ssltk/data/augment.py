@@ -38,8 +38,7 @@ from ssltk.data.resize import (
 
 __all__ = [
     "InceptionParams",
-    "adjust_brightness",
-    "adjust_saturation",
+    "adjust_saturation_",
     "apply_inception",
     "brightness_deltas",
     "center_crop_offsets",
@@ -48,7 +47,6 @@ __all__ = [
     "crop_and_resize",
     "flip_mask",
     "grayscale_mask",
-    "hflip",
     "inception_crop_boxes",
     "inception_preprocess",
     "random_crop_offsets",
@@ -213,12 +211,6 @@ def flip_mask(keys: torch.Tensor, stream: int, p: float = 0.5) -> torch.Tensor:
     return _uniforms(keys, stream, 1, "flip_mask")[:, 0] < p
 
 
-def hflip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mirror left-right the images whose ``mask`` entry is true (any dtype)."""
-    check_images(x, "hflip")
-    return torch.where(_per_image(mask, x, "hflip", "mask").bool(), x.flip(-1), x)
-
-
 def brightness_deltas(
     keys: torch.Tensor, stream: int, max_delta: float = 32.0 / 255.0
 ) -> torch.Tensor:
@@ -227,13 +219,6 @@ def brightness_deltas(
         raise ValueError(f"brightness_deltas: max_delta must be >= 0, got {max_delta!r}")
     u = _uniforms(keys, stream, 1, "brightness_deltas")[:, 0]
     return (u * (2.0 * max_delta) - max_delta).to(torch.float32)
-
-
-def adjust_brightness(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Add ``delta[i]`` to every value of image ``i`` (no clipping, as TF on float images)."""
-    check_images(x, "adjust_brightness")
-    check_float(x, "adjust_brightness")
-    return x + _per_image(delta, x, "adjust_brightness", "delta").to(x.dtype)
 
 
 def saturation_factors(
@@ -248,8 +233,9 @@ def saturation_factors(
     return (lower + u * (upper - lower)).to(torch.float32)
 
 
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Scale each image's HSV saturation by ``factor[i]``, clip S to [0, 1], keep hue and value.
+def adjust_saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """In place: scale each image's HSV saturation by ``factor[i]``, clip S to [0, 1], keep hue
+    and value.
 
     Closed form of TensorFlow's RGB→HSV→RGB kernel. With ``v = max(r, g, b)`` and
     ``s = (v - min) / v``, the round trip with ``s' = clip(s * f, 0, 1)`` moves every channel
@@ -259,13 +245,9 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     values outside [0, 1] (brightness runs first and does not clip). ``x`` is float RGB
     ``[B, 3, H, W]``.
     """
-    check_images(x, "adjust_saturation", channels=3)
-    check_float(x, "adjust_saturation")
-    return _saturate_(x.clone(), _per_image(factor, x, "adjust_saturation", "factor"))
-
-
-def _saturate_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """In-place :func:`adjust_saturation` of a tensor we own; ``factor`` is ``[B, 1, 1, 1]``."""
+    check_images(x, "adjust_saturation_", channels=3)
+    check_float(x, "adjust_saturation_")
+    factor = _per_image(factor, x, "adjust_saturation_", "factor")
     value = x.amax(1, keepdim=True)
     spread = value - x.amin(1, keepdim=True)
     # Grey pixels (spread 0) get ratio f (v / 0 = inf), harmless since then v - c = 0 everywhere.
@@ -435,7 +417,7 @@ def apply_inception(
     size = pair(out_size, "apply_inception", "out_size")
     x = crop_and_resize(x, params.boxes, size, flip=params.flip)
     x += _per_image(params.brightness, x, "apply_inception", "brightness").to(x.dtype)
-    x = _saturate_(x, _per_image(params.saturation, x, "apply_inception", "saturation"))
+    x = adjust_saturation_(x, params.saturation)
     return x.clamp_(0.0, 1.0).sub_(0.5).mul_(2.0)
 
 
