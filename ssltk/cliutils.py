@@ -11,7 +11,8 @@ from typing import Annotated, NoReturn
 import typer
 
 from ssltk import _startup
-from ssltk.config import Config, ConfigError, load_config
+from ssltk.config import Config, load_config
+from ssltk.errors import UserError
 
 #: Exit code of every user error (bad params, override, path or input file, or a disk that
 #: cannot take a write).
@@ -36,13 +37,13 @@ def fail(message: str, code: int = USER_ERROR) -> NoReturn:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a :class:`ConfigError` (or subclass) or an ``OSError`` (a full disk, a read-only
+    """Turn a :class:`UserError` (or subclass) or an ``OSError`` (a full disk, a read-only
     folder) raised inside into one line and exit code 2; Ctrl-C into one line and 130."""
     if _startup.seen:  # interrupted during start-up, and an import swallowed it
         fail("interrupted", code=INTERRUPTED)
     try:
         yield
-    except ConfigError as err:
+    except UserError as err:
         fail(str(err))
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""

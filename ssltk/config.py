@@ -5,7 +5,7 @@ task's own ``pretext.<name>`` section, which its task class carries (``config_se
 and task names are checked against the registries when a config is validated, so names
 registered after this module was imported are accepted. Unknown keys are errors. ``load_config``
 reads a file, applies dotted ``--set`` overrides and validates the result with the same schema,
-raising :class:`ConfigError` with one line that names the file and the key.
+raising :class:`UserError` with one line that names the file and the key.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from ssltk.errors import UserError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -60,10 +62,6 @@ def project_of(params: Path) -> Path:
 
 
 _SQLITE = "sqlite:///"
-
-
-class ConfigError(ValueError):
-    """A user error in params.yaml or an override; its message is one line naming the culprit."""
 
 
 def _one_of(registered: Callable[[], tuple[str, ...]]) -> AfterValidator:
@@ -378,7 +376,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(
+        raise UserError(
             f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. pretrain.epochs=5"
         )
     try:
@@ -397,7 +395,7 @@ def apply_overrides(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(path[: i + 1])} is not a section")
+                raise UserError(f"--set {item!r}: {'.'.join(path[: i + 1])} is not a section")
             node = child
         node[path[-1]] = value
     return tree
@@ -422,7 +420,7 @@ def config_from_dict(tree: Mapping[str, Any], origin: str = "params") -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_describe(err, origin)) from None
+        raise UserError(_describe(err, origin)) from None
 
 
 def read_utf8(path: Path) -> str:
@@ -430,12 +428,12 @@ def read_utf8(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
+        raise UserError(f"{path}: cannot be read ({err.strerror})") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise ConfigError(
+        raise UserError(
             f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save it as UTF-8"
         ) from None
 
@@ -471,17 +469,17 @@ def load_config(path: str | Path | None = "params.yaml", overrides: Iterable[str
         path = Path(path)
         origin = str(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: params file not found")
+            raise UserError(f"{path}: params file not found")
         try:
             loaded = yaml.load(read_utf8(path), Loader=_StrictLoader) or {}
         except _DuplicateKey as err:
-            raise ConfigError(f"{path}: line {err.line}: duplicate key '{err.key}'") from None
+            raise UserError(f"{path}: line {err.line}: duplicate key '{err.key}'") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} not valid YAML") from None
+            raise UserError(f"{path}:{where} not valid YAML") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+            raise UserError(f"{path}: top level must be a mapping of sections")
         tree = loaded
     overrides = list(overrides)
     if overrides:

@@ -15,16 +15,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from ssltk.config import ConfigError
+from ssltk.errors import UserError
 
 LOCK_NAME = ".lock"
 
 
-class WriteError(ConfigError):
+class WriteError(UserError):
     """A file could not be written (no space left, read-only or missing folder)."""
 
 
-class DirectoryBusy(ConfigError):
+class DirectoryBusy(UserError):
     """Another process holds the directory's lock."""
 
 
@@ -119,7 +119,7 @@ def run_directory(directory: Path, option: str = "--out") -> Iterator[Path]:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         message = f"{option} {directory}: cannot use it as the run directory ({err.strerror})"
-        raise ConfigError(message) from None
+        raise UserError(message) from None
     lock = directory / LOCK_NAME
     try:
         with locked(lock):

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ssltk import tracking
-from ssltk.config import Config, ConfigError
+from ssltk.config import Config
+from ssltk.errors import UserError
 from ssltk.fsutil import write_atomic
 from ssltk.pretext import registered_tasks, task_class
 
@@ -103,7 +104,7 @@ def collect(config: Config) -> list[Cell]:
     client = tracking.client(uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     if experiment is None:
-        raise ConfigError(
+        raise UserError(
             f"tracking.experiment={config.tracking.experiment!r}: no such experiment in {uri} "
             "(run the study first: dvc repro)"
         )
@@ -386,7 +387,7 @@ def write_report(config: Config, out_dir: Path) -> list[Path]:
 
     cells = collect(config)
     if not any(c.run for c in cells):
-        raise ConfigError(
+        raise UserError(
             f"no finished pretraining run of the study in experiment "
             f"{config.tracking.experiment!r} (run the study first: dvc repro)"
         )

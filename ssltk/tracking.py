@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ssltk import fsutil
-from ssltk.config import PROJECT_ROOT, Config, ConfigError, dump_config
+from ssltk.config import PROJECT_ROOT, Config, dump_config
+from ssltk.errors import UserError
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -114,7 +115,7 @@ def quiet_mlflow() -> None:
 
 def client(tracking_uri: str) -> MlflowClient:
     """A quiet ``MlflowClient`` for ``tracking_uri``: a SQLite store is created if missing, a
-    remote one must answer within :data:`REMOTE_TIMEOUTS` (else a one-line ``ConfigError``)."""
+    remote one must answer within :data:`REMOTE_TIMEOUTS` (else a one-line ``UserError``)."""
     quiet_mlflow()
     db = sqlite_path(tracking_uri)
     if db is not None:
@@ -144,7 +145,7 @@ def _probe(mlflow_client: MlflowClient, tracking_uri: str) -> None:
             ),
             text[:200],
         )
-        raise ConfigError(
+        raise UserError(
             f"tracking.uri {tracking_uri}: the server does not answer ({reason})"
         ) from None
 
@@ -162,15 +163,15 @@ def ensure_sqlite_store(db: Path) -> None:
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ConfigError(f"tracking.uri: cannot create {db.parent} ({err.strerror})") from None
+            raise UserError(f"tracking.uri: cannot create {db.parent} ({err.strerror})") from None
         try:
             with fsutil.locked(db.parent / f".{db.name}.lock", wait=True, remove=True):
                 if not db.exists():
                     _create_sqlite_store(db)
         except fsutil.WriteError:
-            raise ConfigError(f"tracking.uri: cannot create the SQLite store {db}") from None
+            raise UserError(f"tracking.uri: cannot create the SQLite store {db}") from None
     if not (db.is_file() and os.access(db, os.R_OK | os.W_OK)):
-        raise ConfigError(f"tracking.uri: the SQLite store {db} cannot be opened for writing")
+        raise UserError(f"tracking.uri: the SQLite store {db} cannot be opened for writing")
 
 
 def _create_sqlite_store(db: Path) -> None:
@@ -193,7 +194,7 @@ def _create_sqlite_store(db: Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, db)
     except OSError as err:
-        raise ConfigError(f"tracking.uri: cannot create {db} ({err.strerror or err})") from None
+        raise UserError(f"tracking.uri: cannot create {db} ({err.strerror or err})") from None
     finally:
         SqlAlchemyStore._engine_map.pop(uri, None)
         engine.dispose()
@@ -447,7 +448,7 @@ def start_eval_run(
     mlflow_client = client(uri)
     pretrain = find_run(mlflow_client, pretrain_run_id)
     if pretrain is None:
-        raise ConfigError(f"--run-id {pretrain_run_id}: no such run in {uri}")
+        raise UserError(f"--run-id {pretrain_run_id}: no such run in {uri}")
     copied = (TAG_TASK, TAG_ARCH, TAG_WIDENING, TAG_DATA_HASH)
     tags = {
         TAG_KIND: KIND_EVAL,
@@ -497,7 +498,7 @@ def open_run(config: Config, run_id: str) -> TrackedRun:
     mlflow_client = client(uri)
     found = find_run(mlflow_client, run_id)
     if found is None:
-        raise ConfigError(f"--run-id {run_id}: no such run in {uri}")
+        raise UserError(f"--run-id {run_id}: no such run in {uri}")
     return TrackedRun(mlflow_client, run_id, found.info.experiment_id, uri)
 
 

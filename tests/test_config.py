@@ -7,15 +7,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ssltk.config import (
-    Config,
-    ConfigError,
-    arch_names,
-    dump_config,
-    load_config,
-    parse_override,
-    task_names,
-)
+from ssltk.config import Config, arch_names, dump_config, load_config, parse_override, task_names
+from ssltk.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +53,7 @@ def test_schema_defaults_follow_the_paper():
 )
 def test_bad_params_file_names_the_key(tmp_path: Path, tree: dict, culprit: str):
     path = write(tmp_path, tree)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UserError) as info:
         load_config(path)
     message = str(info.value)
     assert culprit in message and str(path) in message
@@ -75,26 +68,26 @@ def test_overrides_are_validated_by_the_same_schema(tmp_path: Path):
     assert config.pretrain.epochs == 7
     assert config.model.arch == "revnet50"
     assert config.study.widenings == [4, 8]
-    with pytest.raises(ConfigError, match=r"pretrain\.epochs"):
+    with pytest.raises(UserError, match=r"pretrain\.epochs"):
         load_config(path, ["pretrain.epochs=-1"])
-    with pytest.raises(ConfigError, match=r"unknown key 'pretrain\.nope'"):
+    with pytest.raises(UserError, match=r"unknown key 'pretrain\.nope'"):
         load_config(path, ["pretrain.nope=1"])
-    with pytest.raises(ConfigError, match="KEY=VALUE"):
+    with pytest.raises(UserError, match="KEY=VALUE"):
         load_config(path, ["pretrain.epochs"])
-    with pytest.raises(ConfigError, match="not a section"):
+    with pytest.raises(UserError, match="not a section"):
         load_config(path, ["pretrain.epochs.x=1"])
 
 
 def test_missing_and_malformed_files(tmp_path: Path):
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         load_config(tmp_path / "absent.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(UserError, match="not valid YAML"):
         load_config(bad)
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match="mapping"):
+    with pytest.raises(UserError, match="mapping"):
         load_config(listy)
 
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ssltk.config import Config, ConfigError
+from ssltk.config import Config
 from ssltk.data.dataset import ArrayBackedSplit, FileBackedSplit, PreparedDataset
 from ssltk.data.errors import BadImageError, DatasetNotFoundError, PreparedDataError
 from ssltk.data.prepare import held_out_mask, prepare
+from ssltk.errors import UserError
 
 
 def make_config(out: Path, **data: object) -> Config:
@@ -127,7 +128,7 @@ def test_corrupt_image_fails_naming_the_file_and_leaves_nothing(tmp_path: Path) 
     out = tmp_path / "p"
     with pytest.raises(BadImageError, match=r"train/bee/2\.png") as info:
         prepare(make_config(out, source="imagefolder", root=str(tmp_path / "raw")), progress=False)
-    assert isinstance(info.value, ConfigError) and "on_bad_image" in str(info.value)
+    assert isinstance(info.value, UserError) and "on_bad_image" in str(info.value)
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["raw"]
 
 
@@ -213,7 +214,7 @@ def test_failed_prepare_keeps_the_previous_dataset(tmp_path: Path) -> None:
     config = make_config(tmp_path / "p", source="cifar10", root=str(tmp_path / "raw"))
     before = prepare(config, progress=False)
     (tmp_path / "raw" / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x02garbage")
-    with pytest.raises(ConfigError, match="test_batch"):
+    with pytest.raises(UserError, match="test_batch"):
         prepare(config, progress=False)
     assert PreparedDataset.open(tmp_path / "p").content_hash == before["content_hash"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "raw"]  # no temporary dirs left

@@ -29,8 +29,9 @@ from typer.testing import CliRunner
 
 from ssltk import tracking
 from ssltk.cli import app
-from ssltk.config import ConfigError, load_config
+from ssltk.config import load_config
 from ssltk.data.prepare import _ArrayWriter, prepare
+from ssltk.errors import UserError
 from ssltk.train.checkpoint import load_checkpoint, save_checkpoint, sha256_file, sidecar_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,7 +259,7 @@ def test_prepare_reserves_its_arrays_so_a_full_disk_cannot_sigbus(tmp_path):
 
 def test_prepare_on_a_full_disk_is_one_line_and_leaves_nothing(workspace, tmp_path):
     config = load_config(workspace.params, [f"data.prepared_dir={tmp_path / 'p'}"])
-    with file_size_limit(16 * 1024), pytest.raises(ConfigError) as caught:
+    with file_size_limit(16 * 1024), pytest.raises(UserError) as caught:
         prepare(config, progress=False)
     message = str(caught.value)
     assert "File too large" in message and "\n" not in message
@@ -362,7 +363,7 @@ def test_a_duplicate_yaml_key_is_refused(tmp_path):
     ],
 )
 def test_the_schema_refuses_values_that_would_crash_later(override, key):
-    with pytest.raises(ConfigError, match=rf"^defaults with --set: {key}: "):
+    with pytest.raises(UserError, match=rf"^defaults with --set: {key}: "):
         load_config(None, [override])
     assert load_config(None, ["seed=9223372036854775807"]).seed == 2**63 - 1
 
@@ -386,7 +387,7 @@ def test_an_image_over_the_pixel_limit_is_a_bad_image(workspace, tmp_path, monke
     config = load_config(
         workspace.params, [f"data.root={root}", f"data.prepared_dir={tmp_path / 'p'}"]
     )
-    with pytest.raises(ConfigError, match=r"bomb\.png.*exceeds limit"):
+    with pytest.raises(UserError, match=r"bomb\.png.*exceeds limit"):
         prepare(config, progress=False)
     skip = load_config(
         workspace.params,

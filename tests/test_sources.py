@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssltk.config import Config, ConfigError
+from ssltk.config import Config
 from ssltk.data.errors import DataError, DatasetNotFoundError, MissingFileError
 from ssltk.data.sources import (
     ArraySplit,
@@ -19,6 +19,7 @@ from ssltk.data.sources import (
     open_source,
     resize_and_center_crop,
 )
+from ssltk.errors import UserError
 
 CIFAR_CLASSES = [
     "airplane",
@@ -295,8 +296,8 @@ def test_missing_root_names_the_path(tmp_path: Path) -> None:
     for source in ("cifar10", "stl10", "imagefolder"):
         with pytest.raises(DatasetNotFoundError, match=str(missing)) as info:
             open_source(data_config(source=source, root=str(missing)).data)
-        assert isinstance(info.value, ConfigError)
-    with pytest.raises(ConfigError, match=r"data\.root: required for source stl10"):
+        assert isinstance(info.value, UserError)
+    with pytest.raises(UserError, match=r"data\.root: required for source stl10"):
         open_source(data_config(source="stl10").data)
 
 
@@ -311,7 +312,7 @@ def test_imagefolder_without_test_split_names_it(tmp_path: Path) -> None:
 
 
 def test_options_that_a_source_cannot_honour_are_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"data\.file_list"):
+    with pytest.raises(UserError, match=r"data\.file_list"):
         open_source(data_config(source="demo", file_list=str(tmp_path / "list.txt")).data)
-    with pytest.raises(ConfigError, match=r"data\.pretrain_split.*only source stl10"):
+    with pytest.raises(UserError, match=r"data\.pretrain_split.*only source stl10"):
         open_source(data_config(source="demo", pretrain_split="unlabeled").data)

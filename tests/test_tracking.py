@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ssltk import tracking
-from ssltk.config import Config, ConfigError, dump_config, load_config
+from ssltk.config import Config, dump_config, load_config
+from ssltk.errors import UserError
 from ssltk.train.checkpoint import save_checkpoint, sidecar_path
 
 
@@ -152,18 +153,18 @@ def test_eval_run_points_at_its_pretraining_run(store: Path):
     metric = tracking.probe_metric("sgd", 1, "pre_logits")
     back.log_metrics([(0, {metric: 0.42})])
     assert run.client.get_run(pretrain.run_id).data.metrics[metric] == 0.42
-    with pytest.raises(ConfigError, match="no such run"):
+    with pytest.raises(UserError, match="no such run"):
         tracking.start_eval_run(config, "f" * 32, device="cpu")
 
 
 def test_an_unwritable_sqlite_store_is_a_one_line_user_error(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match="cannot create"):
+    with pytest.raises(UserError, match="cannot create"):
         tracking.client(f"sqlite:///{blocker / 'store.db'}")
     folder = tmp_path / "store.db"
     folder.mkdir()
-    with pytest.raises(ConfigError, match="cannot be opened for writing"):
+    with pytest.raises(UserError, match="cannot be opened for writing"):
         tracking.client(f"sqlite:///{folder}")
     fresh = tmp_path / "new" / "store.db"
     tracking.client(f"sqlite:///{fresh}")

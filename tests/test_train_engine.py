@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ssltk.config import Config, ConfigError
+from ssltk.config import Config
+from ssltk.errors import UserError
 from ssltk.pretext import PretextInputs, TaskOutput
 from ssltk.train.engine import Trainer
 from ssltk.train.meters import EpochMeter, MetricWindow, first_non_finite
@@ -79,7 +80,7 @@ def test_step_follows_schedule_and_tf_momentum_with_l2():
 
 
 def test_bf16_needs_cuda():
-    with pytest.raises(ConfigError, match=r"pretrain\.precision=bf16"):
+    with pytest.raises(UserError, match=r"pretrain\.precision=bf16"):
         make_trainer(TinyTask(), precision="bf16")
 
 

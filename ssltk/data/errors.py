@@ -1,6 +1,6 @@
 """User-facing data errors.
 
-All subclass :class:`ssltk.config.ConfigError`, so the CLI prints one line naming the path, file or
+All subclass :class:`ssltk.errors.UserError`, so the CLI prints one line naming the path, file or
 value at fault and exits with code 2.
 """
 
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ssltk.config import ConfigError
+from ssltk.errors import UserError
 
 
-class DataError(ConfigError):
+class DataError(UserError):
     """A dataset on disk is missing, incomplete or unusable."""
 
 

@@ -284,7 +284,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 def prepare(config: Config, *, progress: bool = True) -> dict[str, Any]:
     """Write ``config.data.prepared_dir`` from ``config.data``; returns the manifest.
 
-    Raises :class:`~ssltk.data.errors.DataError` (a ``ConfigError``) naming the path, file or image
+    Raises :class:`~ssltk.data.errors.DataError` (a ``UserError``) naming the path, file or image
     at fault. Under ``data.on_bad_image: skip`` unreadable images are left out and counted in the
     manifest's ``skipped_images`` (their names in ``skipped``).
     """

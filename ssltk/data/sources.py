@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ssltk.config import ConfigError, DataConfig, read_utf8
+from ssltk.config import DataConfig, read_utf8
+from ssltk.errors import UserError
 from ssltk.data.errors import DataError, DatasetNotFoundError, MissingFileError
 
 DEMO_ARCHIVE = Path(__file__).resolve().parent.parent / "assets" / "cifar10-demo.tar.gz"
@@ -523,10 +524,10 @@ def _file_list(root: Path, list_path: Path) -> Source:
 def open_source(data: DataConfig) -> Source:
     """The source ``data.source`` describes, checked for the files its format needs."""
     if data.file_list is not None and data.source != "imagefolder":
-        raise ConfigError(f"data.file_list is only read by source imagefolder, not {data.source}")
+        raise UserError(f"data.file_list is only read by source imagefolder, not {data.source}")
     source = _open(data)
     if "unlabeled" in data.pretrain_split and "unlabeled" not in source.splits:
-        raise ConfigError(
+        raise UserError(
             f"data.pretrain_split: {data.pretrain_split!r} needs unlabeled images, "
             f"which only source stl10 has (source is {data.source})"
         )
@@ -537,7 +538,7 @@ def _open(data: DataConfig) -> Source:
     if data.source == "demo":
         return replace(_archive_tree(DEMO_ARCHIVE, "demo"), native_size=32)
     if data.root is None:
-        raise ConfigError(f"data.root: required for source {data.source} (the dataset's folder)")
+        raise UserError(f"data.root: required for source {data.source} (the dataset's folder)")
     root = Path(data.root).expanduser().resolve()
     if not root.is_dir():
         raise DatasetNotFoundError(root, f"data.root for source {data.source}")

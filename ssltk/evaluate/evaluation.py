@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ssltk import tracking
-from ssltk.config import ConfigError
 from ssltk.data.dataset import PreparedDataset, PreparedSplit
+from ssltk.errors import UserError
 from ssltk.evaluate import lbfgs
 from ssltk.evaluate.features import FeatureCache, Features, extract_features
 from ssltk.evaluate.lbfgs import topk_accuracy
@@ -60,7 +60,7 @@ def resolve_layers(target: EvalTarget, split: PreparedSplit, requested: list[str
         return available
     for layer in requested:
         if layer not in available:
-            raise ConfigError(
+            raise UserError(
                 f"eval.layers: {target.config.model.arch} has no endpoint {layer!r}; "
                 f"available: {', '.join(available)} (or {ALL_LAYERS})"
             )
@@ -84,7 +84,7 @@ def evaluate(
     needed = ["train", ev.report_split] + (["val"] if len(ev.lbfgs.l2) > 1 else [])
     for name in dict.fromkeys(needed):
         if name not in dataset.splits:
-            raise ConfigError(
+            raise UserError(
                 f"eval: the prepared data has no {name!r} split (has {', '.join(dataset.splits)})"
                 + ("; set data.val_fraction > 0 to choose the L2 strength" if name == "val" else "")
             )

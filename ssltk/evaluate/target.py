@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from ssltk import tracking
-from ssltk.config import Config, ConfigError, config_from_dict
+from ssltk.config import Config, config_from_dict
+from ssltk.errors import UserError
 from ssltk.evaluate.features import weights_digest
 from ssltk.pretext import PretextTask, build_task
 from ssltk.train.checkpoint import CheckpointError, load_checkpoint, sha256_file
@@ -44,7 +45,7 @@ def _build(config: Config) -> PretextTask:
     try:
         return build_task(config)
     except ValueError as err:
-        raise ConfigError(f"model/pretext: {err}") from None
+        raise UserError(f"model/pretext: {err}") from None
 
 
 def baseline_target(config: Config) -> EvalTarget:
@@ -61,12 +62,12 @@ def _run_config(run_id: str, current: Config, mlflow_client) -> Config:
             path = mlflow_client.download_artifacts(run_id, tracking.CONFIG_ARTIFACT, tmp)
             tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except Exception as err:  # mlflow raises many types for a missing artifact
-            raise ConfigError(
+            raise UserError(
                 f"run {run_id}: its config artifact {tracking.CONFIG_ARTIFACT} cannot be read "
                 f"({type(err).__name__})"
             ) from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"run {run_id}: {tracking.CONFIG_ARTIFACT} is not a mapping")
+        raise UserError(f"run {run_id}: {tracking.CONFIG_ARTIFACT} is not a mapping")
     tree["eval"] = current.eval.model_dump(mode="json")
     tree["tracking"] = current.tracking.model_dump(mode="json")
     tree.setdefault("data", {})["prepared_dir"] = str(current.data.prepared_dir)
@@ -80,12 +81,12 @@ def _pretrain_run(config: Config, run_id: str):
     mlflow_client = tracking.client(config.tracking.resolved_uri())
     run = tracking.find_run(mlflow_client, run_id)
     if run is None:
-        raise ConfigError(f"--run-id {run_id}: no such run in {config.tracking.resolved_uri()}")
+        raise UserError(f"--run-id {run_id}: no such run in {config.tracking.resolved_uri()}")
     kind = run.data.tags.get(tracking.TAG_KIND)
     if kind != tracking.KIND_PRETRAIN:
         parent = run.data.tags.get(tracking.TAG_PRETRAIN_RUN_ID)
         hint = f" (it evaluates pretraining run {parent})" if parent else ""
-        raise ConfigError(
+        raise UserError(
             f"--run-id {run_id}: a {kind or 'untagged'} run, not a pretraining run{hint}"
         )
     return mlflow_client, run
@@ -97,14 +98,14 @@ def _with_weights(
     try:
         state = load_checkpoint(checkpoint)
     except CheckpointError as err:
-        raise ConfigError(str(err)) from None
+        raise UserError(str(err)) from None
     if expected_sha256 is not None and sha256_file(checkpoint) != expected_sha256:
-        raise ConfigError(f"{checkpoint}: SHA-256 differs from the one run.json records")
+        raise UserError(f"{checkpoint}: SHA-256 differs from the one run.json records")
     task = _build(config)
     try:
         task.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as err:
-        raise ConfigError(
+        raise UserError(
             f"{checkpoint}: weights do not fit {tracking.run_name(config)} "
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
         ) from None
@@ -121,9 +122,9 @@ def target_from_run_id(current: Config, run_id: str, scratch: Path) -> EvalTarge
     try:
         checkpoint = tracking.fetch_checkpoint(mlflow_client, run_id, scratch)
     except CheckpointError as err:
-        raise ConfigError(str(err)) from None
+        raise UserError(str(err)) from None
     except Exception as err:  # no artifact: mlflow raises OSError or MlflowException
-        raise ConfigError(
+        raise UserError(
             f"--run-id {run_id}: the run has no checkpoint artifact (status "
             f"{run.info.status}; did it finish?) ({type(err).__name__})"
         ) from None
@@ -136,17 +137,17 @@ def target_from_run_dir(current: Config, run_dir: Path) -> EvalTarget:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(
+        raise UserError(
             f"--run-dir {run_dir}: no run.json (not a pretraining run directory)"
         ) from None
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{path}: cannot be read ({type(err).__name__})") from None
+        raise UserError(f"{path}: cannot be read ({type(err).__name__})") from None
     run_id, checkpoint = record.get("run_id"), record.get("checkpoint")
     if not run_id or not checkpoint:
-        raise ConfigError(f"{path}: no run id or checkpoint recorded (did the run finish?)")
+        raise UserError(f"{path}: no run id or checkpoint recorded (did the run finish?)")
     mlflow_client, _ = _pretrain_run(current, run_id)
     config = _run_config(run_id, current, mlflow_client)
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise ConfigError(f"{path}: its checkpoint {checkpoint} does not exist")
+        raise UserError(f"{path}: its checkpoint {checkpoint} does not exist")
     return _with_weights(config, run_id, checkpoint, record.get("checkpoint_sha256"))

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ssltk.config import ConfigError, PretrainConfig
+from ssltk.config import PretrainConfig
+from ssltk.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("pretrain.device=cuda: no CUDA device is available (use cpu or auto)")
+            raise UserError("pretrain.device=cuda: no CUDA device is available (use cpu or auto)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -64,7 +65,7 @@ def setup(config: PretrainConfig) -> DistContext:
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
-        raise ConfigError("pretrain.distributed.backend=nccl needs CUDA devices (use gloo on CPU)")
+        raise UserError("pretrain.distributed.backend=nccl needs CUDA devices (use gloo on CPU)")
     if dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, True)
     if torchrun:

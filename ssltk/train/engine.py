@@ -29,10 +29,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ssltk import tracking
-from ssltk.config import Config, ConfigError
+from ssltk.config import Config
 from ssltk.data import rng
 from ssltk.data.dataset import PreparedDataset
 from ssltk.data.loader import DeterministicLoader
+from ssltk.errors import UserError
 from ssltk.pretext import PretextInputs, PretextTask, build_task
 from ssltk.train import distributed, resume
 from ssltk.train.checkpoint import CheckpointInfo, prune_checkpoints, save_checkpoint
@@ -96,7 +97,7 @@ class Trainer:
         precision: str = "fp32",
     ) -> None:
         if precision == "bf16" and device.type != "cuda":
-            raise ConfigError("pretrain.precision=bf16 needs a CUDA device (use fp32 on CPU)")
+            raise UserError("pretrain.precision=bf16 needs a CUDA device (use fp32 on CPU)")
         self.model = model
         self.optimizer = optimizer
         self.schedule = schedule
@@ -174,7 +175,7 @@ class _PretrainRun:
         try:
             task = build_task(config)
         except ValueError as err:  # e.g. a patch size too small for VGG's fc6
-            raise ConfigError(f"model/pretext: {err}") from None
+            raise UserError(f"model/pretext: {err}") from None
         self.task = task.to(context.device)
         self.task.train()
         self.last_checkpoint, self.resume_state = resume.select(
@@ -465,7 +466,7 @@ def pretrain(
     """Pretrain ``config``'s (task, arch, widening) into ``out_dir`` (default ``runs/<name>``).
 
     Resumes from the newest valid checkpoint in ``out_dir/checkpoints`` unless ``restart``.
-    Raises :class:`ConfigError` for user errors and :class:`DivergenceError` on a NaN/inf loss
+    Raises :class:`UserError` for user errors and :class:`DivergenceError` on a NaN/inf loss
     (the MLflow run is then marked FAILED and the last good checkpoint is kept).
     """
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(config)

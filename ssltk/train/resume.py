@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssltk.config import Config, ConfigError
+from ssltk.config import Config
+from ssltk.errors import UserError
 from ssltk.tracking import PRETRAIN_SECTIONS
 from ssltk.train import distributed
 from ssltk.train.checkpoint import (
@@ -113,26 +114,26 @@ def check_compatible(
     steps_per_epoch: int,
     name: str | Path = "checkpoint",
 ) -> None:
-    """Raise a one-line :class:`ConfigError` naming what changed since ``state`` was saved."""
+    """Raise a one-line :class:`UserError` naming what changed since ``state`` was saved."""
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(
+        raise UserError(
             f"{name}: checkpoint format {state.get('format')!r}, "
             f"expected {CHECKPOINT_FORMAT}; {_HINT}"
         )
     saved, now = state["trajectory"], trajectory(config)
     for key in sorted(set(saved) | set(now)):
         if saved.get(key) != now.get(key):
-            raise ConfigError(
+            raise UserError(
                 f"{name} was trained with {key}={saved.get(key)!r}, the config now says "
                 f"{now.get(key)!r}; {_HINT}"
             )
     if state["data_hash"] != data_hash:
-        raise ConfigError(
+        raise UserError(
             f"{name} was trained on prepared data {state['data_hash'][:12]}…, "
             f"{config.data.prepared_dir} now holds {data_hash[:12]}…; {_HINT}"
         )
     if state["position"]["steps_per_epoch"] != steps_per_epoch:
-        raise ConfigError(f"{name}: steps per epoch changed; {_HINT}")
+        raise UserError(f"{name}: steps per epoch changed; {_HINT}")
 
 
 def to_cpu(obj: Any) -> Any:
