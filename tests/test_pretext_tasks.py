@@ -215,7 +215,7 @@ def test_neighbour_centre_pairs_and_labels(tasks, images, keys):
     embeddings = torch.arange(9).float()[None, :, None].expand(2, 9, 1) + torch.tensor(
         [[[0.0]], [[100.0]]]
     )
-    pairs = neighbour_centre_pairs(embeddings, torch.tensor([0, 1, 2, 3, 5, 6, 7, 8]), 4)
+    pairs = neighbour_centre_pairs(embeddings)
     assert pairs[:8].tolist() == [[n, 4.0] for n in (0.0, 1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 8.0)]
     assert pairs[8].tolist() == [100.0, 104.0]
     batch = tasks["relative_patch_location"].prepare_batch(

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ssltk.config import Config
 from ssltk.pretext.base import PretextInputs, TaskOutput, accuracy, register_task
-from ssltk.pretext.geometry import PatchLayout
 from ssltk.pretext.patches import PatchHead, PatchHeadConfig, PatchTask
 
 __all__ = ["RelativePatchLocation", "RelativePatchLocationConfig", "neighbour_centre_pairs"]
@@ -24,12 +22,12 @@ class RelativePatchLocationConfig(PatchHeadConfig):
     pass
 
 
-def neighbour_centre_pairs(
-    embeddings: torch.Tensor, neighbours: torch.Tensor, centre: int
-) -> torch.Tensor:
-    """``[B·N, 2E]`` rows ``concat(embeddings[i, neighbours[n]], embeddings[i, centre])``,
-    image-major, for ``[B, P, E]`` embeddings."""
-    neighbour = embeddings[:, neighbours]
+def neighbour_centre_pairs(embeddings: torch.Tensor) -> torch.Tensor:
+    """``[B·(P-1), 2E]`` rows ``concat(embeddings[i, n], embeddings[i, centre])`` for every
+    non-centre position ``n`` in row-major order, image-major, for ``[B, P, E]`` embeddings
+    (``centre = P // 2``)."""
+    centre = embeddings.shape[1] // 2
+    neighbour = torch.cat([embeddings[:, :centre], embeddings[:, centre + 1 :]], dim=1)
     centre_rows = embeddings[:, centre : centre + 1].expand_as(neighbour)
     return torch.cat([neighbour, centre_rows], dim=-1).flatten(0, 1)
 
@@ -44,23 +42,6 @@ class RelativePatchLocation(PatchTask):
     @classmethod
     def chance_level(cls, config: Config) -> float:
         return 1 / (config.pretext.patches.grid**2 - 1)
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        head: PatchHead,
-        layout: PatchLayout,
-        *,
-        head_weight_decay: float,
-        grayscale_p: float,
-    ) -> None:
-        super().__init__(
-            backbone, head, layout, head_weight_decay=head_weight_decay, grayscale_p=grayscale_p
-        )
-        positions = layout.grid * layout.grid
-        self.centre = positions // 2
-        neighbours = torch.tensor([i for i in range(positions) if i != self.centre])
-        self.register_buffer("neighbours", neighbours, persistent=False)
 
     @classmethod
     def from_config(cls, config: Config) -> RelativePatchLocation:
@@ -80,12 +61,12 @@ class RelativePatchLocation(PatchTask):
         self, images: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
     ) -> PretextInputs:
         patches = self.sample_patches(images, keys, train=train)
-        num_neighbours = self.neighbours.numel()
+        num_neighbours = self.layout.grid**2 - 1
         labels = torch.arange(num_neighbours, device=images.device).repeat(images.shape[0])
         return PretextInputs(patches, labels)
 
     def forward(self, batch: PretextInputs) -> TaskOutput:
         embeddings = self.embed(batch.inputs)  # [B, P, E]
-        logits = self.head(neighbour_centre_pairs(embeddings, self.neighbours, self.centre))
+        logits = self.head(neighbour_centre_pairs(embeddings))
         loss = F.cross_entropy(logits, batch.labels)
         return TaskOutput(loss, {"accuracy": accuracy(logits, batch.labels)})
