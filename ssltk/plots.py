@@ -110,6 +110,7 @@ def widening(cells: list[Cell], method: str, layer: str, path: Path) -> Path:
 def pretext_vs_linear(cells: list[Cell], config: Config, method: str, path: Path) -> Path:
     """One point per run: pretext metric above chance against the best layer's linear top-1."""
     from ssltk import tracking
+    from ssltk.report import best_layer
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -120,13 +121,13 @@ def pretext_vs_linear(cells: list[Cell], config: Config, method: str, path: Path
         cls = task_class(task)
         for cell in (c for c in cells if c.task == task and c.run is not None):
             metric = cell.run.data.metrics.get(tracking.epoch_metric(cls.metric))
-            scores = [v for (m, k, _), v in cell.probes("run").items() if m == method and k == 1]
-            if metric is None or not scores:
+            best = best_layer(cell, "run", method)
+            if metric is None or best is None:
                 continue
             ratio = metric / cls.chance_level(cell_config(config, cell))
             ax.scatter(
                 ratio,
-                100 * max(scores),
+                100 * best[1],
                 color=f"C{index}",
                 marker=markers[cell.arch],
                 s=60,

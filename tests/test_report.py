@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from ssltk import tracking
 from ssltk.config import Config
-from ssltk.report import CSV_COLUMNS, Cell, markdown, rows, verdict, write_csv
+from ssltk.report import CSV_COLUMNS, Cell, best_layer, markdown, rows, verdict, write_csv
 
 
 def run(run_id: str, metrics: dict[str, float], **tags: str) -> SimpleNamespace:
@@ -55,6 +55,17 @@ def test_verdict_counts_tasks_whose_best_layer_gains_three_points():
     assert "| rotation | revnet50 k=1: +5.0 | yes | 3.0× |" in text
     assert "| jigsaw | revnet50 k=1: +1.0 ✗ | no | 20.0× |" in text
     assert "1 of 2 tasks beat random init" in text
+
+
+def test_the_best_layer_is_chosen_on_val_not_on_the_reported_split():
+    cell = cells()[0]
+    val = {"probe/lbfgs/val_top1/block2": 0.30, "probe/lbfgs/val_top1/pre_logits": 0.35}
+    cell.run.data.metrics.update(val)
+    cell.baseline.data.metrics.update(val)
+    assert best_layer(cell, "run", "lbfgs") == ("pre_logits", 0.40)  # block2 is better on test
+    assert best_layer(cell, "baseline", "lbfgs") == ("pre_logits", 0.30)
+    text = markdown([cell], Config(), "lbfgs", {})
+    assert "| rotation | revnet50 | 1 | pre_logits | 40.0 | 30.0 | +10.0 | 30.0 |" in text
 
 
 def test_markdown_has_the_table1_layout_best_layers_and_provenance():

@@ -257,6 +257,11 @@ def _array_module_for(device: torch.device):
     return lambda array: cupy.asarray(np.asarray(array))
 
 
+#: Figures copied onto the pretraining run: what the MLflow compare view and ``ssltk report`` read
+#: (``val_top1`` chooses the best layer without looking at the reported split).
+_WRITTEN_BACK = ("top1", "top5", "val_top1")
+
+
 def _record(
     target: EvalTarget, run: tracking.TrackedRun, result: EvalResult, out_dir: Path
 ) -> None:
@@ -264,7 +269,7 @@ def _record(
     run.log_metrics([(0, metrics)])
     run.finish("FINISHED")
     if target.pretrain_run_id is not None:
-        headline = {k: v for k, v in metrics.items() if "/top1/" in k or "/top5/" in k}
+        headline = {k: v for k, v in metrics.items() if k.split("/")[2] in _WRITTEN_BACK}
         tracking.open_run(target.config, target.pretrain_run_id).log_metrics([(0, headline)])
     summary = {
         "kind": target.kind,
