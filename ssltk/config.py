@@ -220,6 +220,9 @@ class DistributedConfig(Section):
 
 class PretrainConfig(Section):
     epochs: PositiveInt = 35
+    task_epochs: dict[Task, PositiveInt] = Field(
+        {}, description="epochs of the tasks named here, in place of epochs (see for_task)"
+    )
     batch_size: PositiveInt = Field(64, description="global batch in source images")
     base_lr: Annotated[float, Field(gt=0)] = Field(0.1, description="LR per 256 images")
     schedule: Literal["step", "cosine"] = Field(
@@ -246,6 +249,11 @@ class PretrainConfig(Section):
         if list(v) != sorted(v):
             raise ValueError(f"must be increasing, got {v}")
         return v
+
+    def for_task(self, task: str) -> PretrainConfig:
+        """These settings with ``epochs`` taken from ``task_epochs`` where it names ``task``."""
+        epochs = self.task_epochs.get(task, self.epochs)
+        return self if epochs == self.epochs else self.model_copy(update={"epochs": epochs})
 
 
 class LbfgsConfig(Section):

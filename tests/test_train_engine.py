@@ -179,3 +179,25 @@ def test_trajectory_keeps_what_shapes_the_weights():
     assert trajectory(changed) == keys
     changed.pretrain.momentum = 0.5
     assert trajectory(changed) != keys
+
+
+def test_task_epochs_set_the_epochs_of_the_tasks_they_name():
+    config = Config.model_validate(
+        {"pretrain": {"epochs": 3, "schedule": "cosine", "task_epochs": {"jigsaw": 6}}}
+    )
+    assert config.pretrain.for_task("jigsaw").epochs == 6
+    assert config.pretrain.for_task("rotation") is config.pretrain
+    # A run's trajectory has its own epochs (the cosine's length), not the other tasks' entries.
+    rotation = config.model_copy(update={"pretext": config.pretext.model_copy()})
+    rotation.pretext.task = "rotation"
+    plain = rotation.model_copy(update={"pretrain": rotation.pretrain.model_copy()})
+    plain.pretrain.task_epochs = {}
+    assert trajectory(rotation) == trajectory(plain)
+    jigsaw = config.model_copy(update={"pretext": config.pretext.model_copy()})
+    jigsaw.pretext.task = "jigsaw"
+    assert trajectory(jigsaw)["pretrain.epochs"] == 6
+
+
+def test_task_epochs_accept_registered_tasks_only():
+    with pytest.raises(ValueError, match="nope"):
+        Config.model_validate({"pretrain": {"task_epochs": {"nope": 2}}})

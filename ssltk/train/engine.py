@@ -134,7 +134,7 @@ class _PretrainRun:
         progress_bar: bool,
     ) -> None:
         self.config = config
-        self.pre = config.pretrain
+        self.pre = config.pretrain.for_task(config.pretext.task)
         self.run_dir = RunDir(out_dir)
         self.context = context
         self.restart = restart

@@ -61,10 +61,16 @@ def trajectory(config: Config) -> dict[str, Any]:
     resumable = RESUMABLE_KEYS
     if config.pretrain.schedule == "cosine":  # the cosine's length sets every step's rate
         resumable = resumable - {"pretrain.epochs"}
+    # The task's own epochs count, not the other tasks' entries of task_epochs.
+    effective = config.model_copy(
+        update={"pretrain": config.pretrain.for_task(config.pretext.task)}
+    )
     return {
         key: value
-        for key, value in config.flat().items()
-        if key.split(".")[0] in PRETRAIN_SECTIONS and key not in resumable
+        for key, value in effective.flat().items()
+        if key.split(".")[0] in PRETRAIN_SECTIONS
+        and key not in resumable
+        and not key.startswith("pretrain.task_epochs")
     }
 
 
