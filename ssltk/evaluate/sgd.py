@@ -20,6 +20,8 @@ from torch import nn
 from ssltk.config import MlpProbeConfig, SgdProbeConfig
 from ssltk.data.dataset import PreparedSplit
 from ssltk.data.loader import DeterministicLoader
+from ssltk.pretext.base import TaskOutput
+from ssltk.train.engine import Trainer
 from ssltk.train.schedule import StepSchedule
 
 __all__ = ["ProbeHeads", "predict", "train_heads"]
@@ -56,6 +58,20 @@ class ProbeHeads(nn.ModuleDict):
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {layer: head(features[layer]) for layer, head in self.items()}
+
+
+class _SummedLoss(nn.Module):
+    """The heads as the pretraining engine's :class:`Trainer` sees a task: the loss of a
+    ``(features, labels)`` batch is the sum of the heads' mean cross-entropies."""
+
+    def __init__(self, heads: ProbeHeads) -> None:
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, batch: tuple[Mapping[str, torch.Tensor], torch.Tensor]) -> TaskOutput:
+        features, labels = batch
+        logits = self.heads(features)
+        return TaskOutput(sum(F.cross_entropy(v, labels) for v in logits.values()), {})
 
 
 def train_heads(
@@ -95,6 +111,7 @@ def train_heads(
         optimizer = torch.optim.SGD(
             heads.parameters(), lr=0.0, momentum=0.9, weight_decay=config.weight_decay
         )
+        trainer = Trainer(_SummedLoss(heads), optimizer, schedule, device=device)
         step = 0
         for epoch in range(config.epochs):
             total = 0.0
@@ -108,15 +125,9 @@ def train_heads(
                         layer: torch.tensor(np.asarray(features[layer][rows]), device=device)
                         for layer in dims
                     }
-                labels = item.labels.to(device)
-                logits = heads({layer: inputs[layer].float() for layer in dims})
-                loss = sum(F.cross_entropy(value, labels) for value in logits.values())
-                for group in optimizer.param_groups:
-                    group["lr"] = schedule(step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach())
+                features_now = {layer: inputs[layer].float() for layer in dims}
+                _, metrics = trainer.step((features_now, item.labels.to(device)), step)
+                total += float(metrics["loss"])
                 step += 1
             if log is not None:
                 log(epoch + 1, config.epochs, total / steps_per_epoch)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ from ssltk.data import rng
 from ssltk.data.dataset import PreparedDataset
 from ssltk.data.loader import DeterministicLoader
 from ssltk.errors import UserError
-from ssltk.pretext import PretextInputs, PretextTask, build_task
+from ssltk.pretext import PretextTask, build_task
 from ssltk.train import distributed, resume
 from ssltk.train.checkpoint import CheckpointInfo, prune_checkpoints, save_checkpoint
 from ssltk.train.determinism import deterministic_mode, seed_everything
@@ -104,8 +105,9 @@ class Trainer:
         self.device = device
         self.bf16 = precision == "bf16"
 
-    def step(self, inputs: PretextInputs, step: int) -> tuple[float, dict[str, torch.Tensor]]:
-        """Apply update number ``step`` (0-based); returns its rate and detached metrics."""
+    def step(self, inputs: Any, step: int) -> tuple[float, dict[str, torch.Tensor]]:
+        """Apply update number ``step`` (0-based) on ``inputs``, the batch ``model`` takes (a
+        :class:`PretextInputs` for a task); returns the rate and detached metrics."""
         lr = self.schedule(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
