@@ -1,4 +1,4 @@
-"""Batched augmentation primitives against plain per-image references (paper.md §2.0)."""
+"""Batched augmentation primitives against plain per-image references (paper §2)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from torch import nn
 from ssltk.config import Config, config_from_dict
 from ssltk.data import augment
 from ssltk.data.rng import Stream, batch_key, sample_keys
-from ssltk.pretext import build_task, register_task, registered_tasks
+from ssltk.pretext import build_task, register_task, registered_tasks, task_class
 from ssltk.pretext.exemplar import Exemplar
 from ssltk.pretext.jigsaw import Jigsaw, arrange_slots
 from ssltk.pretext.permutations import load_permutations
@@ -344,7 +344,6 @@ def test_cuda_batches_match_cpu_and_train(tasks, images, keys, name):
 
 
 def test_tasks_carry_their_traits():
-    from ssltk.pretext import task_class
 
     assert {t for t in TASKS if task_class(t).patch_mode} == {"jigsaw", "relative_patch_location"}
     assert {t for t in TASKS if task_class(t).couples_batch} == {"exemplar"}
@@ -353,3 +352,11 @@ def test_tasks_carry_their_traits():
     assert chance["rotation"] == 0.25 and chance["jigsaw"] == 0.01
     assert chance["relative_patch_location"] == 0.125
     assert chance["exemplar"] == 7 / (8 * 64 - 1)  # 7 other views among 8·64 − 1 embeddings
+
+
+def test_only_a_batch_coupled_loss_warns_under_data_parallel_global_semantics():
+    exemplar, rotation = task_class("exemplar"), task_class("rotation")
+    assert "exemplar's loss sees each rank's share" in exemplar.data_parallel_warning(2, False)
+    assert exemplar.data_parallel_warning(1, False) is None
+    assert exemplar.data_parallel_warning(2, True) is None
+    assert rotation.data_parallel_warning(8, False) is None

@@ -47,7 +47,7 @@ def test_rows_pair_each_layer_with_its_baseline(tmp_path: Path):
     assert abs(first["delta"] - 0.05) < 1e-12
     write_csv(tmp_path / "results.csv", table)
     header = (tmp_path / "results.csv").read_text().splitlines()[0]
-    assert header.split(",")[:9] == list(CSV_COLUMNS[:9])  # the columns design.md names, in order
+    assert header.split(",")[:9] == list(CSV_COLUMNS[:9])  # the documented columns, in order
 
 
 def test_verdict_counts_tasks_whose_best_layer_gains_three_points():

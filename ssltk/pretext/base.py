@@ -74,6 +74,16 @@ class PretextTask(nn.Module, ABC):
     paper_results: tuple[tuple[str, int, dict[str, float]], ...] = ()
 
     @classmethod
+    def data_parallel_warning(cls, world_size: int, per_replica_semantics: bool) -> str | None:
+        """What a user should know before this task's loss runs data parallel, or None."""
+        if not cls.couples_batch or world_size < 2 or per_replica_semantics:
+            return None
+        return (
+            f"{cls.name}'s loss sees each rank's share of the batch only (per-replica semantics) "
+            "even though pretrain.distributed.per_replica_semantics=false"
+        )
+
+    @classmethod
     @abstractmethod
     def chance_level(cls, config: Config) -> float:
         """``metric`` of a network that has learned nothing, for ``config``."""

@@ -219,18 +219,10 @@ class _PretrainRun:
                 self.task = convert_sync_bn(self.task, context.device)
             device_ids = [context.device.index] if context.device.type == "cuda" else None
             model = DistributedDataParallel(self.task, device_ids=device_ids)
-            if (
-                self.task.couples_batch
-                and context.world_size > 1
-                and not self.pre.distributed.per_replica_semantics
-                and context.is_main
-            ):
-                print(
-                    f"warning: {self.task.name}'s loss sees each rank's share of the batch only "
-                    "(per-replica semantics) even though pretrain.distributed."
-                    "per_replica_semantics=false",
-                    file=sys.stderr,
-                )
+            per_replica = self.pre.distributed.per_replica_semantics
+            warning = self.task.data_parallel_warning(context.world_size, per_replica)
+            if warning and context.is_main:
+                print(f"warning: {warning}", file=sys.stderr)
         if self.pre.compile:
             model = torch.compile(model)
         return model
