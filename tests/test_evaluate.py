@@ -7,13 +7,13 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from demo_images import demo_imagefolder
 from typer.testing import CliRunner
 
 from ssltk import tracking
@@ -24,28 +24,7 @@ from ssltk.evaluate.pooling import make_pool, pooled_shape
 from ssltk.models import build_model
 from ssltk.train.checkpoint import sidecar_path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "ssltk" / "assets" / "cifar10-demo.tar.gz"
 LAYERS = ["block3", "pre_logits"]
-
-
-def small_imagefolder(root: Path, train: int, test: int) -> Path:
-    """``train`` + ``test`` real CIFAR-10 images per class from the demo archive."""
-    taken: dict[str, int] = {}
-    with tarfile.open(DEMO) as archive:
-        for member in archive:
-            parts = Path(member.name).parts
-            if not member.isfile() or len(parts) < 3 or parts[-3] != "train":
-                continue
-            count = taken.get(parts[-2], 0)
-            if count >= train + test:
-                continue
-            taken[parts[-2]] = count + 1
-            split = "train" if count < train else "test"
-            target = root / split / parts[-2] / parts[-1]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(archive.extractfile(member).read())
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +36,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "seed": 3,
         "data": {
             "source": "imagefolder",
-            "root": str(small_imagefolder(root / "images", 35, 10)),
+            "root": str(demo_imagefolder(root / "images", 35, 10)),
             "val_fraction": 0.15,
             "prepared_dir": str(root / "prepared"),
         },

@@ -14,7 +14,6 @@ import json
 import os
 import resource
 import signal
-import tarfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 import torch
 import yaml
 from click.testing import Result
+from demo_images import demo_imagefolder
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -33,9 +33,6 @@ from ssltk.config import load_config
 from ssltk.data.prepare import _ArrayWriter, prepare
 from ssltk.errors import UserError
 from ssltk.train.checkpoint import load_checkpoint, save_checkpoint, sha256_file, sidecar_path
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "ssltk" / "assets" / "cifar10-demo.tar.gz"
 
 
 @dataclass(frozen=True)
@@ -52,24 +49,6 @@ class Workspace:
         return json.loads((out / "run.json").read_text())
 
 
-def tiny_imagefolder(root: Path, per_class: int) -> Path:
-    """``per_class`` train images and one test image per class, from the demo archive."""
-    taken: dict[str, int] = {}
-    with tarfile.open(DEMO) as archive:
-        for member in archive:
-            parts = Path(member.name).parts
-            if not member.isfile() or len(parts) < 3 or parts[-3] != "train":
-                continue
-            count = taken.get(parts[-2], 0)
-            if count > per_class:
-                continue
-            taken[parts[-2]] = count + 1
-            target = root / ("train" if count < per_class else "test") / parts[-2] / parts[-1]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(archive.extractfile(member).read())
-    return root
-
-
 def make_workspace(root: Path) -> Workspace:
     """20 images (5 steps of 4 per epoch), rotation on ResNet50 w1 at 32 px, on the CPU."""
     store = root / "store" / "mlflow.db"
@@ -77,7 +56,7 @@ def make_workspace(root: Path) -> Workspace:
         "seed": 3,
         "data": {
             "source": "imagefolder",
-            "root": str(tiny_imagefolder(root / "images", 2)),
+            "root": str(demo_imagefolder(root / "images", 2)),
             "val_fraction": 0,
             "prepared_dir": str(root / "prepared"),
         },
@@ -313,7 +292,7 @@ def test_a_read_only_out_is_one_line(workspace, monkeypatch):
 
 
 def test_a_symlink_loop_in_an_imagefolder_is_read_once(workspace, tmp_path, capfd):
-    root = tiny_imagefolder(tmp_path / "tree", 1)
+    root = demo_imagefolder(tmp_path / "tree", 1)
     (root / "train" / "airplane" / "again").symlink_to("..", target_is_directory=True)
     config = load_config(
         workspace.params, [f"data.root={root}", f"data.prepared_dir={tmp_path / 'p'}"]
@@ -329,7 +308,7 @@ def test_non_utf8_params_and_file_list_are_one_line(workspace, tmp_path):
     line = one_error(cli("config", "--params", str(params)))
     assert str(params) in line and "line 2" in line and "UTF-8" in line
 
-    root = tiny_imagefolder(tmp_path / "tree", 1)
+    root = demo_imagefolder(tmp_path / "tree", 1)
     listing = tmp_path / "list.txt"
     listing.write_bytes(b"train/airplane/caf\xe9.jpg 0\n")
     sets = ["data.source=imagefolder", f"data.root={root}", f"data.file_list={listing}"]
@@ -380,7 +359,7 @@ def test_truncated_prepared_arrays_ask_for_prepare(workspace, tmp_path):
 
 
 def test_an_image_over_the_pixel_limit_is_a_bad_image(workspace, tmp_path, monkeypatch, recwarn):
-    root = tiny_imagefolder(tmp_path / "tree", 1)
+    root = demo_imagefolder(tmp_path / "tree", 1)
     bomb = root / "train" / "airplane" / "bomb.png"
     Image.new("RGB", (40, 40)).save(bomb)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1100)  # 1600 px: over it, not 2× over

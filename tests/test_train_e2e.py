@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 import torch
 import yaml
 from click.testing import Result
+from demo_images import demo_imagefolder
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
@@ -36,34 +36,12 @@ from ssltk.train.engine import Trainer
 from ssltk.train.resume import CHECKPOINT_FORMAT
 from ssltk.train.schedule import StepSchedule
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "ssltk" / "assets" / "cifar10-demo.tar.gz"
 PER_CLASS = 4  # 40 training images: 5 steps per epoch at batch 8
 STEPS = 20  # 4 epochs
 CHECKPOINTS = (3, 6, 9, 12, 15, 18, 20)
 
 #: One intra-op thread: on a shared two-core machine OpenMP barriers otherwise stall for seconds.
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def tiny_imagefolder(root: Path, per_class: int) -> Path:
-    """``per_class`` training images (and one test image) per class, from the demo archive."""
-    taken: dict[str, int] = {}
-    with tarfile.open(DEMO) as archive:
-        for member in archive:
-            parts = Path(member.name).parts
-            if not member.isfile() or len(parts) < 3 or parts[-3] != "train":
-                continue
-            label = parts[-2]
-            count = taken.get(label, 0)
-            if count > per_class:
-                continue
-            taken[label] = count + 1
-            split = "train" if count < per_class else "val"
-            target = root / split / label / parts[-1]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(archive.extractfile(member).read())
-    return root
 
 
 @dataclass(frozen=True)
@@ -89,7 +67,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
         "seed": 5,
         "data": {
             "source": "imagefolder",
-            "root": str(tiny_imagefolder(root / "images", PER_CLASS)),
+            "root": str(demo_imagefolder(root / "images", PER_CLASS, held_out_split="val")),
             "val_fraction": 0,
             "prepared_dir": str(root / "prepared"),
         },

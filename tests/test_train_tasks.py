@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_train_e2e import tiny_imagefolder
+from demo_images import demo_imagefolder
 
 from ssltk import tracking
 from ssltk.config import load_config
@@ -59,7 +59,7 @@ def params(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "seed": 1,
         "data": {
             "source": "imagefolder",
-            "root": str(tiny_imagefolder(root / "images", 4)),
+            "root": str(demo_imagefolder(root / "images", 4, held_out_split="val")),
             "val_fraction": 0,
             "prepared_dir": str(root / "prepared"),
         },
