@@ -144,21 +144,20 @@ def main() -> None:
 
     cache = Path(args.runs) / "random_cache.json"
     cached = json.loads(cache.read_text()) if cache.exists() else {}
-    key = random_key(config)
-    if key not in cached and not args.no_random:
-        seed_everything(config.seed)
-        cached[key] = probe(build_task(config), config)
-        cache.write_text(json.dumps(cached))
-    rand = cached.get(key, {})
+
+    def random_init(cfg) -> dict[str, float]:
+        key = random_key(cfg)
+        if key not in cached and not args.no_random:
+            seed_everything(cfg.seed)
+            cached[key] = probe(build_task(cfg), cfg)
+            cache.write_text(json.dumps(cached))
+        return cached.get(key, {})
+
+    rand = random_init(config)
     # The paper-init random network too, when the run used zero_init_residual.
     plain = config.model_copy(deep=True)
     plain.model.zero_init_residual = False
-    plain_key = random_key(plain)
-    if plain_key not in cached and not args.no_random:
-        seed_everything(config.seed)
-        cached[plain_key] = probe(build_task(plain), plain)
-        cache.write_text(json.dumps(cached))
-    rand_plain = cached.get(plain_key, {})
+    rand_plain = random_init(plain)
     best = max(trained, key=trained.get)
     row = {
         "name": args.name,
