@@ -173,6 +173,12 @@ class PretextConfig(Section):
 
     task: Task = "rotation"
     input_size: PositiveInt = Field(224, description="network input side of full-image tasks")
+    preprocessing: Literal["symmetric", "tf1"] = Field(
+        "symmetric",
+        description="crop and resize geometry: symmetric (half-pixel resize grid, crops invariant "
+        "under flips and transposes) or tf1 (the released code's TensorFlow 1 ops bit for bit; "
+        "their corner-anchored resize grid lets Rotation be solved on pure noise)",
+    )
     patches: PatchGeometry = PatchGeometry()
 
     @model_validator(mode="after")

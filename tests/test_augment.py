@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -183,7 +184,8 @@ def test_bilinear_uses_the_tf1_legacy_grid_not_half_pixel_centres():
     row = torch.tensor([0.0, 10.0]).view(1, 1, 1, 2)
     # src = dst * in / out = 0, 0.5, 1, 1.5 (clamped): TF1 gives 0, 5, 10, 10; torch's default
     # half-pixel grid would give 0, 2.5, 7.5, 10.
-    assert resize_bilinear(row, (1, 4)).flatten().tolist() == [0.0, 5.0, 10.0, 10.0]
+    assert resize_bilinear(row, (1, 4), grid="tf1").flatten().tolist() == [0.0, 5.0, 10.0, 10.0]
+    assert resize_bilinear(row, (1, 4)).flatten().tolist() == [0.0, 2.5, 7.5, 10.0]
 
 
 @FAST
@@ -195,10 +197,12 @@ def test_bilinear_uses_the_tf1_legacy_grid_not_half_pixel_centres():
 )
 def test_resize_bilinear_matches_reference(seed, batch, in_hw, out_hw):
     x = random_images(seed, (batch, 3, *in_hw))
-    got = resize_bilinear(x, out_hw)
+    got = resize_bilinear(x, out_hw, grid="tf1")
     assert got.shape == (batch, 3, *out_hw) and got.dtype == torch.float32
     for i in range(batch):
         np.testing.assert_allclose(got[i].numpy(), ref_bilinear(x[i].numpy(), *out_hw), atol=1e-6)
+    torch_default = F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(resize_bilinear(x, out_hw), torch_default, atol=1e-5, rtol=0)
 
 
 @FAST
@@ -210,7 +214,7 @@ def test_crop_and_resize_is_slice_then_resize(seed, batch, out):
     box_h, box_w = gen.integers(1, height + 1, batch), gen.integers(1, width + 1, batch)
     top, left = gen.integers(0, height - box_h + 1), gen.integers(0, width - box_w + 1)
     boxes = torch.from_numpy(np.stack([top, left, box_h, box_w], 1))
-    got = crop_and_resize(x, boxes, out)
+    got = crop_and_resize(x, boxes, out, grid="tf1")
     for i, (t, lf, h, w) in enumerate(boxes.tolist()):
         expected = ref_bilinear(x[i, :, t : t + h, lf : lf + w].numpy(), out, out)
         np.testing.assert_allclose(got[i].numpy(), expected, atol=1e-6)
@@ -384,7 +388,7 @@ def test_value_range_maps():
 @pytest.mark.parametrize("in_hw", [(224, 224), (32, 32), (375, 500), (500, 333), (7, 40)])
 def test_inception_boxes_satisfy_the_constraints(in_hw):
     height, width = in_hw
-    boxes = inception_crop_boxes(keys_for(3000), 11, in_hw)
+    boxes = inception_crop_boxes(keys_for(3000), 11, in_hw, preprocessing="tf1")
     top, left, h, w = boxes.T
     assert boxes.dtype == torch.int64 and boxes.shape == (3000, 4)
     assert (top >= 0).all() and (left >= 0).all()
@@ -401,6 +405,23 @@ def test_inception_boxes_satisfy_the_constraints(in_hw):
         assert fraction.min() < 0.15 and fraction.max() > 0.8
 
 
+@pytest.mark.parametrize("in_hw", [(224, 224), (32, 32), (64, 64)])
+def test_symmetric_inception_boxes_are_as_likely_transposed_and_reach_every_offset(in_hw):
+    height, width = in_hw
+    boxes = inception_crop_boxes(keys_for(20000), 11, in_hw)
+    top, left, h, w = boxes.T
+    assert (top + h <= height).all() and (left + w <= width).all()
+    sub = (h < height) & (w < width)
+    assert ((top == height - h) & sub).any() and ((left == width - w) & sub).any()
+    assert ((w >= 0.75 * h - 0.5) & (w <= 4 / 3 * h + 0.5)).all()
+    wide, tall = (w > h).sum().item(), (h > w).sum().item()
+    # Transposed boxes are equally likely: a binomial split, 4 standard deviations.
+    assert abs(wide - tall) < 4 * (wide + tall) ** 0.5
+    tf1 = inception_crop_boxes(keys_for(20000), 11, in_hw, preprocessing="tf1")
+    tf1_wide, tf1_tall = (tf1[:, 3] > tf1[:, 2]).sum().item(), (tf1[:, 2] > tf1[:, 3]).sum().item()
+    assert tf1_wide - tf1_tall > 4 * (tf1_wide + tf1_tall) ** 0.5  # TF's uniform aspect: wider
+
+
 @FAST
 @given(
     seed=st.integers(0, 2**31),
@@ -409,7 +430,7 @@ def test_inception_boxes_satisfy_the_constraints(in_hw):
 )
 def test_inception_boxes_match_the_attempt_by_attempt_reference(seed, in_hw, stream):
     keys = keys_for(6, seed)
-    boxes = inception_crop_boxes(keys, stream, in_hw)
+    boxes = inception_crop_boxes(keys, stream, in_hw, preprocessing="tf1")
     uniforms = rng.uniform(keys, stream, 400).numpy().reshape(6, 100, 4)
     for i in range(6):
         assert boxes[i].tolist() == ref_box(uniforms[i], *in_hw)
@@ -442,9 +463,9 @@ def test_inception_box_arguments_are_checked():
 @given(seed=st.integers(0, 2**31), in_hw=st.tuples(st.integers(4, 14), st.integers(4, 14)))
 def test_apply_inception_matches_reference(seed, in_hw):
     images = random_images(seed, (3, 3, *in_hw), "uint8")
-    params = sample_inception_params(keys_for(3, seed), 4, in_hw)
+    params = sample_inception_params(keys_for(3, seed), 4, in_hw, preprocessing="tf1")
     params = params._replace(flip=torch.tensor([True, False, True]))
-    got = apply_inception(images, params, 6)
+    got = apply_inception(images, params, 6, grid="tf1")
     assert got.shape == (3, 3, 6, 6) and got.dtype == torch.float32
     assert got.min() >= -1 and got.max() <= 1
     for i in range(3):
@@ -475,7 +496,7 @@ def test_inception_eval_is_central_crop_then_resize():
     assert central_crop_boxes((224, 224), 0.875, 1).tolist() == [[14, 14, 196, 196]]
     assert central_crop_boxes((375, 500), 0.875, 1).tolist() == [[23, 31, 329, 438]]
     images = random_images(2, (2, 3, 16, 24), "uint8")
-    got = inception_preprocess(images, None, 0, 8, train=False)
+    got = inception_preprocess(images, None, 0, 8, train=False, preprocessing="tf1")
     top, left, h, w = central_crop_boxes((16, 24), 0.875, 1)[0].tolist()
     for i in range(2):
         x = images[i].numpy().astype(np.float32) * f32(1 / 255)

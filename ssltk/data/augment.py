@@ -13,6 +13,14 @@ Python loop. Random primitives come in two halves:
 copies of one image). Streams are ints in ``[0, 2**40)``; a primitive that needs several draws uses
 :func:`substream` for each, so its draws never collide with another plain stream.
 
+Geometry (``preprocessing``): ``"symmetric"`` (the default) resizes on the half-pixel grid and
+draws inception crops whose distribution is invariant under flips and transposes (aspect ratio
+log-uniform in [3/4, 4/3], every offset equally likely), so no transform of ``rot90`` leaves a
+trace in the preprocessed pixels of content-free images. ``"tf1"`` is the released code's
+geometry bit for bit: TF1's corner-anchored resize grid, aspect uniform in [0.75, 1.33] (wider
+crops more often than taller ones), and the last offset excluded. It lets Rotation be solved on
+pure noise; it is kept for parity with the released code.
+
 Value ranges: images arrive as uint8 in [0, 255]. :func:`to_float` keeps that range (as the
 released ``resize``/``crop``/``standardization`` chain does); :func:`inception_preprocess` works in
 [0, 1] and returns [-1, 1].
@@ -21,7 +29,7 @@ released ``resize``/``crop``/``standardization`` chain does); :func:`inception_p
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +37,7 @@ import torch
 from ssltk.data import rng
 from ssltk.data._checks import check_float, check_images, check_per_image, pair
 from ssltk.data.resize import (
+    ResizeGrid,
     crop_and_resize,
     resize_area,
     resize_bilinear,
@@ -37,7 +46,9 @@ from ssltk.data.resize import (
 )
 
 __all__ = [
+    "PREPROCESSING",
     "InceptionParams",
+    "Preprocessing",
     "adjust_saturation_",
     "apply_inception",
     "brightness_deltas",
@@ -52,6 +63,7 @@ __all__ = [
     "random_crop_offsets",
     "resize_area",
     "resize_bilinear",
+    "resize_grid",
     "resize_small",
     "sample_inception_params",
     "saturation_factors",
@@ -64,6 +76,18 @@ __all__ = [
 ]
 
 _STREAM_BITS = 40
+
+Preprocessing = Literal["symmetric", "tf1"]
+PREPROCESSING: tuple[Preprocessing, ...] = ("symmetric", "tf1")
+
+
+def resize_grid(preprocessing: Preprocessing) -> ResizeGrid:
+    """The bilinear grid of a ``preprocessing`` mode."""
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(
+            f"preprocessing must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}"
+        )
+    return "tf1" if preprocessing == "tf1" else "half_pixel"
 
 
 def substream(stream: int, part: int) -> int:
@@ -287,23 +311,32 @@ def inception_crop_boxes(
     in_hw: tuple[int, int],
     *,
     area: tuple[float, float] = (0.05, 1.0),
-    ratio: tuple[float, float] = (0.75, 1.33),
+    ratio: tuple[float, float] | None = None,
     min_object_covered: float = 0.1,
     attempts: int = 100,
+    preprocessing: Preprocessing = "symmetric",
 ) -> torch.Tensor:
     """``[B, 4]`` int64 ``(top, left, height, width)`` crops as TF's sample_distorted_bounding_box.
 
     The object box is the whole image, so ``min_object_covered`` is a lower bound on the crop's
     area fraction. Each attempt draws an aspect ratio ``w/h`` in ``ratio``, a height between the
     rounded heights of the minimum and maximum ``area``, ``width = round(height * ratio)`` with
-    TF's one-step rounding repairs, and an offset in ``[0, H - height)`` (TF excludes the last
-    position unless the crop spans the image). The first attempt that fits is kept; if none of
+    TF's one-step rounding repairs, and an offset. The first attempt that fits is kept; if none of
     ``attempts`` does, the whole image is returned. Arithmetic mirrors the C++ kernel (float32,
     round-half-to-even). All attempts are drawn at once: ``uniform(keys, stream, 4 * attempts)``
     viewed as ``[B, attempts, 4]`` = (aspect, height, top, left).
+
+    ``preprocessing="tf1"`` is TF's kernel exactly: aspect uniform in ``ratio`` (default
+    ``(0.75, 1.33)``) and offsets in ``[0, H - height)`` (the last position excluded unless the
+    crop spans the image). ``"symmetric"`` draws the aspect log-uniformly in ``ratio`` (default
+    ``(3/4, 4/3)``) and every offset in ``[0, H - height]``, so a box and its transpose, and a box
+    and its mirror image, are equally likely.
     """
     fn = "inception_crop_boxes"
     height, width = pair(in_hw, fn, "in_hw")
+    symmetric = resize_grid(preprocessing) == "half_pixel"
+    if ratio is None:
+        ratio = (3 / 4, 4 / 3) if symmetric else (0.75, 1.33)
     if not 0 < area[0] <= area[1] <= 1:
         raise ValueError(f"{fn}: area must satisfy 0 < low <= high <= 1, got {area!r}")
     if not 0 < ratio[0] <= ratio[1]:
@@ -316,7 +349,11 @@ def inception_crop_boxes(
     u = _uniforms(keys.cpu(), stream, 4 * attempts, fn).numpy().reshape(-1, attempts, 4)
 
     f32 = np.float32
-    aspect = u[..., 0].astype(f32) * (f32(ratio[1]) - f32(ratio[0])) + f32(ratio[0])
+    if symmetric:
+        log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+        aspect = np.exp(u[..., 0].astype(np.float64) * (log_hi - log_lo) + log_lo).astype(f32)
+    else:
+        aspect = u[..., 0].astype(f32) * (f32(ratio[1]) - f32(ratio[0])) + f32(ratio[0])
     min_area = f32(area[0]) * f32(width) * f32(height)
     max_area = f32(area[1]) * f32(width) * f32(height)
 
@@ -350,8 +387,9 @@ def inception_crop_boxes(
     fits = (crop_area >= min_area) & (crop_area <= max_area)
     fits &= (crop_w <= width) & (crop_h <= height) & (crop_w > 0) & (crop_h > 0)
     fits &= crop_area.astype(f32) / f32(width * height) >= f32(min_object_covered)
-    top = uniform_below(u[..., 2], height - crop_h)
-    left = uniform_below(u[..., 3], width - crop_w)
+    last = 1 if symmetric else 0  # TF never draws the last offset
+    top = uniform_below(u[..., 2], height - crop_h + last)
+    left = uniform_below(u[..., 3], width - crop_w + last)
 
     boxes = np.stack([top, left, crop_h, crop_w], axis=-1)
     first = fits.argmax(axis=1)
@@ -386,11 +424,17 @@ class InceptionParams(NamedTuple):
 
 
 def sample_inception_params(
-    keys: torch.Tensor, stream: int, in_hw: tuple[int, int]
+    keys: torch.Tensor,
+    stream: int,
+    in_hw: tuple[int, int],
+    *,
+    preprocessing: Preprocessing = "symmetric",
 ) -> InceptionParams:
     """Draw crop box, flip, brightness and saturation from substreams 0..3 of ``stream``."""
     return InceptionParams(
-        boxes=inception_crop_boxes(keys, substream(stream, 0), in_hw),
+        boxes=inception_crop_boxes(
+            keys, substream(stream, 0), in_hw, preprocessing=preprocessing
+        ),
         flip=flip_mask(keys, substream(stream, 1), 0.5),
         brightness=brightness_deltas(keys, substream(stream, 2), 32.0 / 255.0),
         saturation=saturation_factors(keys, substream(stream, 3), 0.5, 1.5),
@@ -406,16 +450,20 @@ def _unit_range(images: torch.Tensor, fn: str) -> torch.Tensor:
 
 
 def apply_inception(
-    images: torch.Tensor, params: InceptionParams, out_size: int | tuple[int, int] = 224
+    images: torch.Tensor,
+    params: InceptionParams,
+    out_size: int | tuple[int, int] = 224,
+    *,
+    grid: ResizeGrid = "half_pixel",
 ) -> torch.Tensor:
     """Training-mode inception preprocessing with given parameters; uint8 in, float32 [-1, 1] out.
 
-    [0, 1] float → box crop → TF1 bilinear resize to ``out_size`` (aspect ignored) → flip →
-    brightness → saturation → clip to [0, 1] → ``(x - 0.5) * 2``.
+    [0, 1] float → box crop → bilinear resize on ``grid`` to ``out_size`` (aspect ignored) → flip
+    → brightness → saturation → clip to [0, 1] → ``(x - 0.5) * 2``.
     """
     x = _unit_range(images, "apply_inception")
     size = pair(out_size, "apply_inception", "out_size")
-    x = crop_and_resize(x, params.boxes, size, flip=params.flip)
+    x = crop_and_resize(x, params.boxes, size, flip=params.flip, grid=grid)
     x += _per_image(params.brightness, x, "apply_inception", "brightness").to(x.dtype)
     x = adjust_saturation_(x, params.saturation)
     return x.clamp_(0.0, 1.0).sub_(0.5).mul_(2.0)
@@ -428,20 +476,24 @@ def inception_preprocess(
     out_size: int | tuple[int, int] = 224,
     *,
     train: bool = True,
+    preprocessing: Preprocessing = "symmetric",
 ) -> torch.Tensor:
     """Slim's inception preprocessing of a uint8 batch ``[B, 3, H, W]``; float32 [-1, 1] out.
 
     Training draws every random choice from ``keys`` and ``stream`` (see
     :func:`sample_inception_params`). Eval is deterministic (``keys`` may be ``None``): centre crop
-    of 87.5% of each side, TF1 bilinear resize to ``out_size``, map to [-1, 1].
+    of 87.5% of each side, bilinear resize to ``out_size``, map to [-1, 1]. ``preprocessing``
+    picks the geometry (see the module docstring).
     """
     check_images(images, "inception_preprocess", name="images", channels=3)
     in_hw = (images.shape[2], images.shape[3])
+    grid = resize_grid(preprocessing)
     if train:
         if keys is None:
             raise ValueError("inception_preprocess: keys are required when train=True")
-        return apply_inception(images, sample_inception_params(keys, stream, in_hw), out_size)
+        params = sample_inception_params(keys, stream, in_hw, preprocessing=preprocessing)
+        return apply_inception(images, params, out_size, grid=grid)
     x = _unit_range(images, "inception_preprocess")
     boxes = central_crop_boxes(in_hw, 0.875, images.shape[0])
-    x = crop_and_resize(x, boxes, pair(out_size, "inception_preprocess", "out_size"))
+    x = crop_and_resize(x, boxes, pair(out_size, "inception_preprocess", "out_size"), grid=grid)
     return x.sub_(0.5).mul_(2.0)

@@ -1,4 +1,12 @@
-"""TF1-compatible image resizing on batches ``[B, C, H, W]``.
+"""Image resizing on batches ``[B, C, H, W]``: a leak-free bilinear grid, and TF1's exact ops.
+
+Bilinear resizes take a ``grid``. ``"half_pixel"`` (the default) samples output pixel ``dst`` at
+``(dst + 0.5) * in / out - 0.5``, clamped to the box, as ``F.interpolate(mode="bilinear",
+align_corners=False)`` does: the grid is symmetric, so resizing commutes with flips and transposes.
+``"tf1"`` is the released code's grid (below), kept bit-exact for parity. It is anchored at the
+top-left corner: source pixels are hit exactly on every ``out / gcd(in, out)``-th row and column
+from the top and left, and nowhere else, so an image's sharpness pattern says where its top-left
+corner is. ``rot90`` moves that corner, and a network solves Rotation on pure noise by reading it.
 
 The released code resizes with TensorFlow 1 ops whose sampling grids differ from PyTorch's defaults:
 
@@ -11,12 +19,15 @@ The released code resizes with TensorFlow 1 ops whose sampling grids differ from
   pooling) instead averages whole pixels of ``[floor(dst * s), ceil((dst + 1) * s))`` with equal
   weights, which differs whenever ``in / out`` is not an integer.
 
-Both are implemented exactly here: bilinear by gathering neighbours with TF's grid and blending in
-TF's order (x, then y), area as two separable matrix products with the exact overlap weights.
+Both are implemented exactly here: bilinear by gathering neighbours on the chosen grid and blending
+in TF's order (x, then y), area as two separable matrix products with the exact overlap weights.
+TF's area resize is symmetric already and has no grid option.
 Outputs are float32 in the input's value range (uint8 inputs are not rescaled).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,21 +35,51 @@ import torch.nn.functional as F
 
 from ssltk.data._checks import check_images, check_per_image, pair
 
-__all__ = ["crop_and_resize", "resize_area", "resize_bilinear", "resize_small", "small_side_size"]
+__all__ = [
+    "RESIZE_GRIDS",
+    "ResizeGrid",
+    "crop_and_resize",
+    "resize_area",
+    "resize_bilinear",
+    "resize_small",
+    "small_side_size",
+]
+
+ResizeGrid = Literal["half_pixel", "tf1"]
+RESIZE_GRIDS: tuple[ResizeGrid, ...] = ("half_pixel", "tf1")
 
 
-def _legacy_grid(
-    start: torch.Tensor, length: torch.Tensor, out: int
+def _sample_grid(
+    start: torch.Tensor,
+    length: torch.Tensor,
+    out: int,
+    grid: ResizeGrid,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-image TF1 legacy sample positions inside ``[start, start + length)``.
+    """Per-image sample positions of ``out`` pixels inside ``[start, start + length)``, moved by
+    ``shift`` (``[B]`` float32 source pixels, half-pixel grid only) before clamping to the box.
 
     Returns lower and upper source indices ``[B, out]`` (absolute, int64) and the float32 weight of
-    the upper one. Arithmetic is float32, as in TensorFlow's kernel.
+    the upper one. Arithmetic is float32, as in TensorFlow's and PyTorch's kernels.
     """
+    if grid not in RESIZE_GRIDS:
+        raise ValueError(f"resize grid must be one of {', '.join(RESIZE_GRIDS)}, got {grid!r}")
     scale = length.to(torch.float32)[:, None] / out
-    src = torch.arange(out, dtype=torch.float32, device=length.device)[None, :] * scale
-    lower = src.floor()
-    upper = torch.minimum(src.ceil().long(), length[:, None] - 1)
+    dst = torch.arange(out, dtype=torch.float32, device=length.device)[None, :]
+    last = length[:, None] - 1
+    if grid == "tf1":
+        if shift is not None:
+            raise ValueError("a sub-pixel shift needs the half_pixel grid")
+        src = dst * scale
+        lower = src.floor()
+        upper = torch.minimum(src.ceil().long(), last)
+    else:
+        src = (dst + 0.5) * scale - 0.5
+        if shift is not None:
+            src = src + shift.to(torch.float32)[:, None]
+        src = torch.minimum(src.clamp_(min=0.0), last.to(torch.float32))
+        lower = src.floor()
+        upper = torch.minimum(lower.long() + 1, last)
     return start[:, None] + lower.long(), start[:, None] + upper, src - lower
 
 
@@ -48,12 +89,18 @@ def crop_and_resize(
     out_hw: int | tuple[int, int],
     *,
     flip: torch.Tensor | None = None,
+    grid: ResizeGrid = "half_pixel",
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Crop each image to its box, then TF1-bilinear resize it to ``out_hw`` (aspect ignored).
+    """Crop each image to its box, then bilinear-resize it to ``out_hw`` (aspect ignored).
 
-    ``boxes`` is ``[B, 4]`` integer ``(top, left, height, width)`` in pixels, inside the image. The
-    result equals ``tf.image.resize_images(tf.slice(image, box), out_hw)`` per image: neighbours are
-    clamped to the box, never read from outside it. ``flip`` (``[B]`` bool) mirrors the chosen
+    ``boxes`` is ``[B, 4]`` integer ``(top, left, height, width)`` in pixels, inside the image.
+    Neighbours are clamped to the box, never read from outside it. With ``grid="tf1"`` the result
+    equals ``tf.image.resize_images(tf.slice(image, box), out_hw)`` per image; with
+    ``"half_pixel"``, ``F.interpolate(crop, out_hw, mode="bilinear")`` up to float rounding.
+    ``shift`` (``[B, 2]`` float, half-pixel grid only) moves every sample position by
+    ``(dy, dx)`` source pixels; drawn uniformly in ``[-0.5, 0.5)`` it makes the interpolation
+    phase of every output position uniform, so no position's sharpness differs from another's. ``flip`` (``[B]`` bool) mirrors the chosen
     outputs left-right, exactly as a flip afterwards but free (the sampling grid is mirrored).
     Returns float32 ``[B, C, *out_hw]``.
     """
@@ -73,8 +120,12 @@ def crop_and_resize(
             f"crop_and_resize: box (top, left, height, width)={bad} is empty or outside the "
             f"{height}x{width} image"
         )
-    y0, y1, wy = _legacy_grid(top, box_h, out_h)
-    x0, x1, wx = _legacy_grid(left, box_w, out_w)
+    if shift is not None and (not isinstance(shift, torch.Tensor) or shift.shape != (batch, 2)):
+        got = tuple(shift.shape) if isinstance(shift, torch.Tensor) else type(shift).__name__
+        raise ValueError(f"crop_and_resize: shift must have shape ({batch}, 2), got {got}")
+    shift_y, shift_x = (None, None) if shift is None else shift.to(x.device).unbind(1)
+    y0, y1, wy = _sample_grid(top, box_h, out_h, grid, shift_y)
+    x0, x1, wx = _sample_grid(left, box_w, out_w, grid, shift_x)
     if flip is not None:
         check_per_image(flip, batch, "crop_and_resize", "flip")
         mirror = flip.to(device=x.device, dtype=torch.bool)[:, None]
@@ -100,12 +151,21 @@ def crop_and_resize(
     return upper
 
 
-def resize_bilinear(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """TF1 legacy bilinear resize (``align_corners=False``, no half-pixel centres) to ``size``."""
+def resize_bilinear(
+    x: torch.Tensor,
+    size: int | tuple[int, int],
+    *,
+    grid: ResizeGrid = "half_pixel",
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bilinear resize of whole images to ``size`` on ``grid`` (see the module docstring;
+    ``"tf1"``: TF1's legacy ``align_corners=False`` grid without half-pixel centres), optionally
+    moved by a sub-pixel ``shift`` as in :func:`crop_and_resize`."""
     check_images(x, "resize_bilinear")
     batch, _, height, width = x.shape
     whole = torch.tensor([0, 0, height, width], device=x.device).expand(batch, 4)
-    return crop_and_resize(x, whole, pair(size, "resize_bilinear", "size"))
+    size_hw = pair(size, "resize_bilinear", "size")
+    return crop_and_resize(x, whole, size_hw, grid=grid, shift=shift)
 
 
 def _area_weights(in_size: int, out_size: int) -> np.ndarray:

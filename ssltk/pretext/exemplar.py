@@ -18,7 +18,13 @@ from pydantic import Field
 
 from ssltk.config import Config, NonNegFloat, PositiveInt, Probability, Section
 from ssltk.data import rng
-from ssltk.data.augment import grayscale_mask, inception_preprocess, standardize, to_gray
+from ssltk.data.augment import (
+    Preprocessing,
+    grayscale_mask,
+    inception_preprocess,
+    standardize,
+    to_gray,
+)
 from ssltk.pretext.base import PretextInputs, TaskOutput, register_task
 from ssltk.pretext.full_image import FullImageTask
 from ssltk.pretext.triplet import (
@@ -64,8 +70,10 @@ class Exemplar(FullImageTask):
         grayscale_p: float,
         margin: float,
         normalize: str,
+        preprocessing: Preprocessing = "symmetric",
     ) -> None:
         super().__init__(backbone, input_size)
+        self.preprocessing = preprocessing
         self.copies, self.grayscale_p = copies, grayscale_p
         self.margin, self.normalize = margin, normalize
 
@@ -86,6 +94,7 @@ class Exemplar(FullImageTask):
             grayscale_p=section.grayscale_p,
             margin=section.margin,
             normalize=section.normalize,
+            preprocessing=config.pretext.preprocessing,
         )
 
     def prepare_batch(
@@ -106,6 +115,7 @@ class Exemplar(FullImageTask):
             rng.Stream.EXEMPLAR_INCEPTION,
             self.input_size,
             train=True,
+            preprocessing=self.preprocessing,
         )
         labels = torch.arange(batch, device=images.device).repeat_interleave(copies)
         return PretextInputs(standardize(x), labels)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ssltk.config import Config
 from ssltk.data import rng
+from ssltk.data.augment import Preprocessing
 from ssltk.pretext.base import PretextInputs, TaskOutput, accuracy, register_task
 from ssltk.pretext.geometry import PatchLayout
 from ssltk.pretext.patches import PatchHead, PatchHeadConfig, PatchTask
@@ -65,9 +66,15 @@ class Jigsaw(PatchTask):
         per_image_perms: bool,
         head_weight_decay: float,
         grayscale_p: float,
+        preprocessing: Preprocessing = "symmetric",
     ) -> None:
         super().__init__(
-            backbone, head, layout, head_weight_decay=head_weight_decay, grayscale_p=grayscale_p
+            backbone,
+            head,
+            layout,
+            head_weight_decay=head_weight_decay,
+            grayscale_p=grayscale_p,
+            preprocessing=preprocessing,
         )
         self.perm_subset, self.per_image_perms = perm_subset, per_image_perms
         self.register_buffer("permutations", permutations, persistent=False)

@@ -20,10 +20,12 @@ from torch import nn
 from ssltk.config import Config, NonNegFloat, PositiveInt, Section
 from ssltk.data import rng
 from ssltk.data.augment import (
+    Preprocessing,
     center_crop_offsets,
     grayscale_mask,
     random_crop_offsets,
     resize_bilinear,
+    resize_grid,
     resize_small,
 )
 from ssltk.kernels.patch_extraction import extract_patches
@@ -102,8 +104,10 @@ class PatchTask(PretextTask):
         *,
         head_weight_decay: float,
         grayscale_p: float,
+        preprocessing: Preprocessing = "symmetric",
     ) -> None:
         super().__init__(backbone)
+        self.preprocessing = preprocessing
         self.head = head
         self.layout = layout
         self.head_weight_decay = head_weight_decay
@@ -124,11 +128,12 @@ class PatchTask(PretextTask):
         )
 
     @staticmethod
-    def patch_options(config: Config, section: PatchHeadConfig) -> dict[str, float]:
+    def patch_options(config: Config, section: PatchHeadConfig) -> dict[str, float | str]:
         """The keyword arguments of :class:`PatchTask` read from ``config``."""
         return {
             "head_weight_decay": section.weight_decay,
             "grayscale_p": config.pretext.patches.grayscale_p,
+            "preprocessing": config.pretext.preprocessing,
         }
 
     def sample_patches(
@@ -138,7 +143,13 @@ class PatchTask(PretextTask):
         layout = self.layout
         device = images.device
         batch = images.shape[0]
-        resized = resize_bilinear(images, layout.resize)
+        grid = resize_grid(self.preprocessing)
+        # A random sub-pixel phase per image (symmetric mode): otherwise each slot sees its own
+        # mix of interpolation phases, and a patch's sharpness tells where it came from.
+        shift = None
+        if train and grid == "half_pixel":
+            shift = rng.uniform(keys, rng.Stream.PATCH_PHASE, 2).to(torch.float32) - 0.5
+        resized = resize_bilinear(images, layout.resize, grid=grid, shift=shift)
         square = (layout.resize, layout.resize)
         gray = grayscale_mask(keys, rng.Stream.PATCH_GRAY, self.grayscale_p)
         if train:

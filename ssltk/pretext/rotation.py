@@ -17,7 +17,7 @@ from pydantic import Field
 
 from ssltk.config import Config, Section
 from ssltk.data import rng
-from ssltk.data.augment import inception_preprocess
+from ssltk.data.augment import Preprocessing, inception_preprocess
 from ssltk.pretext.base import (
     PretextInputs,
     TaskOutput,
@@ -53,10 +53,16 @@ class Rotation(FullImageTask):
     paper_results = (("revnet50", 16, {"Table 1": 53.7, "Table 2": 55.4}),)
 
     def __init__(
-        self, backbone: torch.nn.Module, input_size: int, *, inception_crop: bool = True
+        self,
+        backbone: torch.nn.Module,
+        input_size: int,
+        *,
+        inception_crop: bool = True,
+        preprocessing: Preprocessing = "symmetric",
     ) -> None:
         super().__init__(backbone, input_size)
         self.inception_crop = inception_crop
+        self.preprocessing = preprocessing
 
     @classmethod
     def chance_level(cls, config: Config) -> float:
@@ -68,6 +74,7 @@ class Rotation(FullImageTask):
             cls.full_image_backbone(config, NUM_ROTATIONS),
             config.pretext.input_size,
             inception_crop=config.pretext.rotation.crop == "inception",
+            preprocessing=config.pretext.preprocessing,
         )
 
     def prepare_batch(
@@ -75,7 +82,12 @@ class Rotation(FullImageTask):
     ) -> PretextInputs:
         augment = train and self.inception_crop
         x = inception_preprocess(
-            images, keys, rng.Stream.ROTATION_INCEPTION, self.input_size, train=augment
+            images,
+            keys,
+            rng.Stream.ROTATION_INCEPTION,
+            self.input_size,
+            train=augment,
+            preprocessing=self.preprocessing,
         )
         labels = torch.arange(NUM_ROTATIONS, device=images.device).repeat(images.shape[0])
         return PretextInputs(rotate_all(x), labels)
