@@ -11,6 +11,7 @@ import typer
 
 from ssltk import __version__
 from ssltk.cliutils import ParamsOption, SetOption, read_config
+from ssltk.control.command import control
 from ssltk.data.command import prepare
 from ssltk.evaluate.command import evaluate
 from ssltk.models.command import models
@@ -53,6 +54,7 @@ def show_config(params: ParamsOption = Path("params.yaml"), set_: SetOption = No
 for name, command in (
     ("prepare", prepare),
     ("pretrain", pretrain),
+    ("control", control),
     ("eval", evaluate),
     ("models", models),
     ("report", report),

@@ -341,6 +341,20 @@ class StudyConfig(Section):
     widenings: list[PositiveInt] = Field([4], min_length=1)
 
 
+class ControlConfig(Section):
+    """``ssltk control``: the configured task trained briefly on noise (see ssltk/control.py)."""
+
+    steps: PositiveInt = Field(150, description="updates on fresh noise images")
+    held_out_batches: PositiveInt = Field(
+        8, description="batches of unseen noise (pretrain.batch_size images each) it is scored on"
+    )
+    noise_size: PositiveInt | None = Field(
+        None,
+        description="side the noise is drawn at before it is brought to data.image_size as "
+        "ssltk prepare stores images (None: drawn at data.image_size)",
+    )
+
+
 class Config(Section):
     """The whole of params.yaml."""
 
@@ -352,6 +366,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     study: StudyConfig = Field(default_factory=StudyConfig)
+    control: ControlConfig = ControlConfig()
 
     @model_validator(mode="after")
     def _batch_fits_task(self) -> Config:

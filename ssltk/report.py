@@ -19,6 +19,7 @@ from typing import Any
 
 from ssltk import tracking
 from ssltk.config import Config
+from ssltk.control.result import ControlResult, controls_markdown, noise_cell, read_controls
 from ssltk.errors import UserError
 from ssltk.fsutil import write_atomic
 from ssltk.pretext import registered_tasks, task_class
@@ -214,7 +215,13 @@ def _pretext(cell: Cell, config: Config) -> tuple[str, float | None, float]:
     return cls.metric, epoch if epoch is not None else value, cls.chance_level(config)
 
 
-def markdown(cells: list[Cell], config: Config, method: str, provenance: dict[str, str]) -> str:
+def markdown(
+    cells: list[Cell],
+    config: Config,
+    method: str,
+    provenance: dict[str, str],
+    controls: list[ControlResult] | None = None,
+) -> str:
     out = io.StringIO()
     w = out.write
     data = config.data.source
@@ -270,17 +277,23 @@ def markdown(cells: list[Cell], config: Config, method: str, provenance: dict[st
 
     w(
         "\n## Pretext task\n\nThe final epoch's pretext metric against what a network that learned "
-        "nothing scores (chance).\n\n"
-        "| task | arch | k | metric | final | chance | final train loss |\n"
-        "|---|---|---|---|---|---|---|\n"
+        "nothing scores (chance), and the same task's metric on unseen noise images after its "
+        "noise control (see Noise controls below; the control of the same arch, else of the "
+        "task).\n\n"
+        "| task | arch | k | metric | final | chance | final train loss | pretext metric on noise, "
+        "chance |\n"
+        "|---|---|---|---|---|---|---|---|\n"
     )
+    controls = controls or []
     for cell in cells:
         name, value, chance = _pretext(cell, config)
         loss = cell.curve[-1][1] if cell.curve else None
         w(
             f"| {cell.task} | {cell.arch} | {cell.widening} | {name} | {_pct(value)} % | "
-            f"{_pct(chance)} % | {'–' if loss is None else f'{loss:.3f}'} |\n"
+            f"{_pct(chance)} % | {'–' if loss is None else f'{loss:.3f}'} | "
+            f"{noise_cell(_control_of(cell, controls))} |\n"
         )
+    w(controls_markdown(controls))
 
     w(verdict(cells, config, method))
     w("\n## The paper's numbers\n\n")
@@ -368,6 +381,12 @@ def _delta(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:+.1f}"
 
 
+def _control_of(cell: Cell, controls: list[ControlResult]) -> ControlResult | None:
+    same_task = [c for c in controls if c.task == cell.task]
+    same_arch = [c for c in same_task if c.arch == cell.arch]
+    return (same_arch or same_task or [None])[0]
+
+
 def provenance(cells: list[Cell]) -> dict[str, str]:
     runs = [c.run for c in cells if c.run] + [c.baseline for c in cells if c.baseline]
     if not runs:
@@ -402,8 +421,9 @@ def write_csv(path: Path, table: list[dict[str, Any]]) -> None:
     write_atomic(path, buffer.getvalue().encode())
 
 
-def write_report(config: Config, out_dir: Path) -> list[Path]:
-    """Write results.md, results.csv and the plots into ``out_dir``; return the paths."""
+def write_report(config: Config, out_dir: Path, runs_dir: Path = Path("runs")) -> list[Path]:
+    """Write results.md, results.csv and the plots into ``out_dir``; return the paths. Noise
+    controls are read from ``runs_dir/*/control.json``."""
     from ssltk import plots
 
     cells = collect(config)
@@ -415,7 +435,9 @@ def write_report(config: Config, out_dir: Path) -> list[Path]:
     method = config.eval.method
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "results.md", out_dir / "results.csv"]
-    write_atomic(written[0], markdown(cells, config, method, provenance(cells)).encode())
+    controls = read_controls(runs_dir)
+    text = markdown(cells, config, method, provenance(cells), controls)
+    write_atomic(written[0], text.encode())
     write_csv(written[1], rows(cells))
     written += plots.write_plots(cells, config, method, out_dir)
     return written
