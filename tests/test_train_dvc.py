@@ -77,6 +77,7 @@ def test_dvc_repro_and_exp_run_log_to_one_store(tmp_path: Path):
     params["pretrain"].update({"batch_size": 8, "max_steps": 2, "checkpoint_every": 2})
     params["tracking"] = {"uri": f"sqlite:///{store}", "experiment": "dvc-test"}
     params["eval"] = {"layers": ["pre_logits"], "lbfgs": {"l2": [0.1], "max_iter": 20}}
+    params["control"] = {"steps": 2, "held_out_batches": 2}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run([*git, "commit", "-qam", "tiny study"], cwd=repo, check=True)
@@ -98,6 +99,10 @@ def test_dvc_repro_and_exp_run_log_to_one_store(tmp_path: Path):
     )
     assert float(row["delta"]) == float(row["top1"]) - float(row["baseline_top1"])
     assert len(list((repo / "reports").glob("*.png"))) >= 4
+    control = json.loads((repo / "runs" / "control-rotation" / "control.json").read_text())
+    assert (control["task"], control["steps"], control["held_out_images"]) == ("rotation", 2, 16)
+    results = (repo / "reports" / "results.md").read_text()
+    assert "## Noise controls" in results and "pretext metric on noise, chance" in results
     status = dvc("status", cwd=repo)
     assert "up to date" in status.stdout, status.stdout
     again = dvc("repro", cwd=repo)

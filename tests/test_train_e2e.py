@@ -400,6 +400,10 @@ def test_torchrun_two_processes_match_one_process_on_the_global_batch(workspace)
         "pretrain.distributed.sync_bn=true",
         "pretrain.max_steps=1",
         "pretrain.warmup_epochs=0",
+        # The batch this test was calibrated on: with the default geometry the same first batch
+        # is one of the ill-conditioned ones above (3 % apart in fp32; each rank's preprocessing
+        # is per image either way, so DDP sees the same inputs).
+        "pretext.preprocessing=tf1",
     ]
     sets = [arg for item in overrides for arg in ("--set", item)]
     single = workspace.root / "single"
