@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssltk.config import MlpProbeConfig, SgdProbeConfig
 from ssltk.data.dataset import PreparedSplit
 from ssltk.data.loader import DeterministicLoader
 from ssltk.pretext.base import TaskOutput
+from ssltk.sections import MlpProbeConfig, SgdProbeConfig
 from ssltk.train.engine import Trainer
 from ssltk.train.schedule import StepSchedule
 

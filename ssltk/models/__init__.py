@@ -4,8 +4,6 @@
 gives the optimizer groups; ``model_summary``/``format_summary`` describe a configuration.
 """
 
-# Importing a backbone's module registers it; registration order is the study's default order.
-from ssltk.models import resnet, revnet, vgg  # noqa: F401
 from ssltk.models.factory import build_model, weight_decay_groups
 from ssltk.models.registry import arch_names, arch_traits, register_arch, unregister_arch
 from ssltk.models.spec import ArchConfig

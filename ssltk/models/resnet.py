@@ -153,6 +153,6 @@ def resnet50_v1(config: ArchConfig) -> ResNet50:
     return ResNet50(config, preactivation=False)
 
 
-@register_arch("resnet50_v2", last_relu_optional=True)
+@register_arch("resnet50_v2")
 def resnet50_v2(config: ArchConfig) -> ResNet50:
     return ResNet50(config, preactivation=True)

@@ -314,7 +314,7 @@ class ReversibleStage(nn.Module):
         return y
 
 
-@register_arch("revnet50", last_relu_optional=True, memory_saving=True)
+@register_arch("revnet50")
 class RevNet50(StagedBackbone):
     """RevNet50 with widening k: stage widths 64k..512k, (3, 4, 6, 3) units."""
 

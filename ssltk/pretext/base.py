@@ -11,6 +11,7 @@ from torch import nn
 
 from ssltk.config import Config, Section
 from ssltk.models import build_model, weight_decay_groups
+from ssltk.registry import TASKS
 
 __all__ = [
     "PretextInputs",
@@ -168,17 +169,18 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.detach().argmax(dim=1) == labels).float().mean()
 
 
-_REGISTRY: dict[str, type[PretextTask]] = {}
-
-
 def register_task(name: str) -> Callable[[type[PretextTask]], type[PretextTask]]:
-    """Class decorator adding a task to the registry under ``name``."""
+    """Class decorator adding a task to the registry under ``name``, with the traits the config
+    reads (``config_section``, ``min_batch_size``, ``min_batch_reason``) taken from the class."""
 
     def add(cls: type[PretextTask]) -> type[PretextTask]:
-        if name in _REGISTRY:
-            raise ValueError(f"pretext task {name!r} is already registered")
+        traits = {
+            "section": cls.config_section,
+            "min_batch_size": cls.min_batch_size,
+            "min_batch_reason": cls.min_batch_reason,
+        }
+        TASKS.register(name, **{k: v for k, v in traits.items() if v != TASKS.defaults[k]})(cls)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
 
     return add
@@ -186,21 +188,17 @@ def register_task(name: str) -> Callable[[type[PretextTask]], type[PretextTask]]
 
 def unregister_task(name: str) -> None:
     """Remove task ``name`` (for code that registers one for a while, such as a test)."""
-    del _REGISTRY[name]
+    TASKS.unregister(name)
 
 
 def registered_tasks() -> tuple[str, ...]:
     """Registered task names, in registration order."""
-    return tuple(_REGISTRY)
+    return TASKS.names()
 
 
 def task_class(name: str) -> type[PretextTask]:
     """The registered task class called ``name``."""
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"pretext.task={name!r}: expected one of {', '.join(_REGISTRY) or '(none registered)'}"
-        )
-    return _REGISTRY[name]
+    return TASKS.load(name).code
 
 
 def build_task(config: Config) -> PretextTask:

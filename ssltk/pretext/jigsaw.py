@@ -11,26 +11,19 @@ always has one output per permutation.
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from ssltk.config import Config
 from ssltk.data import rng
 from ssltk.pretext.base import PretextInputs, TaskOutput, accuracy, register_task
 from ssltk.pretext.geometry import PatchLayout
-from ssltk.pretext.patches import PatchHead, PatchHeadConfig, PatchTask
+from ssltk.pretext.patches import PatchHead, PatchTask
 from ssltk.pretext.permutations import load_permutations
+from ssltk.sections import JigsawConfig
 
 __all__ = ["Jigsaw", "JigsawConfig", "arrange_slots"]
-
-
-class JigsawConfig(PatchHeadConfig):
-    perm_subset: Annotated[int, Field(ge=1, le=100)] = 8
-    per_image_perms: bool = False
 
 
 def arrange_slots(embeddings: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,10 @@ import torch.nn.functional as F
 
 from ssltk.config import Config
 from ssltk.pretext.base import PretextInputs, TaskOutput, accuracy, register_task
-from ssltk.pretext.patches import PatchHead, PatchHeadConfig, PatchTask
+from ssltk.pretext.patches import PatchHead, PatchTask
+from ssltk.sections import RelativePatchLocationConfig
 
 __all__ = ["RelativePatchLocation", "RelativePatchLocationConfig", "neighbour_centre_pairs"]
-
-
-class RelativePatchLocationConfig(PatchHeadConfig):
-    pass
 
 
 def neighbour_centre_pairs(embeddings: torch.Tensor) -> torch.Tensor:

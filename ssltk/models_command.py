@@ -1,4 +1,6 @@
-"""``ssltk models``: parameter counts and endpoint shapes of ``model.*``."""
+"""``ssltk models``: parameter counts and endpoint shapes of ``model.*``.
+
+Outside :mod:`ssltk.models` so that the command line can list it without importing torch."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ from typing import Annotated
 import typer
 
 from ssltk.cliutils import ParamsOption, SetOption, fail, read_config, user_errors
-from ssltk.models.summary import format_summary, model_summary
 
 
 def models(
@@ -23,6 +24,7 @@ def models(
 ) -> None:
     """Parameter counts and endpoint shapes of ``model.*``, before you train it."""
     config = read_config(params, set_)
+    from ssltk.models.summary import format_summary, model_summary
     from ssltk.pretext import task_class
 
     patch = task_class(config.pretext.task).patch_mode if patch_mode is None else patch_mode
