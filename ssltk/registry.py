@@ -124,6 +124,7 @@ ARCHS = Registry(
     memory_saving=False,
     input_size_rule=None,
 )
+#: ``needs_val``: the probe reads the val split (``True``, or a function of its section).
 PROBES = Registry("probe", "eval.method", needs_val=False, section=None)
 SOURCES = Registry(
     "data source", "data.source", needs_root=True, has_unlabeled=False, reads_file_list=False
@@ -162,7 +163,12 @@ ARCHS.declare(
 )
 ARCHS.declare("vgg19_bn", "ssltk.models.vgg", endpoints=_VGG_ENDPOINTS)
 
-PROBES.declare("lbfgs", "ssltk.evaluate.lbfgs", needs_val=True, section=sections.LbfgsConfig)
+PROBES.declare(
+    "lbfgs",
+    "ssltk.evaluate.lbfgs_probe",
+    needs_val=lambda section: len(section.l2) > 1,  # the L2 strength is chosen on val
+    section=sections.LbfgsConfig,
+)
 PROBES.declare("sgd", "ssltk.evaluate.sgd", section=sections.SgdProbeConfig)
 PROBES.declare("mlp", "ssltk.evaluate.sgd", section=sections.MlpProbeConfig)
 

@@ -89,9 +89,34 @@ def epoch_metric(name: str) -> str:
     return f"epoch/{name}"
 
 
-def probe_metric(method: str, k: int, layer: str) -> str:
-    """``probe/<method>/top<k>/<layer>``, e.g. ``probe/lbfgs/top1/pre_logits``."""
-    return f"probe/{method}/top{k}/{layer}"
+@dataclass(frozen=True)
+class ProbeMetric:
+    """The parts of a probe metric's name ``probe/<method>/<figure>/<layer>``."""
+
+    method: str
+    figure: str  # top1, top5, val_top1, l2, ...
+    layer: str
+
+    @property
+    def top_k(self) -> int | None:
+        """``k`` of a ``top<k>`` figure (on the report split), else None."""
+        digits = self.figure.removeprefix("top")
+        return int(digits) if self.figure.startswith("top") and digits.isdigit() else None
+
+
+def probe_metric(method: str, figure: str | int, layer: str) -> str:
+    """``probe/<method>/<figure>/<layer>``, e.g. ``probe/lbfgs/top1/pre_logits``; an int
+    ``figure`` ``k`` stands for ``top<k>``. :func:`parse_probe_metric` reads it back."""
+    figure = f"top{figure}" if isinstance(figure, int) else figure
+    return f"probe/{method}/{figure}/{layer}"
+
+
+def parse_probe_metric(name: str) -> ProbeMetric | None:
+    """The parts of a metric named by :func:`probe_metric`; None for any other metric."""
+    parts = name.split("/", 3)
+    if len(parts) != 4 or parts[0] != "probe" or not all(parts[1:]):
+        return None
+    return ProbeMetric(*parts[1:])
 
 
 def run_name(config: Config) -> str:
