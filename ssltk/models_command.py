@@ -24,7 +24,8 @@ def models(
 ) -> None:
     """Parameter counts and endpoint shapes of ``model.*``, before you train it."""
     config = read_config(params, set_)
-    from ssltk.models.summary import format_summary, model_summary
+    from ssltk.models import ArchConfig
+    from ssltk.models.summary import format_summary, summarize
     from ssltk.pretext import task_class
 
     patch = task_class(config.pretext.task).patch_mode if patch_mode is None else patch_mode
@@ -32,14 +33,8 @@ def models(
     m = config.model
     with user_errors():
         try:
-            rows = model_summary(
-                m.arch,
-                m.widening,
-                size,
-                patch,
-                last_relu=m.last_relu,
-                representation_size=m.representation_size,
-            )
+            arch = ArchConfig.from_model(m, num_classes=1000, patch_mode=patch, input_size=size)
+            rows = summarize(arch)
         except ValueError as err:
             fail(str(err))
     mode = "patch mode, " if patch else ""

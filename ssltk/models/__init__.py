@@ -4,7 +4,7 @@
 gives the optimizer groups; ``model_summary``/``format_summary`` describe a configuration.
 """
 
-from ssltk.models.factory import build_model, weight_decay_groups
+from ssltk.models.factory import build_backbone, build_model, weight_decay_groups
 from ssltk.models.registry import arch_names, arch_traits, register_arch, unregister_arch
 from ssltk.models.spec import ArchConfig
 from ssltk.models.summary import SummaryRow, count_parameters, format_summary, model_summary
@@ -14,6 +14,7 @@ __all__ = [
     "SummaryRow",
     "arch_names",
     "arch_traits",
+    "build_backbone",
     "build_model",
     "count_parameters",
     "format_summary",

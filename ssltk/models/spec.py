@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ssltk.models.registry import arch_names, arch_traits
+
+if TYPE_CHECKING:
+    from ssltk.config import ModelConfig
 
 
 def is_int(value: Any) -> bool:
@@ -58,6 +61,12 @@ class ArchConfig:
             object.__setattr__(self, "input_size", traits.input_size_rule(size, self.patch_mode))
         elif size is not None and (not is_int(size) or size <= 0):
             raise ValueError(f"input_size={size!r}: must be a positive integer or None")
+
+    @classmethod
+    def from_model(cls, model: ModelConfig, **task: Any) -> ArchConfig:
+        """Every ``model.*`` option of params.yaml, plus what the task decides (``num_classes``,
+        ``patch_mode``, ``input_size``): a new ``model.*`` option is a field there and here."""
+        return cls(**model.model_dump(), **task)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

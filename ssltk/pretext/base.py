@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ssltk.config import Config, Section
-from ssltk.models import build_model, weight_decay_groups
+from ssltk.models import ArchConfig, build_backbone, weight_decay_groups
 from ssltk.registry import TASKS
 
 __all__ = [
@@ -151,18 +151,10 @@ def select_endpoints(
 def backbone_from_config(
     config: Config, *, num_classes: int, patch_mode: bool, input_size: int
 ) -> nn.Module:
-    model = config.model
-    return build_model(
-        model.arch,
-        widening=model.widening,
-        num_classes=num_classes,
-        last_relu=model.last_relu,
-        patch_mode=patch_mode,
-        representation_size=model.representation_size,
-        memory_saving=model.memory_saving,
-        input_size=input_size,
-        zero_init_residual=model.zero_init_residual,
+    arch = ArchConfig.from_model(
+        config.model, num_classes=num_classes, patch_mode=patch_mode, input_size=input_size
     )
+    return build_backbone(arch)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
