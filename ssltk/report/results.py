@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ssltk import tracking
+from ssltk import store, tracking
 from ssltk.config import Config
 from ssltk.errors import UserError
 from ssltk.pretext import registered_tasks, task_class
@@ -96,7 +96,7 @@ def _newest(runs: Iterable[Any]) -> dict[tuple[str, str, int], Any]:
 def collect(config: Config) -> list[Cell]:
     """The study's cells with their newest finished pretraining and baseline runs."""
     uri = config.tracking.resolved_uri()
-    client = tracking.client(uri)
+    client = store.client(uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     if experiment is None:
         raise UserError(
