@@ -150,7 +150,8 @@ class ModelConfig(Section):
 
 
 class PatchGeometry(Section):
-    """Jigsaw/RPL preprocessing (paper §2.3). ``None`` fields scale with ``pretext.input_size``."""
+    """Jigsaw/RPL preprocessing (:mod:`ssltk.pretext.geometry`). ``None`` fields scale with
+    ``pretext.input_size``."""
 
     resize: PositiveInt | None = None
     crop: PositiveInt | None = None

@@ -1,11 +1,12 @@
-"""The released linear evaluation (paper §4.3): heads trained with SGD on a frozen backbone.
+"""The released linear evaluation: heads trained with SGD on a frozen backbone.
 
 One head per endpoint, trained together (the loss is the sum of their mean cross-entropies), with
 momentum 0.9, ``base_lr`` per 256 images, ×0.1 decays and no warm-up, as the official
-``linear_eval.py``. A head is a Linear layer, or the MLP of §4.5 (1000 hidden units, ReLU, dropout
-0.5). With ``augment`` each step reads the backbone on random crops of the batch (the training
-augmentation); without it the heads train on the cached centre-crop features. Batches, crops and
-head initialisation come from the seed, so the result is deterministic. Registers probes ``sgd``
+``self_supervision/linear_eval.py``. A head is a Linear layer, or the released MLP head (1000
+hidden units, ReLU, dropout 0.5). With ``augment`` each step reads the backbone on random crops of
+the batch (the training augmentation); without it the heads train on the cached centre-crop
+features. Batches, crops and head initialisation come from the seed, so the result is
+deterministic. Registers probes ``sgd``
 and ``mlp``.
 """
 

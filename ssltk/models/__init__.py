@@ -1,4 +1,4 @@
-"""Backbones of the paper (§3): ResNet50 v1/v2 (and v2 "(-)"), RevNet50 (and "(-)"), VGG19-BN.
+"""Backbones of the paper: ResNet50 v1/v2 (and v2 "(-)"), RevNet50 (and "(-)"), VGG19-BN.
 
 ``build_model`` returns a module whose forward gives a dict of endpoints; ``weight_decay_groups``
 gives the optimizer groups; ``model_summary``/``format_summary`` describe a configuration.

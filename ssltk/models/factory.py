@@ -40,8 +40,8 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     """Two optimizer groups: conv/linear kernels with ``weight_decay``, everything else without.
 
     BN parameters, biases and kernels marked by ``exclude_from_weight_decay`` (the RevNet stem)
-    are not decayed, as in the TF code (§3.8). Frozen parameters are left out; shared parameters
-    appear once.
+    are not decayed, as in the TF code (``trainer.py``). Frozen parameters are left out; shared
+    parameters appear once.
     """
     if not isinstance(weight_decay, int | float) or weight_decay < 0:
         raise ValueError(f"weight_decay={weight_decay!r}: must be a non-negative number")

@@ -1,4 +1,5 @@
-"""RevNet50 as in the paper's code (§3.7): one additive coupling per unit with a half swap.
+"""RevNet50 as in the paper's code (``models/resnet.py``): one additive coupling per unit with a
+half swap.
 
 A unit maps x = [x1 | x2] to [x2 | x1 + F(x2)], where F is a pre-activation bottleneck without a
 shortcut and inner width C/8. Units never change the shape; between stages a parameter-free

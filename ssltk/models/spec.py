@@ -73,7 +73,7 @@ class ArchConfig:
 
     @property
     def pre_logits_width(self) -> int:
-        """Width of ``pre_logits``: the representation size if set, else 512·k (§3.1, §3.5)."""
+        """Width of ``pre_logits``: the representation size if set, else 512·k."""
         return self.representation_size or 512 * self.widening
 
 

@@ -1,4 +1,4 @@
-"""Pretext tasks of the paper (§2): Rotation, Exemplar, Jigsaw and Relative Patch Location.
+"""Pretext tasks of the paper: Rotation, Exemplar, Jigsaw and Relative Patch Location.
 
 ``build_task(config)`` returns the :class:`PretextTask` named by ``config.pretext.task``. Each task
 lives in its own module, registers itself with :func:`register_task` and carries its traits and its

@@ -58,10 +58,10 @@ class PretextTask(nn.Module, ABC):
     """
 
     name: str = ""
-    #: The backbone embeds patches in patch mode (paper §3.6) rather than whole images.
+    #: The backbone embeds patches in patch mode rather than whole images.
     patch_mode: bool = False
     #: The loss compares examples across the batch, so data parallelism changes it unless each
-    #: rank sees the whole batch (the Exemplar triplet loss, paper §2.2).
+    #: rank sees the whole batch (the Exemplar triplet loss).
     couples_batch: bool = False
     #: The step metric that says how well the pretext task is solved.
     metric: str = "accuracy"
@@ -119,7 +119,7 @@ class PretextTask(nn.Module, ABC):
     ) -> dict[str, torch.Tensor]:
         """Backbone endpoints ``layers`` (``None``: all) of uint8 images, preprocessed as for
         linear evaluation: centre crops, or random crops drawn from per-image ``keys`` (the SGD
-        probe's training augmentation, paper §4.3).
+        probe's training augmentation).
         """
 
     def head_param_groups(self) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Jigsaw (paper §2.3): classify which of 100 permutations shuffled an image's 3×3 patches.
+"""Jigsaw (the released ``self_supervision/jigsaw.py``): classify which of 100 permutations
+shuffled an image's 3×3 patches.
 
 Each patch is embedded by the backbone in patch mode; for permutation π, slot s of the classifier
 input receives the embedding of patch π[s], and the slots are concatenated slot-major

@@ -1,4 +1,5 @@
-"""Relative Patch Location (paper §2.4): where is a neighbour patch relative to the centre one?
+"""Relative Patch Location (the released ``self_supervision/relative_patch_location.py``): where
+is a neighbour patch relative to the centre one?
 
 All 8 (neighbour, centre) pairs of every image are classified; the classifier input is
 ``concat(embedding[neighbour], embedding[centre])`` (slot-major, see :mod:`ssltk.pretext.jigsaw`).
