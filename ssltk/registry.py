@@ -63,7 +63,10 @@ class Registry:
 
     def register(self, name: str, **traits: Any) -> Callable[[T], T]:
         """Decorator registering ``code`` as member ``name`` with ``traits``. For a declared
-        member the traits given here may add to the declared ones, never contradict them."""
+        member the traits given here may add to the declared ones, never contradict them; a trait
+        given at its default value counts as not given."""
+        self._traits(name, traits)  # unknown traits are an error
+        traits = {k: v for k, v in traits.items() if v != self.defaults[k]}
 
         def add(code: T) -> T:
             member = self._members.get(name)

@@ -51,8 +51,7 @@ def register_probe(
     section: type[Section] | None = None,
 ) -> Callable[[Callable[[ProbeInputs], Figures]], Callable[[ProbeInputs], Figures]]:
     """Decorator registering ``fit`` as probe ``name`` (``eval.method: name``)."""
-    given = {"needs_val": needs_val, "section": section}
-    return PROBES.register(name, **{k: v for k, v in given.items() if v != PROBES.defaults[k]})
+    return PROBES.register(name, needs_val=needs_val, section=section)
 
 
 def unregister_probe(name: str) -> None:

@@ -50,13 +50,13 @@ def register_arch(
 ) -> Callable[[Callable[[ArchConfig], nn.Module]], Callable[[ArchConfig], nn.Module]]:
     """Decorator registering ``build(config: ArchConfig) -> nn.Module`` as backbone ``name``,
     with the traits of :class:`ArchEntry`."""
-    given = {
-        "endpoints": tuple(endpoints),
-        "last_relu_optional": last_relu_optional,
-        "input_size_rule": input_size_rule,
-        "memory_saving": memory_saving,
-    }
-    return ARCHS.register(name, **{k: v for k, v in given.items() if v != ARCHS.defaults[k]})
+    return ARCHS.register(
+        name,
+        endpoints=tuple(endpoints),
+        last_relu_optional=last_relu_optional,
+        input_size_rule=input_size_rule,
+        memory_saving=memory_saving,
+    )
 
 
 def unregister_arch(name: str) -> None:

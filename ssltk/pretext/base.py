@@ -166,12 +166,12 @@ def register_task(name: str) -> Callable[[type[PretextTask]], type[PretextTask]]
     reads (``config_section``, ``min_batch_size``, ``min_batch_reason``) taken from the class."""
 
     def add(cls: type[PretextTask]) -> type[PretextTask]:
-        traits = {
-            "section": cls.config_section,
-            "min_batch_size": cls.min_batch_size,
-            "min_batch_reason": cls.min_batch_reason,
-        }
-        TASKS.register(name, **{k: v for k, v in traits.items() if v != TASKS.defaults[k]})(cls)
+        TASKS.register(
+            name,
+            section=cls.config_section,
+            min_batch_size=cls.min_batch_size,
+            min_batch_reason=cls.min_batch_reason,
+        )(cls)
         cls.name = name
         return cls
 

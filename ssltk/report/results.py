@@ -10,7 +10,7 @@ present.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,29 +51,26 @@ class Cell:
     def key(self) -> tuple[str, str, int]:
         return self.task, self.arch, self.widening
 
-    def probes(self, which: str = "run") -> dict[tuple[str, int, str], float]:
-        """``{(method, k, layer): value}`` of the run's (or baseline's) probe metrics."""
+    def _probe_metrics(self, which: str) -> Iterator[tuple[tracking.ProbeMetric, float]]:
         run = getattr(self, which)
-        if run is None:
-            return {}
-        out = {}
-        for name, value in run.data.metrics.items():
+        for name, value in run.data.metrics.items() if run is not None else ():
             metric = tracking.parse_probe_metric(name)
-            if metric is not None and metric.top_k is not None:
-                out[(metric.method, metric.top_k, metric.layer)] = value
-        return out
+            if metric is not None:
+                yield metric, value
+
+    def probes(self, which: str = "run") -> dict[tuple[str, int, str], float]:
+        """``{(method, k, layer): value}`` of the run's (or baseline's) top-k probe metrics."""
+        return {
+            (m.method, m.top_k, m.layer): v
+            for m, v in self._probe_metrics(which)
+            if m.top_k is not None
+        }
 
     def val_probes(self, which: str = "run") -> dict[tuple[str, str], float]:
         """``{(method, layer): top-1 on val}``: what the best layer is chosen by."""
-        run = getattr(self, which)
-        if run is None:
-            return {}
-        out = {}
-        for name, value in run.data.metrics.items():
-            metric = tracking.parse_probe_metric(name)
-            if metric is not None and metric.figure == "val_top1":
-                out[(metric.method, metric.layer)] = value
-        return out
+        return {
+            (m.method, m.layer): v for m, v in self._probe_metrics(which) if m.figure == "val_top1"
+        }
 
 
 def _newest(runs: Iterable[Any]) -> dict[tuple[str, str, int], Any]:

@@ -220,12 +220,9 @@ def register_source(
     Traits: ``needs_root`` (reads ``data.root``), ``has_unlabeled`` (may give an ``unlabeled``
     split), ``reads_file_list`` (reads ``data.file_list``).
     """
-    given = {
-        "needs_root": needs_root,
-        "has_unlabeled": has_unlabeled,
-        "reads_file_list": reads_file_list,
-    }
-    return SOURCES.register(name, **{k: v for k, v in given.items() if v != SOURCES.defaults[k]})
+    return SOURCES.register(
+        name, needs_root=needs_root, has_unlabeled=has_unlabeled, reads_file_list=reads_file_list
+    )
 
 
 def unregister_source(name: str) -> None:
