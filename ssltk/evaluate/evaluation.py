@@ -24,7 +24,7 @@ from ssltk.evaluate.features import FeatureCache, Features, extract_features
 from ssltk.evaluate.probe import Figures, ProbeInputs, needs_val
 from ssltk.evaluate.target import EvalTarget
 from ssltk.fsutil import run_directory, write_atomic
-from ssltk.registry import PROBES
+from ssltk.registry import ARCHS, PROBES
 from ssltk.train.determinism import deterministic_mode
 
 __all__ = ["EvalResult", "evaluate", "resolve_layers"]
@@ -51,9 +51,13 @@ class EvalResult:
 
 
 def resolve_layers(target: EvalTarget, split: PreparedSplit, requested: list[str]) -> list[str]:
-    """``eval.layers`` checked against the task's endpoints (``all``: every one of them)."""
-    probe = split.images(torch.arange(1)).to(_device_of(target))
-    available = list(target.task.representation(probe, None))
+    """``eval.layers`` checked against the backbone's endpoints (``all``: every one of them): its
+    ``endpoints`` trait, or for a backbone that declares none, what the task's representation of
+    one image holds."""
+    available = list(ARCHS.member(target.config.model.arch).endpoints)
+    if not available:
+        probe = split.images(torch.arange(1)).to(_device_of(target))
+        available = list(target.task.representation(probe, None))
     if requested == [ALL_LAYERS]:
         return available
     for layer in requested:

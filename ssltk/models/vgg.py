@@ -62,7 +62,7 @@ def vgg_input_size(size: int | None, patch_mode: bool) -> int:
 
 @register_arch("vgg19_bn", input_size_rule=vgg_input_size)
 class VGG19BN(nn.Module):
-    """VGG19-BN returning ``block1..block5, fc6, pre_logits, logits`` ."""
+    """VGG19-BN returning ``block1..block5, fc6, pre_logits, logits``."""
 
     def __init__(self, config: ArchConfig) -> None:
         super().__init__()
