@@ -11,11 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "ssltk"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "ssltk"
+KERNELS = ROOT / "kernels"  # installed as ssltk.kernels
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    if path.is_relative_to(KERNELS):
+        parts = ("ssltk", "kernels", *path.relative_to(KERNELS).with_suffix("").parts)
+    else:
+        parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -55,7 +60,8 @@ def _imported(tree: ast.AST, module: str, is_package: bool) -> set[str]:
 def import_graph() -> dict[str, set[str]]:
     """``module -> modules of ssltk it imports``. Importing ``a.b.c`` runs ``a`` and ``a.b`` too,
     so a package's ``__init__`` counts as imported by everything that imports below it."""
-    files = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+    paths = sorted([*PACKAGE.rglob("*.py"), *KERNELS.rglob("*.py")])
+    files = {module_name(p): p for p in paths}
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
         edges: set[str] = set()
@@ -118,16 +124,29 @@ def test_the_graph_sees_imports_inside_functions_and_skips_type_checking_blocks(
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_reading_and_validating_params_imports_no_torch_and_no_task_or_backbone_code():
-    code = (
-        "import json, sys\n"
-        "from ssltk.config import load_config\n"
-        "config = load_config('params.yaml')\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m == 'triton'"
-        " or m.startswith(('torch.', 'ssltk.models', 'ssltk.pretext')))))\n"
+def _loaded_after(code: str) -> list[str]:
+    """torch, Triton, task and backbone modules loaded by ``code`` in a fresh interpreter."""
+    code += (
+        "\nimport json, sys\n"
+        "heavy = ('torch', 'triton', 'ssltk.models', 'ssltk.pretext')\n"
+        "print(json.dumps(sorted(m for m in sys.modules"
+        " if m in heavy or m.startswith(tuple(h + '.' for h in heavy)))))\n"
     )
-    root = PACKAGE.parent
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_reading_and_validating_params_imports_no_torch_and_no_task_or_backbone_code():
+    assert _loaded_after("from ssltk.config import load_config\nload_config('params.yaml')") == []
+
+
+def test_the_command_line_lists_its_commands_and_prints_the_config_without_torch():
+    code = (
+        "from typer.testing import CliRunner\n"
+        "from ssltk.cli import app\n"
+        "for args in (['--help'], ['config']):\n"
+        "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
+    )
+    assert _loaded_after(code) == []
