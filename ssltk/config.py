@@ -142,10 +142,8 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _last_relu_optional(self) -> ModelConfig:
         if not self.last_relu and not ARCHS.member(self.arch).last_relu_optional:
-            optional = [name for name in ARCHS.names() if ARCHS.member(name).last_relu_optional]
-            raise ValueError(
-                f"last_relu=false is only defined for {' and '.join(optional)}, not {self.arch}"
-            )
+            optional = " and ".join(ARCHS.having("last_relu_optional"))
+            raise ValueError(f"last_relu=false is only defined for {optional}, not {self.arch}")
         return self
 
 

@@ -92,6 +92,10 @@ class Registry:
     def names(self) -> tuple[str, ...]:
         return tuple(self._members)
 
+    def having(self, trait: str) -> tuple[str, ...]:
+        """The members whose ``trait`` is set (truthy), in registration order."""
+        return tuple(name for name, m in self._members.items() if m.traits[trait])
+
     def member(self, name: str) -> Member:
         """Member ``name`` (its code not necessarily loaded); a ``ValueError`` listing the
         registered names otherwise."""

@@ -25,7 +25,8 @@ from demo_images import demo_imagefolder
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
-from ssltk import store, tracking
+from ssltk import store as mlflow_store
+from ssltk import tracking
 from ssltk.cli import app
 from ssltk.config import dump_config, load_config
 from ssltk.data.prepare import prepare
@@ -55,7 +56,7 @@ class Workspace:
         return json.loads((out / "run.json").read_text())
 
     def client(self):
-        return store.client(f"sqlite:///{self.store}")
+        return mlflow_store.client(f"sqlite:///{self.store}")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from ssltk.models.registry import arch_names, arch_traits
+from ssltk.models.registry import arch_traits
+from ssltk.registry import ARCHS
 
 if TYPE_CHECKING:
     from ssltk.config import ModelConfig
@@ -79,4 +80,4 @@ class ArchConfig:
 
 def last_relu_optional() -> str:
     """The registered backbones whose final ReLU may be dropped, as ``"a and b"``."""
-    return " and ".join(name for name in arch_names() if arch_traits(name).last_relu_optional)
+    return " and ".join(ARCHS.having("last_relu_optional"))

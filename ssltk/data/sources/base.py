@@ -231,7 +231,7 @@ def unregister_source(name: str) -> None:
 
 
 def _having(trait: str) -> str:
-    return " and ".join(n for n in SOURCES.names() if getattr(SOURCES.member(n), trait))
+    return " and ".join(SOURCES.having(trait))
 
 
 def open_source(data: DataConfig) -> Source:
