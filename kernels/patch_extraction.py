@@ -2,7 +2,8 @@
 
 For images ``[B, C, H, W]`` (uint8 or float), per-patch top-left offsets ``[B, P, 2]`` as (row, col)
 and a per-image grayscale flag ``[B]``, :func:`extract_patches` writes float32 patches
-``[B, P, C, p, p]``. Semantics follow paper §2.0:
+``[B, P, C, p, p]``. Semantics follow the released
+``preprocess.py``:
 
 * grayscale replaces every channel by the plain channel mean; on uint8 input the mean is an integer
   (truncated) mean, on float input a float mean (after conversion to float32);

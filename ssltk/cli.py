@@ -14,8 +14,8 @@ from ssltk.cliutils import ParamsOption, SetOption, read_config
 from ssltk.control.command import control
 from ssltk.data.command import prepare
 from ssltk.evaluate.command import evaluate
-from ssltk.models.command import models
-from ssltk.report_command import report
+from ssltk.models_command import models
+from ssltk.report.command import report
 from ssltk.train.command import pretrain
 
 app = typer.Typer(

@@ -6,13 +6,15 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
 from ssltk import _startup
-from ssltk.config import Config, load_config
 from ssltk.errors import UserError
+
+if TYPE_CHECKING:
+    from ssltk.config import Config
 
 #: Exit code of every user error (bad params, override, path or input file, or a disk that
 #: cannot take a write).
@@ -54,7 +56,9 @@ def user_errors() -> Iterator[None]:
 
 def read_config(params: Path, overrides: list[str] | None) -> Config:
     """Load and validate params with overrides, exiting with one line on a user error."""
-    with user_errors():
+    with user_errors():  # also an interrupt during the import below is one line
+        from ssltk.config import load_config  # here: listing the commands needs no schema
+
         return load_config(params, overrides or [])
 
 

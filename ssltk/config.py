@@ -1,23 +1,24 @@
 """The schema of ``params.yaml``: the single source of truth read by the CLI, DVC stages and tests.
 
-Every section of params.yaml lives here with its defaults, ranges and enums, except each pretext
-task's own ``pretext.<name>`` section, which its task class carries (``config_section``). Backbone
-and task names are checked against the registries when a config is validated, so names
-registered after this module was imported are accepted. Unknown keys are errors. ``load_config``
-reads a file, applies dotted ``--set`` overrides and validates the result with the same schema,
-raising :class:`UserError` with one line that names the file and the key.
+Every section of params.yaml lives here with its defaults, ranges and enums, except the sections
+of the registered tasks (``pretext.<name>``) and probes (``eval.<method>``), which their
+registry entries carry (:mod:`ssltk.registry`). Backbone, task, probe and data-source names are
+checked against the registries when a config is validated, so names registered after this module
+was imported are accepted. Unknown keys are errors. ``load_config`` reads a file, applies dotted
+``--set`` overrides and validates the result with the same schema, raising :class:`UserError`
+with one line that names the file and the key. This module imports no torch and no task or
+backbone code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     AfterValidator,
-    BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -29,13 +30,19 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ssltk.errors import UserError
+from ssltk.registry import ARCHS, PROBES, SOURCES, TASKS, Registry, one_of
+from ssltk.schema import NonNegFloat, NonNegInt, PositiveInt, Probability, Section, Seed
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
-Probability = Annotated[float, Field(ge=0, le=1)]
-#: Seeds key 64-bit counter-based streams and torch's generator (``seed + rank``): signed 64 bits.
-Seed = Annotated[int, Field(ge=0, lt=2**63)]
+__all__ = [
+    "Config",
+    "NonNegFloat",
+    "NonNegInt",
+    "PositiveInt",
+    "Probability",
+    "Section",
+    "Seed",
+    "load_config",
+]
 
 
 def _project_root() -> Path:
@@ -64,17 +71,16 @@ def project_of(params: Path) -> Path:
 _SQLITE = "sqlite:///"
 
 
-def _one_of(registered: Callable[[], tuple[str, ...]]) -> AfterValidator:
-    """A check that a name is registered now (not when this module was imported), so backbones
-    and tasks registered later are accepted; the error reads as an enum's."""
+def _one_of(registry: Registry) -> AfterValidator:
+    """A check that a name is registered now (not when this module was imported), so members
+    registered later are accepted; the error reads as an enum's."""
 
     def check(name: str) -> str:
-        names = registered()
-        if name not in names:
-            quoted = [repr(n) for n in names]
-            expected = " or ".join(filter(None, [", ".join(quoted[:-1]), *quoted[-1:]]))
+        if name not in registry.names():
             raise PydanticCustomError(
-                "literal_error", "Input should be {expected}", {"expected": expected}
+                "literal_error",
+                "Input should be {expected}",
+                {"expected": one_of(registry.names())},
             )
         return name
 
@@ -82,33 +88,24 @@ def _one_of(registered: Callable[[], tuple[str, ...]]) -> AfterValidator:
 
 
 def arch_names() -> tuple[str, ...]:
-    from ssltk.models import arch_names  # imports torch and registers the shipped backbones
-
-    return arch_names()
+    return ARCHS.names()
 
 
 def task_names() -> tuple[str, ...]:
-    from ssltk.pretext import registered_tasks  # imports torch and registers the shipped tasks
-
-    return registered_tasks()
+    return TASKS.names()
 
 
-#: A backbone or pretext task name, checked against the registries when validated.
-Arch = Annotated[str, _one_of(arch_names)]
-Task = Annotated[str, _one_of(task_names)]
-
-
-class Section(BaseModel):
-    # No .inf/.nan anywhere: every float of the schema is a rate, a size or a probability.
-    model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
-    )
+#: A registered backbone, pretext task, probe or data source name, checked when validated.
+Arch = Annotated[str, _one_of(ARCHS)]
+Task = Annotated[str, _one_of(TASKS)]
+Probe = Annotated[str, _one_of(PROBES)]
+Source = Annotated[str, _one_of(SOURCES)]
 
 
 class DataConfig(Section):
     """Where images come from and how ``ssltk prepare`` lays them out."""
 
-    source: Literal["demo", "cifar10", "stl10", "imagefolder"] = "demo"
+    source: Source = "demo"
     root: Path | None = Field(None, description="dataset root (not used by demo)")
     file_list: Path | None = Field(
         None, description="imagefolder only: a text file of '<relative path> <label>' lines"
@@ -144,19 +141,15 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _last_relu_optional(self) -> ModelConfig:
-        if not self.last_relu:
-            from ssltk.models import arch_traits
-            from ssltk.models.spec import last_relu_optional
-
-            if not arch_traits(self.arch).last_relu_optional:
-                raise ValueError(
-                    f"last_relu=false is only defined for {last_relu_optional()}, not {self.arch}"
-                )
+        if not self.last_relu and not ARCHS.member(self.arch).last_relu_optional:
+            optional = " and ".join(ARCHS.having("last_relu_optional"))
+            raise ValueError(f"last_relu=false is only defined for {optional}, not {self.arch}")
         return self
 
 
 class PatchGeometry(Section):
-    """Jigsaw/RPL preprocessing (paper §2.3). ``None`` fields scale with ``pretext.input_size``."""
+    """Jigsaw/RPL preprocessing (:mod:`ssltk.pretext.geometry`). ``None`` fields scale with
+    ``pretext.input_size``."""
 
     resize: PositiveInt | None = None
     crop: PositiveInt | None = None
@@ -183,20 +176,7 @@ class PretextConfig(Section):
 
     @model_validator(mode="after")
     def _task_sections(self) -> PretextConfig:
-        from ssltk.pretext import task_class
-
-        given = dict(self.__pydantic_extra__ or {})
-        sections: dict[str, Section] = {}
-        for name in task_names():
-            section = task_class(name).config_section
-            if section is not None:
-                sections[name] = _validate_section(section, given.pop(name, {}), name)
-        for name, value in given.items():
-            raise ValidationError.from_exception_data(
-                type(self).__name__, [{"type": "extra_forbidden", "loc": (name,), "input": value}]
-            )
-        self.__pydantic_extra__ = sections
-        return self
+        return _member_sections(self, TASKS)
 
     @model_serializer(mode="wrap")
     def _patches_last(self, handler: Any) -> dict[str, Any]:
@@ -204,6 +184,23 @@ class PretextConfig(Section):
         data = handler(self)
         data["patches"] = data.pop("patches")
         return data
+
+
+def _member_sections(model: Section, registry: Registry) -> Any:
+    """``model`` with the sections of every member of ``registry`` that has one (its ``section``
+    trait, under the member's name) validated from the extra keys; any other key is an error."""
+    given = dict(model.__pydantic_extra__ or {})
+    found: dict[str, Section] = {}
+    for name in registry.names():
+        section = registry.member(name).section
+        if section is not None:
+            found[name] = _validate_section(section, given.pop(name, {}), name)
+    for name, value in given.items():
+        raise ValidationError.from_exception_data(
+            type(model).__name__, [{"type": "extra_forbidden", "loc": (name,), "input": value}]
+        )
+    model.__pydantic_extra__ = found
+    return model
 
 
 def _validate_section(section: type[Section], value: Any, name: str) -> Section:
@@ -262,32 +259,16 @@ class PretrainConfig(Section):
         return self if epochs == self.epochs else self.model_copy(update={"epochs": epochs})
 
 
-class LbfgsConfig(Section):
-    l2: list[NonNegFloat] = Field([1e-4, 1e-3, 1e-2, 1e-1], min_length=1)
-    max_iter: PositiveInt = 500
-
-
-class SgdProbeConfig(Section):
-    epochs: PositiveInt = 70
-    batch_size: PositiveInt = 512
-    base_lr: Annotated[float, Field(gt=0)] = 0.1
-    decay_epochs: list[NonNegFloat] = [30, 50]
-    weight_decay: NonNegFloat = 0.0
-    augment: bool = True
-
-
-class MlpProbeConfig(SgdProbeConfig):
-    hidden: PositiveInt = 1000
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
-
-
 class EvalConfig(Section):
-    """Linear evaluation (paper §4): which endpoints, which probe, where it is reported."""
+    """Linear evaluation: which endpoints, which probe, where it is reported; and, under its
+    name, the section of every registered probe that has one (``eval.lbfgs``, ``eval.sgd``, ...)."""
+
+    model_config = ConfigDict(extra="allow")  # only probe sections; anything else is an error
 
     layers: list[str] = Field(
         ["pre_logits"], min_length=1, description="endpoints to probe, or [all]"
     )
-    method: Literal["lbfgs", "sgd", "mlp"] = "lbfgs"
+    method: Probe = "lbfgs"
     pooling: Literal["max", "avg"] = "max"
     max_features: PositiveInt = 9000
     report_split: Literal["val", "test"] = "test"
@@ -296,9 +277,10 @@ class EvalConfig(Section):
     cache_dir: Path | None = Field(
         None, description="feature cache (default: <out>/features of each evaluation)"
     )
-    lbfgs: LbfgsConfig = LbfgsConfig()
-    sgd: SgdProbeConfig = SgdProbeConfig()
-    mlp: MlpProbeConfig = MlpProbeConfig()
+
+    @model_validator(mode="after")
+    def _probe_sections(self) -> EvalConfig:
+        return _member_sections(self, PROBES)
 
 
 class TrackingConfig(Section):
@@ -370,9 +352,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _batch_fits_task(self) -> Config:
-        from ssltk.pretext import task_class
-
-        task = task_class(self.pretext.task)
+        task = TASKS.member(self.pretext.task)
         if self.pretrain.batch_size < task.min_batch_size:
             raise ValueError(
                 f"pretrain.batch_size must be at least {task.min_batch_size} for {task.name} "

@@ -9,35 +9,25 @@ params, are tagged ``ssltk.kind=eval`` and ``ssltk.pretrain_run_id`` and log
 ``probe/<method>/top<k>/<layer>`` metrics, which are also written back to the pretraining run.
 
 The tracking URI defaults to ``mlflow.db`` beside the params file (see
-:meth:`ssltk.config.TrackingConfig.resolved_uri`), and artifacts of a SQLite store go to
-``mlruns/`` beside the database file. A new SQLite store is created and migrated in a temporary file
-under a lock on its folder, then renamed into place, so concurrent first runs wait for one another
-and an interrupted creation leaves nothing behind. Remote stores get bounded timeouts and retries
-(unless the ``MLFLOW_HTTP_REQUEST_*`` variables say otherwise). A resumed run logs no step twice.
-mlflow is imported lazily and kept quiet.
+:meth:`ssltk.config.TrackingConfig.resolved_uri`); :mod:`ssltk.store` opens it. A resumed run logs
+no step twice.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import platform
-import re
-import secrets
 import subprocess
 import time
-import warnings
 from collections.abc import Iterable, Mapping
-from contextlib import suppress
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ssltk import fsutil
 from ssltk.config import PROJECT_ROOT, Config, dump_config
 from ssltk.errors import UserError
+from ssltk.store import client, ensure_experiment, find_run
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -69,14 +59,6 @@ CONFIG_ARTIFACT = "config/params.yaml"
 PRETRAIN_SECTIONS = ("seed", "data", "model", "pretext", "pretrain")
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
 
-#: Bounds for a remote store (seconds, attempts), unless set in the environment: mlflow's defaults
-#: retry an unreachable server for minutes without a word.
-REMOTE_TIMEOUTS = {
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-}
-
 #: Libraries whose versions every run records.
 TRACKED_LIBRARIES = ("torch", "numpy", "triton", "ssltk")
 
@@ -89,155 +71,39 @@ def epoch_metric(name: str) -> str:
     return f"epoch/{name}"
 
 
-def probe_metric(method: str, k: int, layer: str) -> str:
-    """``probe/<method>/top<k>/<layer>``, e.g. ``probe/lbfgs/top1/pre_logits``."""
-    return f"probe/{method}/top{k}/{layer}"
+@dataclass(frozen=True)
+class ProbeMetric:
+    """The parts of a probe metric's name ``probe/<method>/<figure>/<layer>``."""
+
+    method: str
+    figure: str  # top1, top5, val_top1, l2, ...
+    layer: str
+
+    @property
+    def top_k(self) -> int | None:
+        """``k`` of a ``top<k>`` figure (on the report split), else None."""
+        digits = self.figure.removeprefix("top")
+        return int(digits) if self.figure.startswith("top") and digits.isdigit() else None
+
+
+def probe_metric(method: str, figure: str | int, layer: str) -> str:
+    """``probe/<method>/<figure>/<layer>``, e.g. ``probe/lbfgs/top1/pre_logits``; an int
+    ``figure`` ``k`` stands for ``top<k>``. :func:`parse_probe_metric` reads it back."""
+    figure = f"top{figure}" if isinstance(figure, int) else figure
+    return f"probe/{method}/{figure}/{layer}"
+
+
+def parse_probe_metric(name: str) -> ProbeMetric | None:
+    """The parts of a metric named by :func:`probe_metric`; None for any other metric."""
+    parts = name.split("/", 3)
+    if len(parts) != 4 or parts[0] != "probe" or not all(parts[1:]):
+        return None
+    return ProbeMetric(*parts[1:])
 
 
 def run_name(config: Config) -> str:
     """``<task>-<arch>-w<widening>``: also the default output directory name."""
     return f"{config.pretext.task}-{config.model.arch}-w{config.model.widening}"
-
-
-def quiet_mlflow() -> None:
-    """Silence mlflow's and alembic's INFO chatter and mlflow's warnings.
-
-    mlflow sets up its own logger when imported, so it is imported first and then turned down.
-    """
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import mlflow  # noqa: F401
-
-    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module=r"mlflow(\..*)?")
-    warnings.filterwarnings("ignore", message=r".*mlflow.*", category=FutureWarning)
-
-
-def client(tracking_uri: str) -> MlflowClient:
-    """A quiet ``MlflowClient`` for ``tracking_uri``: a SQLite store is created if missing, a
-    remote one must answer within :data:`REMOTE_TIMEOUTS` (else a one-line ``UserError``)."""
-    quiet_mlflow()
-    db = sqlite_path(tracking_uri)
-    if db is not None:
-        ensure_sqlite_store(db)
-    remote = tracking_uri.startswith(("http://", "https://"))
-    if remote:
-        for name, value in REMOTE_TIMEOUTS.items():
-            os.environ.setdefault(name, value)
-    from mlflow.tracking import MlflowClient
-
-    mlflow_client = MlflowClient(tracking_uri)
-    if remote:
-        _probe(mlflow_client, tracking_uri)
-    return mlflow_client
-
-
-def _probe(mlflow_client: MlflowClient, tracking_uri: str) -> None:
-    try:
-        mlflow_client.search_experiments(max_results=1)
-    except Exception as err:  # mlflow wraps connection errors in several ways
-        text = " ".join(str(err).split())
-        reason = next(
-            (
-                r
-                for r in ("Connection refused", "timed out", "Name or service not known")
-                if r in text
-            ),
-            text[:200],
-        )
-        raise UserError(
-            f"tracking.uri {tracking_uri}: the server does not answer ({reason})"
-        ) from None
-
-
-def ensure_sqlite_store(db: Path) -> None:
-    """Create the SQLite store ``db`` if it does not exist, atomically.
-
-    The schema is created and migrated in a temporary file while holding a lock on the store's
-    folder, then renamed into place: a process that waits for the lock finds a complete store, and
-    one interrupted at any point leaves no store (its temporary file is removed, or cleared by the
-    next creator). A store that cannot be written is a one-line user error (else SQLAlchemy
-    retries for minutes before it fails with a traceback).
-    """
-    if not db.exists():
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"tracking.uri: cannot create {db.parent} ({err.strerror})") from None
-        try:
-            with fsutil.locked(db.parent / f".{db.name}.lock", wait=True, remove=True):
-                if not db.exists():
-                    _create_sqlite_store(db)
-        except fsutil.WriteError:
-            raise UserError(f"tracking.uri: cannot create the SQLite store {db}") from None
-    if not (db.is_file() and os.access(db, os.R_OK | os.W_OK)):
-        raise UserError(f"tracking.uri: the SQLite store {db} cannot be opened for writing")
-
-
-def _create_sqlite_store(db: Path) -> None:
-    import sqlalchemy
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    for stale in db.parent.glob(f".{db.name}.tmp-*"):  # left by a killed creator (we hold the lock)
-        stale.unlink(missing_ok=True)
-    tmp = db.with_name(f".{db.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    uri = f"sqlite:///{tmp}"
-    # No fsync per migration (they take seconds that way): the file is invisible until renamed,
-    # and it is synced once before that.
-    engine = sqlalchemy.create_engine(uri)
-    sqlalchemy.event.listen(engine, "connect", _unsynchronised)
-    SqlAlchemyStore._engine_map[uri] = engine
-    try:
-        SqlAlchemyStore(uri, (db.parent.resolve() / "mlruns").as_uri())
-        engine.dispose()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, db)
-    except OSError as err:
-        raise UserError(f"tracking.uri: cannot create {db} ({err.strerror or err})") from None
-    finally:
-        SqlAlchemyStore._engine_map.pop(uri, None)
-        engine.dispose()
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
-
-
-def _unsynchronised(connection: Any, record: Any) -> None:
-    connection.execute("PRAGMA synchronous=OFF")
-    connection.execute("PRAGMA journal_mode=MEMORY")
-
-
-def sqlite_path(tracking_uri: str) -> Path | None:
-    prefix = "sqlite:///"
-    return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
-
-
-def artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """``file://<db folder>/mlruns/<experiment>`` for SQLite stores; mlflow's default otherwise."""
-    db = sqlite_path(tracking_uri)
-    if db is None:
-        return None
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("_") or "default"
-    return (db.parent.resolve() / "mlruns" / slug).as_uri()
-
-
-def ensure_experiment(mlflow_client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """The id of experiment ``name``, created (with its artifact location) if missing."""
-    from mlflow.exceptions import MlflowException
-
-    found = mlflow_client.get_experiment_by_name(name)
-    if found is None:
-        try:
-            return mlflow_client.create_experiment(
-                name, artifact_location=artifact_location(tracking_uri, name)
-            )
-        except MlflowException:  # created meanwhile by a concurrent run
-            found = mlflow_client.get_experiment_by_name(name)
-            if found is None:
-                raise
-    if found.lifecycle_stage == "deleted":
-        mlflow_client.restore_experiment(found.experiment_id)
-    return found.experiment_id
 
 
 def git_state(cwd: Path | None = None) -> tuple[str, bool | None]:
@@ -500,30 +366,3 @@ def open_run(config: Config, run_id: str) -> TrackedRun:
     if found is None:
         raise UserError(f"--run-id {run_id}: no such run in {uri}")
     return TrackedRun(mlflow_client, run_id, found.info.experiment_id, uri)
-
-
-def find_run(mlflow_client: MlflowClient, run_id: str) -> Any:
-    """The run ``run_id`` of the store, or None when it has none."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return mlflow_client.get_run(run_id)
-    except MlflowException:
-        return None
-
-
-def fetch_checkpoint(mlflow_client: MlflowClient, run_id: str, destination: Path) -> Path:
-    """Download a pretraining run's checkpoint into ``destination``, verified by its sidecar."""
-    from ssltk.train.checkpoint import SIDECAR_SUFFIX, verify_checkpoint
-
-    destination.mkdir(parents=True, exist_ok=True)
-    folder = Path(
-        mlflow_client.download_artifacts(run_id, CHECKPOINT_ARTIFACT_DIR, str(destination))
-    )
-    files = sorted(p for p in folder.iterdir() if not p.name.endswith(SIDECAR_SUFFIX))
-    if not files:
-        raise FileNotFoundError(
-            f"run {run_id}: no checkpoint under artifacts/{CHECKPOINT_ARTIFACT_DIR}"
-        )
-    verify_checkpoint(files[-1])
-    return files[-1]

@@ -31,7 +31,7 @@ from ssltk.errors import UserError
 from ssltk.models import ArchConfig, register_arch, unregister_arch
 from ssltk.pretext import PretextInputs, PretextTask, TaskOutput, register_task, unregister_task
 from ssltk.pretext.base import backbone_from_config
-from ssltk.report import markdown
+from ssltk.report.tables import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,6 +16,7 @@ import yaml
 from demo_images import demo_imagefolder
 from typer.testing import CliRunner
 
+from ssltk import store as mlflow_store
 from ssltk import tracking
 from ssltk.cli import app
 from ssltk.config import load_config
@@ -85,7 +86,7 @@ def test_eval_by_run_id_logs_every_layer_on_both_runs_and_repeats_exactly(
 ):
     out = study["root"] / "eval-a"
     summary = evaluated
-    client = tracking.client(f"sqlite:///{study['store']}")
+    client = mlflow_store.client(f"sqlite:///{study['store']}")
     eval_run = client.get_run(summary["run_id"])
     pretrain_run = client.get_run(study["run_id"])
     assert eval_run.data.tags[tracking.TAG_KIND] == tracking.KIND_EVAL
@@ -116,7 +117,7 @@ def test_baseline_is_a_seeded_random_init_logged_as_its_own_kind(study: dict, ev
     result = ssltk_eval(study, "--baseline", "--set", "eval.layers=[pre_logits]", "--out", str(out))
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "metrics.json").read_text())
-    run = tracking.client(f"sqlite:///{study['store']}").get_run(summary["run_id"])
+    run = mlflow_store.client(f"sqlite:///{study['store']}").get_run(summary["run_id"])
     assert run.data.tags[tracking.TAG_KIND] == tracking.KIND_BASELINE
     assert (run.data.tags[tracking.TAG_TASK], run.data.tags[tracking.TAG_ARCH]) == (
         "rotation",
@@ -162,7 +163,7 @@ def test_sgd_probe_trains_heads_deterministically(study: dict):
         figures.append(json.loads((study["root"] / name / "metrics.json").read_text())["layers"])
     assert figures[0] == figures[1]
     metric = tracking.probe_metric("sgd", 1, "pre_logits")
-    pretrain_run = tracking.client(f"sqlite:///{study['store']}").get_run(study["run_id"])
+    pretrain_run = mlflow_store.client(f"sqlite:///{study['store']}").get_run(study["run_id"])
     assert metric in pretrain_run.data.metrics
 
 

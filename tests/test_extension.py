@@ -1,7 +1,9 @@
-"""Extending ssltk from outside: a pretext task and a backbone registered by this module alone.
+"""Extending ssltk from outside: a pretext task, a backbone, a probe and a data source registered
+by this module alone.
 
-Nothing in ssltk names them; the CLI's own config path accepts them, the task's config section is
-validated by its own model, and the engine pretrains them. The registries are left as found.
+Nothing in ssltk names them; the CLI's own config path accepts them, the task's and the probe's
+config sections are validated by their own models, the engine pretrains the task, ``ssltk
+prepare`` reads the source and ``ssltk eval`` runs the probe. The registries are left as found.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,8 @@ from ssltk.cli import app
 from ssltk.cliutils import read_config
 from ssltk.config import Config, PositiveInt, Section
 from ssltk.data.augment import center_crop_offsets, crop, to_minus1_1
+from ssltk.data.sources import ArraySplit, Source, register_source, unregister_source
+from ssltk.evaluate.probe import Figures, ProbeInputs, register_probe, unregister_probe
 from ssltk.models import ArchConfig, arch_names, build_model, register_arch, unregister_arch
 from ssltk.pretext import (
     PretextInputs,
@@ -201,3 +206,112 @@ def test_unregistering_removes_names_from_the_registries_and_the_schema(tmp_path
     with pytest.raises(ValueError, match=f"arch='{ARCH}'"):
         build_model(ARCH)
     assert TASK not in Config().pretext.model_dump()
+
+
+PROBE, SOURCE = "toy_centroid", "toy_stripes"
+
+
+def stripes(count: int, seed: int) -> ArraySplit:
+    """Class 0: horizontal stripes, class 1: vertical ones, on noise; 8×8 uint8 images."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count, dtype=np.int64) % 2
+    images = rng.integers(0, 64, (count, 3, 8, 8), dtype=np.uint8)
+    images[labels == 0, :, ::2, :] += 160
+    images[labels == 1, :, :, ::2] += 160
+    return ArraySplit(images, labels, f"stripes[{seed}]")
+
+
+def open_stripes(data, root) -> Source:
+    assert root is None  # needs_root=False: data.root is not read
+    splits = {"train": stripes(16, 0), "test": stripes(8, 1)}
+    return Source(SOURCE, ["horizontal", "vertical"], splits, native_size=8, layout="memory")
+
+
+class CentroidConfig(Section):
+    shrink: float = Field(0.0, ge=0, le=1, description="pull each centroid towards the mean")
+
+
+def fit_centroids(inputs: ProbeInputs) -> Figures:
+    """Nearest class mean of the cached train features, scored on the report split."""
+    assert "val" not in inputs.features  # needs_val=False: no val split is asked for
+    train, report = inputs.features["train"], inputs.features[inputs.report_split]
+    figures = {}
+    for layer in inputs.layers:
+        x, y = np.asarray(train.layers[layer]), train.labels
+        means = np.stack([x[y == c].mean(axis=0) for c in np.unique(y)])
+        means = (1 - inputs.section.shrink) * means + inputs.section.shrink * x.mean(axis=0)
+        test = np.asarray(report.layers[layer])
+        guess = ((test[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
+        figures[layer] = {"top1": float((guess == report.labels).mean()), "top5": 1.0}
+    return figures
+
+
+@contextmanager
+def registered_probe_and_source() -> Iterator[None]:
+    register_source(SOURCE, needs_root=False)(open_stripes)
+    register_probe(PROBE, section=CentroidConfig)(fit_centroids)
+    try:
+        yield
+    finally:
+        unregister_probe(PROBE)
+        unregister_source(SOURCE)
+
+
+def stripes_params(tmp_path: Path, **eval_: object) -> Path:
+    tree = {
+        "data": {
+            "source": SOURCE,
+            "image_size": 8,
+            "val_fraction": 0,
+            "prepared_dir": str(tmp_path / "prepared"),
+        },
+        "model": {"arch": ARCH, "widening": 1},
+        "pretext": {"task": TASK, "input_size": 8, "toy_flip": {"crop": 6}},
+        "eval": {"device": "cpu", "batch_size": 8, **eval_},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_a_probe_and_a_data_source_registered_here_prepare_and_evaluate_through_the_cli(
+    toys, tmp_path: Path
+):
+    before = read_config(None, []).eval.model_dump()
+    with registered_probe_and_source():
+        path = stripes_params(tmp_path, method=PROBE, toy_centroid={"shrink": 0.5})
+        config = read_config(path, [])
+        assert config.eval.toy_centroid == CentroidConfig(shrink=0.5)
+        runner = CliRunner()
+        prepared = runner.invoke(app, ["prepare", "--params", str(path)], catch_exceptions=False)
+        assert prepared.exit_code == 0, prepared.output
+        out = tmp_path / "baseline"
+        result = runner.invoke(
+            app,
+            ["eval", "--baseline", "--params", str(path), "--out", str(out)],
+            catch_exceptions=False,
+        )
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["method"] == PROBE and 0 <= metrics["layers"]["pre_logits"]["top1"] <= 1
+        assert "unknown key 'eval.toy_centroid.size'" in config_error(
+            stripes_params(tmp_path, toy_centroid={"size": 1})
+        )
+    assert read_config(None, []).eval.model_dump() == before
+    error = config_error(stripes_params(tmp_path))
+    assert "data.source: Input should be 'demo'," in error and f"(got '{SOURCE}')" in error
+
+
+def test_the_sgd_probe_evaluates_without_a_val_split(toys, tmp_path: Path):
+    with registered_probe_and_source():
+        sgd = {"epochs": 1, "batch_size": 8, "augment": False}
+        path = stripes_params(tmp_path, method="sgd", sgd=sgd)
+        runner = CliRunner()
+        assert runner.invoke(app, ["prepare", "--params", str(path)]).exit_code == 0
+        out = tmp_path / "baseline"
+        result = runner.invoke(
+            app, ["eval", "--baseline", "--params", str(path), "--out", str(out)]
+        )
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "metrics.json").read_text())["method"] == "sgd"

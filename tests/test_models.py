@@ -437,3 +437,11 @@ def test_vgg_rejects_input_of_the_wrong_size_at_forward(side):
 def test_summary_rejects_bad_input_size():
     with pytest.raises(ValueError, match="input_size=0"):
         model_summary("resnet50_v1", 1, 0)
+
+
+@pytest.mark.parametrize("arch", arch_names())
+def test_the_endpoints_trait_lists_what_forward_returns_in_order(arch):
+    from ssltk.registry import ARCHS as BACKBONES
+
+    rows = model_summary(arch, 1, 64)
+    assert tuple(row.endpoint for row in rows) == BACKBONES.member(arch).endpoints

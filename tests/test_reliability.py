@@ -27,6 +27,7 @@ from demo_images import demo_imagefolder
 from PIL import Image
 from typer.testing import CliRunner
 
+from ssltk import store as mlflow_store
 from ssltk import tracking
 from ssltk.cli import app
 from ssltk.config import load_config
@@ -144,7 +145,7 @@ def test_a_run_records_the_settings_of_its_prepared_data(workspace):
     fingerprint = manifest["settings_fingerprint"]
     record = workspace.run_json(out)
     assert record["data_settings"] == fingerprint
-    run = tracking.client(workspace.uri).get_run(record["run_id"])
+    run = mlflow_store.client(workspace.uri).get_run(record["run_id"])
     assert run.data.tags[tracking.TAG_DATA_SETTINGS] == fingerprint
     assert workspace.uri in result.stdout  # the store a run used, said plainly
 
@@ -198,12 +199,12 @@ def test_an_interrupted_store_creation_leaves_a_usable_store(tmp_path, statement
     sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", ctrl_c)
     try:
         with pytest.raises(KeyboardInterrupt):
-            tracking.ensure_experiment(tracking.client(uri), "x", uri)
+            mlflow_store.ensure_experiment(mlflow_store.client(uri), "x", uri)
     finally:
         sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", ctrl_c)
     assert [p.name for p in tmp_path.iterdir()] == []
-    client = tracking.client(uri)
-    experiment = tracking.ensure_experiment(client, "x", uri)
+    client = mlflow_store.client(uri)
+    experiment = mlflow_store.ensure_experiment(client, "x", uri)
     assert client.create_run(experiment).info.status == "RUNNING"
 
 
@@ -258,7 +259,7 @@ def test_a_full_disk_during_pretrain_is_one_line_and_leaves_no_temp_file(workspa
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     record = workspace.run_json(out)
     assert record["status"] == "failed" and "File too large" in record["failure"]
-    run = tracking.client(workspace.uri).get_run(record["run_id"])
+    run = mlflow_store.client(workspace.uri).get_run(record["run_id"])
     assert run.info.status == "FAILED"
 
 

@@ -45,9 +45,9 @@ def _serve() -> None:
 
     import ssltk.cli
     import ssltk.train.engine  # noqa: F401
-    from ssltk import tracking
+    from ssltk import store as mlflow_store
 
-    tracking.quiet_mlflow()
+    mlflow_store.quiet_mlflow()
     entry = _entry()
     # Children start with SIGINT/SIGTERM blocked and unblock them once they handle them as
     # ``python -m ssltk`` does from its first line: a signal is never lost in the fork's set-up.
@@ -205,9 +205,9 @@ def pretrain_argv(ws: Workspace, out: Path, *sets: str, store: Path | None = Non
 
 
 def client(store: Path):
-    from ssltk import tracking
+    from ssltk import store as mlflow_store
 
-    return tracking.client(f"sqlite:///{store}")
+    return mlflow_store.client(f"sqlite:///{store}")
 
 
 def checkpoint_hash(out: Path, step: int) -> str:

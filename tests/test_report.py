@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 from ssltk import tracking
 from ssltk.config import Config
-from ssltk.report import CSV_COLUMNS, Cell, best_layer, markdown, rows, verdict, write_csv
+from ssltk.report.results import Cell, best_layer, rows
+from ssltk.report.tables import CSV_COLUMNS, markdown, verdict, write_csv
 
 
 def run(run_id: str, metrics: dict[str, float], **tags: str) -> SimpleNamespace:

@@ -148,3 +148,21 @@ def test_stream_ids_are_unique_and_leave_room_for_substreams():
     assert len(derived) == 4 * len(Stream) and not derived & set(Stream)
     # The ids are part of every seed's results: changing one changes every dataset draw.
     assert (Stream.LOADER_ORDER, Stream.HOLDOUT, Stream.PATCH_GRAY) == (0x0DE7, 0x7E1D0C7, 0x7A01)
+
+
+def test_a_task_from_outside_reserves_its_own_stream_ids():
+    from ssltk.data.rng import Stream, register_stream, unregister_stream
+
+    mine = register_stream("toy_task.crop", 0x9A01)
+    try:
+        assert register_stream("toy_task.crop", 0x9A01) == mine  # importing twice is harmless
+        with pytest.raises(ValueError, match=r"already toy_task\.crop's"):
+            register_stream("other.crop", 0x9A01)
+        with pytest.raises(ValueError, match="already ROTATION_INCEPTION's"):
+            register_stream("other.rotation", int(Stream.ROTATION_INCEPTION))
+        with pytest.raises(ValueError, match=r"not in \[0, 2\*\*40\)"):
+            register_stream("other.huge", 2**40)
+    finally:
+        unregister_stream(mine)
+    assert register_stream("other.crop", 0x9A01) == 0x9A01
+    unregister_stream(0x9A01)

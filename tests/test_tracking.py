@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssltk import store as mlflow_store
 from ssltk import tracking
 from ssltk.config import Config, dump_config, load_config
 from ssltk.errors import UserError
+from ssltk.evaluate.target import fetch_checkpoint
 from ssltk.train.checkpoint import save_checkpoint, sidecar_path
 
 
@@ -44,17 +46,17 @@ def test_names():
 
 
 def test_artifacts_of_a_sqlite_store_live_beside_it():
-    assert tracking.artifact_location("sqlite:////data/p/mlflow.db", "my study/1") == (
+    assert mlflow_store.artifact_location("sqlite:////data/p/mlflow.db", "my study/1") == (
         "file:///data/p/mlruns/my_study_1"
     )
-    assert tracking.artifact_location("http://localhost:5000", "x") is None
+    assert mlflow_store.artifact_location("http://localhost:5000", "x") is None
 
 
 def test_the_store_is_created_quietly(store: Path, capfd):
     uri = f"sqlite:///{store}"
-    client = tracking.client(uri)
-    experiment_id = tracking.ensure_experiment(client, "quiet", uri)
-    assert tracking.ensure_experiment(client, "quiet", uri) == experiment_id
+    client = mlflow_store.client(uri)
+    experiment_id = mlflow_store.ensure_experiment(client, "quiet", uri)
+    assert mlflow_store.ensure_experiment(client, "quiet", uri) == experiment_id
     out, err = capfd.readouterr()
     assert out == "" and err == ""
     assert store.is_file()
@@ -131,7 +133,7 @@ def test_checkpoint_artifact_round_trip(store: Path, tmp_path: Path):
     info = save_checkpoint({"w": torch.arange(4.0)}, tmp_path / "ckpts", 12)
     run.log_artifact(info.path, tracking.CHECKPOINT_ARTIFACT_DIR)
     run.log_artifact(sidecar_path(info.path), tracking.CHECKPOINT_ARTIFACT_DIR)
-    fetched = tracking.fetch_checkpoint(run.client, run.run_id, tmp_path / "fetched")
+    fetched = fetch_checkpoint(run.client, run.run_id, tmp_path / "fetched")
     assert fetched.name == "ckpt-00000012.pt"
     assert fetched.read_bytes() == info.path.read_bytes()
 
@@ -161,11 +163,11 @@ def test_an_unwritable_sqlite_store_is_a_one_line_user_error(tmp_path: Path) -> 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(UserError, match="cannot create"):
-        tracking.client(f"sqlite:///{blocker / 'store.db'}")
+        mlflow_store.client(f"sqlite:///{blocker / 'store.db'}")
     folder = tmp_path / "store.db"
     folder.mkdir()
     with pytest.raises(UserError, match="cannot be opened for writing"):
-        tracking.client(f"sqlite:///{folder}")
+        mlflow_store.client(f"sqlite:///{folder}")
     fresh = tmp_path / "new" / "store.db"
-    tracking.client(f"sqlite:///{fresh}")
+    mlflow_store.client(f"sqlite:///{fresh}")
     assert fresh.parent.is_dir()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ssltk import store as mlflow_store
 from ssltk import tracking
 from ssltk.config import load_config
 
@@ -113,7 +114,7 @@ def test_dvc_repro_and_exp_run_log_to_one_store(tmp_path: Path):
     exp = dvc("exp", "run", "--temp", "-S", "pretrain.max_steps=3", cwd=repo)
     assert exp.returncode == 0, exp.stdout[-2000:] + exp.stderr[-2000:]
 
-    client = tracking.client(f"sqlite:///{store}")
+    client = mlflow_store.client(f"sqlite:///{store}")
     experiment = client.get_experiment_by_name("dvc-test")
     runs = client.search_runs(
         [experiment.experiment_id],

@@ -25,10 +25,12 @@ from demo_images import demo_imagefolder
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
+from ssltk import store as mlflow_store
 from ssltk import tracking
 from ssltk.cli import app
 from ssltk.config import dump_config, load_config
 from ssltk.data.prepare import prepare
+from ssltk.evaluate.target import fetch_checkpoint
 from ssltk.pretext import build_task
 from ssltk.train.checkpoint import load_checkpoint, save_checkpoint, sidecar_path
 from ssltk.train.determinism import seed_everything
@@ -54,7 +56,7 @@ class Workspace:
         return json.loads((out / "run.json").read_text())
 
     def client(self):
-        return tracking.client(f"sqlite:///{self.store}")
+        return mlflow_store.client(f"sqlite:///{self.store}")
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +303,7 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(workspace, reference):
     artifacts = workspace.root / "artifacts"
     local = client.download_artifacts(run.info.run_id, tracking.CONFIG_ARTIFACT, str(artifacts))
     assert Path(local).read_text() == dump_config(config)
-    fetched = tracking.fetch_checkpoint(client, run.info.run_id, artifacts)
+    fetched = fetch_checkpoint(client, run.info.run_id, artifacts)
     assert fetched.read_bytes() == Path(record["checkpoint"]).read_bytes()
     assert sidecar_path(fetched).read_text().split()[0] == record["checkpoint_sha256"]
 

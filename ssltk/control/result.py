@@ -20,6 +20,7 @@ __all__ = [
     "LEAK_P_VALUE",
     "NO_VERDICT",
     "ControlResult",
+    "control_of",
     "controls_markdown",
     "noise_cell",
     "read_controls",
@@ -120,6 +121,13 @@ def noise_cell(result: ControlResult | None) -> str:
     if result is None:
         return "–"
     return f"{_pct(result.score)} % (chance {_pct(result.chance)} %)"
+
+
+def control_of(cell: object, controls: list[ControlResult]) -> ControlResult | None:
+    """The control of ``cell``'s task and arch, else of its task."""
+    same_task = [c for c in controls if c.task == cell.task]
+    same_arch = [c for c in same_task if c.arch == cell.arch]
+    return (same_arch or same_task or [None])[0]
 
 
 def controls_markdown(results: list[ControlResult]) -> str:

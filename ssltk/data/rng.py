@@ -23,12 +23,14 @@ _MASK64 = 2**64 - 1
 
 
 
+#: Ids are below this so that ``augment.substream`` can derive per-draw streams from them.
+STREAM_ID_LIMIT = 2**40
+
+
 @unique
 class Stream(IntEnum):
-    """Every stream id of ssltk, in one place: ``unique`` refuses two parts sharing a stream.
-
-    Ids are below ``2**40`` so that ``augment.substream`` can derive per-draw streams from them.
-    """
+    """The stream ids of ssltk's own parts: ``unique`` refuses two parts sharing a stream. A task
+    from outside takes its own with :func:`register_stream`."""
 
     LOADER_ORDER = 0x0DE7
     HOLDOUT = 0x7E1D_0C7
@@ -43,6 +45,28 @@ class Stream(IntEnum):
     EXEMPLAR_COPY_KEYS = 0x7A31
     EXEMPLAR_INCEPTION = 0x7A32
     FULL_IMAGE_EVAL_CROP = 0x7B01
+
+
+_STREAMS: dict[int, str] = {int(s): s.name for s in Stream}
+
+
+def register_stream(name: str, stream_id: int) -> int:
+    """Reserve ``stream_id`` for ``name`` (e.g. ``"my_task.crop"``) and return it; an id that is
+    taken, by ssltk or by another module, or not in ``[0, 2**40)`` is a ``ValueError``."""
+    if not 0 <= stream_id < STREAM_ID_LIMIT:
+        raise ValueError(f"stream {name!r}: id {stream_id:#x} is not in [0, 2**40)")
+    owner = _STREAMS.get(stream_id)
+    if owner is not None and owner != name:
+        raise ValueError(f"stream {name!r}: id {stream_id:#x} is already {owner}'s")
+    _STREAMS[stream_id] = name
+    return stream_id
+
+
+def unregister_stream(stream_id: int) -> None:
+    """Release an id taken with :func:`register_stream` (ssltk's own stay)."""
+    if stream_id in {int(s) for s in Stream}:
+        raise ValueError(f"stream {stream_id:#x} is ssltk's own")
+    del _STREAMS[stream_id]
 
 
 def array_module(tensor: torch.Tensor) -> ModuleType:

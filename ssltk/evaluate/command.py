@@ -41,7 +41,7 @@ def evaluate(
     baseline: BaselineOption = False,
     out: EvalOutOption = None,
 ) -> None:
-    """Linear evaluation (paper §4): probe every layer in eval.layers with eval.method.
+    """Linear evaluation: probe every layer in eval.layers with eval.method.
 
     Give exactly one of --run-id, --run-dir or --baseline.
 

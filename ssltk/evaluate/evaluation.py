@@ -20,13 +20,11 @@ import torch
 from ssltk import tracking
 from ssltk.data.dataset import PreparedDataset, PreparedSplit
 from ssltk.errors import UserError
-from ssltk.evaluate import lbfgs
 from ssltk.evaluate.features import FeatureCache, Features, extract_features
-from ssltk.evaluate.lbfgs import topk_accuracy
-from ssltk.evaluate.pooling import make_pool
-from ssltk.evaluate.sgd import predict, train_heads
+from ssltk.evaluate.probe import Figures, ProbeInputs, needs_val
 from ssltk.evaluate.target import EvalTarget
 from ssltk.fsutil import run_directory, write_atomic
+from ssltk.registry import ARCHS, PROBES
 from ssltk.train.determinism import deterministic_mode
 
 __all__ = ["EvalResult", "evaluate", "resolve_layers"]
@@ -46,16 +44,20 @@ class EvalResult:
     def metrics(self) -> dict[str, float]:
         """``probe/<method>/<figure>/<layer>`` for MLflow."""
         return {
-            f"probe/{self.method}/{name}/{layer}": value
+            tracking.probe_metric(self.method, name, layer): value
             for layer, figures in self.layers.items()
             for name, value in figures.items()
         }
 
 
 def resolve_layers(target: EvalTarget, split: PreparedSplit, requested: list[str]) -> list[str]:
-    """``eval.layers`` checked against the task's endpoints (``all``: every one of them)."""
-    probe = split.images(torch.arange(1)).to(_device_of(target))
-    available = list(target.task.representation(probe, None))
+    """``eval.layers`` checked against the backbone's endpoints (``all``: every one of them): its
+    ``endpoints`` trait, or for a backbone that declares none, what the task's representation of
+    one image holds."""
+    available = list(ARCHS.member(target.config.model.arch).endpoints)
+    if not available:
+        probe = split.images(torch.arange(1)).to(_device_of(target))
+        available = list(target.task.representation(probe, None))
     if requested == [ALL_LAYERS]:
         return available
     for layer in requested:
@@ -81,12 +83,17 @@ def evaluate(
     """Evaluate ``target`` with ``target.config.eval``; log it; write ``out_dir/metrics.json``."""
     config, ev = target.config, target.config.eval
     dataset = PreparedDataset.for_config(config)
-    needed = ["train", ev.report_split] + (["val"] if len(ev.lbfgs.l2) > 1 else [])
+    val = needs_val(ev.method, getattr(ev, ev.method, None))
+    needed = ["train", ev.report_split] + (["val"] if val else [])
     for name in dict.fromkeys(needed):
         if name not in dataset.splits:
             raise UserError(
                 f"eval: the prepared data has no {name!r} split (has {', '.join(dataset.splits)})"
-                + ("; set data.val_fraction > 0 to choose the L2 strength" if name == "val" else "")
+                + (
+                    f"; eval.method={ev.method} reads it: set data.val_fraction > 0"
+                    if name == "val"
+                    else ""
+                )
             )
     splits = {name: dataset.split(name) for name in dict.fromkeys(needed)}
     target.task.to(device).eval()
@@ -179,82 +186,19 @@ def _probe(
     layers: list[str],
     features: dict[str, Features],
     device: torch.device,
-) -> dict[str, dict[str, float]]:
+) -> Figures:
     ev = target.config.eval
-    report = features[ev.report_split]
-    classes = splits["train"].num_classes
-    if ev.method == "lbfgs":
-        figures = {}
-        train, val = features["train"], features.get("val")
-        on_device = _array_module_for(device)
-        options = {"num_classes": classes, "max_iter": ev.lbfgs.max_iter}
-        for layer in layers:
-            clock = time.perf_counter()
-            if val is None:  # a single strength: nothing to choose
-                fit = lbfgs.fit(
-                    on_device(train.layers[layer]),
-                    train.labels,
-                    ev.lbfgs.l2[0],
-                    **options,
-                )
-                chosen = {}
-            else:
-                fit = lbfgs.fit_path(
-                    on_device(train.layers[layer]),
-                    train.labels,
-                    on_device(val.layers[layer]),
-                    val.labels,
-                    ev.lbfgs.l2,
-                    **options,
-                )
-                point = next(p for p in fit.points if p.l2 == fit.l2)
-                chosen = {"val_top1": point.val.top1}
-            accuracy = fit.score(on_device(report.layers[layer]), report.labels)
-            figures[layer] = {"top1": accuracy.top1, "top5": accuracy.top5, "l2": fit.l2, **chosen}
-            _log(
-                f"probe lbfgs {layer}: top-1 {accuracy.top1:.4f} on {ev.report_split} "
-                f"(l2 {fit.l2:g}, {time.perf_counter() - clock:.1f} s)"
-            )
-        return figures
-
-    probe_config = ev.mlp if ev.method == "mlp" else ev.sgd
-    train = features["train"]
-    dims = {layer: int(train.layers[layer].shape[1]) for layer in layers}
-    pool = make_pool(ev.max_features, ev.pooling)
-
-    def represent(images: torch.Tensor, keys: torch.Tensor | None):
-        return target.task.representation(images, layers, pool=pool, keys=keys)
-
-    heads = train_heads(
-        splits["train"],
-        dims,
-        probe_config,
-        seed=target.config.seed,
-        represent=represent,
-        features=train.layers,
-        device=device,
-        log=lambda epoch, total, loss: _log(
-            f"probe {ev.method} epoch {epoch}/{total}: loss {loss:.4f}"
-        ),
+    inputs = ProbeInputs(
+        target,
+        splits,
+        layers,
+        features,
+        getattr(ev, ev.method, None),
+        ev.report_split,
+        device,
+        _log,
     )
-    logits = predict(heads, report.layers)
-    return {
-        layer: {
-            "top1": topk_accuracy(logits[layer], report.labels, 1),
-            "top5": topk_accuracy(logits[layer], report.labels, 5),
-        }
-        for layer in layers
-    }
-
-
-def _array_module_for(device: torch.device):
-    """Features go to the GPU as CuPy arrays when evaluating on CUDA (the probe's code is the
-    same on both array modules); on CPU they stay NumPy (memory-mapped: streamed in chunks)."""
-    if device.type != "cuda":
-        return lambda array: array
-    import cupy
-
-    return lambda array: cupy.asarray(np.asarray(array))
+    return PROBES.load(ev.method).code(inputs)
 
 
 #: Figures copied onto the pretraining run: what the MLflow compare view and ``ssltk report`` read
@@ -269,7 +213,11 @@ def _record(
     run.log_metrics([(0, metrics)])
     run.finish("FINISHED")
     if target.pretrain_run_id is not None:
-        headline = {k: v for k, v in metrics.items() if k.split("/")[2] in _WRITTEN_BACK}
+        headline = {
+            k: v
+            for k, v in metrics.items()
+            if tracking.parse_probe_metric(k).figure in _WRITTEN_BACK
+        }
         tracking.open_run(target.config, target.pretrain_run_id).log_metrics([(0, headline)])
     summary = {
         "kind": target.kind,

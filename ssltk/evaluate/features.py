@@ -1,7 +1,7 @@
 """Frozen-backbone features for linear evaluation, cached on disk.
 
-``extract_features`` runs a task's ``representation`` (its linear-evaluation preprocessing, paper
-§2.5 and §4.3) over a split in eval mode, pools every requested endpoint with the §4.2 rule and
+``extract_features`` runs a task's ``representation`` (its linear-evaluation preprocessing) over a
+split in eval mode, pools every requested endpoint to at most ``eval.max_features`` values and
 writes one float32 ``.npy`` per (weights, split, layer) straight to disk, so a split larger than
 memory never sits in RAM. A small JSON manifest beside each array names what it was computed from;
 a hit needs every field to match, so changed weights, data or pooling never hit.

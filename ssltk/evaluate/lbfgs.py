@@ -1,14 +1,13 @@
-"""Multinomial logistic regression with L2, trained by L-BFGS on precomputed features (paper §4.4).
+"""Multinomial logistic regression with L2, trained by L-BFGS on precomputed features:
+the paper's main protocol (not in its released code).
 
 For standardised features ``x_i`` (train statistics), labels ``y_i``, weights ``W [d, K]`` and an
 unregularised bias ``b [K]`` the objective is::
 
     f(W, b) = 1/n · Σ_i CE(Wᵀx_i + b, y_i) + l2/2 · ‖W‖²
 
-scikit-learn's ``LogisticRegression(C=C)`` (lbfgs, multinomial, ``fit_intercept=True``) documents
-``C · Σ_i CE + ½‖W‖²``, which is ``n·C · f`` at ``l2 = 1 / (n·C)``; scikit-learn 1.9 in fact
-minimises ``mean CE + ½ · 1/(C·n) · ‖W‖²``, i.e. exactly ``f``. So ``C = 1 / (l2 · n)``, with ``n``
-the number of training rows.
+which is scikit-learn's ``LogisticRegression(C=1 / (l2 · n))`` (lbfgs, multinomial,
+``fit_intercept=True``), with ``n`` the number of training rows.
 
 The objective and its gradient are written once against the array API and run on NumPy, or on
 CuPy when the features are CuPy arrays. SciPy's L-BFGS-B drives float64 parameters, in a basis

@@ -1,4 +1,5 @@
-"""Reduce an endpoint to at most ``max_features`` values per example (paper §4.2).
+"""Reduce an endpoint to at most ``max_features`` values per example (9000 in the released
+code's ``utils.py``).
 
 A ``[B, C, H, W]`` map with more than ``max_features`` values is pooled with kernel = stride =
 ``ceil(sqrt(H·W·C / max_features))`` (clamped to ``[1, H]``, no padding, floor mode) and
@@ -37,7 +38,7 @@ def pooled_shape(shape: tuple[int, ...], max_features: int) -> tuple[int, ...]:
 
 
 def make_pool(max_features: int, mode: str = "max") -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function ``[B, ...] → [B, features]`` applying the §4.2 rule to each endpoint."""
+    """A function ``[B, ...] → [B, features]`` applying that rule to each endpoint."""
     if mode not in POOL_MODES:
         raise ValueError(f"pooling={mode!r}: expected one of {', '.join(POOL_MODES)}")
     pool2d = F.max_pool2d if mode == "max" else F.avg_pool2d

@@ -1,11 +1,13 @@
-"""The released linear evaluation (paper §4.3): heads trained with SGD on a frozen backbone.
+"""The released linear evaluation: heads trained with SGD on a frozen backbone.
 
 One head per endpoint, trained together (the loss is the sum of their mean cross-entropies), with
 momentum 0.9, ``base_lr`` per 256 images, ×0.1 decays and no warm-up, as the official
-``linear_eval.py``. A head is a Linear layer, or the MLP of §4.5 (1000 hidden units, ReLU, dropout
-0.5). With ``augment`` each step reads the backbone on random crops of the batch (the training
-augmentation); without it the heads train on the cached centre-crop features. Batches, crops and
-head initialisation come from the seed, so the result is deterministic.
+``self_supervision/linear_eval.py``. A head is a Linear layer, or the released MLP head (1000
+hidden units, ReLU, dropout 0.5). With ``augment`` each step reads the backbone on random crops of
+the batch (the training augmentation); without it the heads train on the cached centre-crop
+features. Batches, crops and head initialisation come from the seed, so the result is
+deterministic. Registers probes ``sgd``
+and ``mlp``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssltk.config import MlpProbeConfig, SgdProbeConfig
 from ssltk.data.dataset import PreparedSplit
 from ssltk.data.loader import DeterministicLoader
+from ssltk.evaluate.lbfgs import topk_accuracy
+from ssltk.evaluate.pooling import make_pool
+from ssltk.evaluate.probe import Figures, ProbeInputs, register_probe
 from ssltk.pretext.base import TaskOutput
+from ssltk.sections import MlpProbeConfig, SgdProbeConfig
 from ssltk.train.engine import Trainer
 from ssltk.train.schedule import StepSchedule
 
@@ -154,3 +159,40 @@ def predict(
         for layer, logits in heads(chunk).items():
             out[layer].append(logits.float().cpu().numpy())
     return {layer: np.concatenate(parts) for layer, parts in out.items()}
+
+
+def _fit_heads(inputs: ProbeInputs) -> Figures:
+    """Probes ``sgd`` and ``mlp``: heads on ``train`` (:func:`train_heads`), scored on the
+    report split's cached features."""
+    ev, train = inputs.target.config.eval, inputs.features["train"]
+    dims = {layer: int(train.layers[layer].shape[1]) for layer in inputs.layers}
+    pool = make_pool(ev.max_features, ev.pooling)
+
+    def represent(images: torch.Tensor, keys: torch.Tensor | None):
+        return inputs.target.task.representation(images, inputs.layers, pool=pool, keys=keys)
+
+    heads = train_heads(
+        inputs.splits["train"],
+        dims,
+        inputs.section,
+        seed=inputs.target.config.seed,
+        represent=represent,
+        features=train.layers,
+        device=inputs.device,
+        log=lambda epoch, total, loss: inputs.log(
+            f"probe {ev.method} epoch {epoch}/{total}: loss {loss:.4f}"
+        ),
+    )
+    report = inputs.features[inputs.report_split]
+    logits = predict(heads, report.layers)
+    return {
+        layer: {
+            "top1": topk_accuracy(logits[layer], report.labels, 1),
+            "top5": topk_accuracy(logits[layer], report.labels, 5),
+        }
+        for layer in inputs.layers
+    }
+
+
+register_probe("sgd")(_fit_heads)
+register_probe("mlp")(_fit_heads)

@@ -12,16 +12,26 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from ssltk import tracking
+from ssltk import store, tracking
 from ssltk.config import Config, config_from_dict
 from ssltk.errors import UserError
 from ssltk.evaluate.features import weights_digest
 from ssltk.pretext import PretextTask, build_task
-from ssltk.train.checkpoint import CheckpointError, load_checkpoint, sha256_file
+from ssltk.train.checkpoint import (
+    SIDECAR_SUFFIX,
+    CheckpointError,
+    load_checkpoint,
+    sha256_file,
+    verify_checkpoint,
+)
 from ssltk.train.determinism import seed_everything
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 __all__ = ["EvalTarget", "baseline_target", "target_from_run_dir", "target_from_run_id"]
 
@@ -78,8 +88,8 @@ def _run_config(run_id: str, current: Config, mlflow_client) -> Config:
 
 def _pretrain_run(config: Config, run_id: str):
     """The MLflow run ``run_id``, checked to be a pretraining run."""
-    mlflow_client = tracking.client(config.tracking.resolved_uri())
-    run = tracking.find_run(mlflow_client, run_id)
+    mlflow_client = store.client(config.tracking.resolved_uri())
+    run = store.find_run(mlflow_client, run_id)
     if run is None:
         raise UserError(f"--run-id {run_id}: no such run in {config.tracking.resolved_uri()}")
     kind = run.data.tags.get(tracking.TAG_KIND)
@@ -120,7 +130,7 @@ def target_from_run_id(current: Config, run_id: str, scratch: Path) -> EvalTarge
     mlflow_client, run = _pretrain_run(current, run_id)
     config = _run_config(run_id, current, mlflow_client)
     try:
-        checkpoint = tracking.fetch_checkpoint(mlflow_client, run_id, scratch)
+        checkpoint = fetch_checkpoint(mlflow_client, run_id, scratch)
     except CheckpointError as err:
         raise UserError(str(err)) from None
     except Exception as err:  # no artifact: mlflow raises OSError or MlflowException
@@ -151,3 +161,18 @@ def target_from_run_dir(current: Config, run_dir: Path) -> EvalTarget:
     if not checkpoint.is_file():
         raise UserError(f"{path}: its checkpoint {checkpoint} does not exist")
     return _with_weights(config, run_id, checkpoint, record.get("checkpoint_sha256"))
+
+
+def fetch_checkpoint(mlflow_client: MlflowClient, run_id: str, destination: Path) -> Path:
+    """Download a pretraining run's checkpoint into ``destination``, verified by its sidecar."""
+    destination.mkdir(parents=True, exist_ok=True)
+    folder = Path(
+        mlflow_client.download_artifacts(run_id, tracking.CHECKPOINT_ARTIFACT_DIR, str(destination))
+    )
+    files = sorted(p for p in folder.iterdir() if not p.name.endswith(SIDECAR_SUFFIX))
+    if not files:
+        raise FileNotFoundError(
+            f"run {run_id}: no checkpoint under artifacts/{tracking.CHECKPOINT_ARTIFACT_DIR}"
+        )
+    verify_checkpoint(files[-1])
+    return files[-1]

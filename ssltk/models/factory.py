@@ -12,39 +12,24 @@ from ssltk.models.registry import arch_traits
 from ssltk.models.spec import ArchConfig
 
 
-def build_model(
-    arch: str,
-    *,
-    widening: int = 4,
-    num_classes: int | None = 1000,
-    last_relu: bool = True,
-    patch_mode: bool = False,
-    representation_size: int | None = None,
-    memory_saving: bool = True,
-    input_size: int | None = None,
-    zero_init_residual: bool = False,
-) -> nn.Module:
+def build_model(arch: str, **options: Any) -> nn.Module:
     """Build the registered backbone ``arch``; called on ``[B, 3, H, W]`` it returns endpoints.
 
-    ResNet/RevNet: ``after_root, block1..block4, pre_logits, logits``; VGG: ``block1..block5, fc6,
-    pre_logits, logits``. ``num_classes`` None or 0 leaves out the head and the ``logits`` endpoint
-    (for pretext heads that read ``pre_logits``). ``patch_mode`` sets the root and last-stage
-    strides to 1 for ResNet/RevNet (paper §3.6; VGG is unchanged). ``memory_saving`` is RevNet's
-    activation recomputation. ``input_size`` is used by VGG only (see :class:`ArchConfig`).
-    ``zero_init_residual`` starts every residual branch at zero (:mod:`ssltk.models.init`). The
-    arguments are kept on ``model.config``. Bad arguments raise ``ValueError`` naming them.
+    ``options`` are the other fields of :class:`ArchConfig` (``widening=4, num_classes=1000,
+    last_relu=True, patch_mode=False, representation_size=None, memory_saving=True,
+    input_size=None, zero_init_residual=False``). ResNet/RevNet: ``after_root, block1..block4,
+    pre_logits, logits``; VGG: ``block1..block5, fc6, pre_logits, logits``. ``num_classes`` None or
+    0 leaves out the head and the ``logits`` endpoint (for pretext heads that read
+    ``pre_logits``). ``patch_mode`` sets the root and last-stage strides to 1 for ResNet/RevNet
+    (VGG is unchanged). ``memory_saving`` is RevNet's activation recomputation. ``input_size`` is
+    used by VGG only. ``zero_init_residual`` starts every residual branch at zero
+    (:mod:`ssltk.models.init`). Bad arguments raise ``ValueError`` naming them.
     """
-    config = ArchConfig(
-        arch=arch,
-        widening=widening,
-        num_classes=num_classes,
-        last_relu=last_relu,
-        patch_mode=patch_mode,
-        representation_size=representation_size,
-        memory_saving=memory_saving,
-        input_size=input_size,
-        zero_init_residual=zero_init_residual,
-    )
+    return build_backbone(ArchConfig(arch, **options))
+
+
+def build_backbone(config: ArchConfig) -> nn.Module:
+    """The backbone ``config`` describes, with ``config`` kept on ``model.config``."""
     model = arch_traits(config.arch).build(config)
     if config.zero_init_residual:
         zero_init_residual_branches(model)
@@ -55,8 +40,8 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     """Two optimizer groups: conv/linear kernels with ``weight_decay``, everything else without.
 
     BN parameters, biases and kernels marked by ``exclude_from_weight_decay`` (the RevNet stem)
-    are not decayed, as in the TF code (§3.8). Frozen parameters are left out; shared parameters
-    appear once.
+    are not decayed, as in the TF code (``trainer.py``). Frozen parameters are left out; shared
+    parameters appear once.
     """
     if not isinstance(weight_decay, int | float) or weight_decay < 0:
         raise ValueError(f"weight_decay={weight_decay!r}: must be a non-negative number")

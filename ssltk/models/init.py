@@ -1,4 +1,4 @@
-"""Optional zero initialisation of every residual branch's last scale (Goyal et al., 2017, §5.1).
+"""Optional zero initialisation of every residual branch's last scale (Goyal et al., 2017).
 
 Not in the paper's code (``model.zero_init_residual``, default off): each residual unit then starts
 as its shortcut, so a deep, thin network trains like a shallow one early on and deepens as the
@@ -11,8 +11,7 @@ branches grow. The last scale of a branch is
 RevNet is left unchanged on purpose. Its equivalent (the last conv of F) makes every unit a plain
 half swap, so the channels that each stage transition pads with zeros, three quarters of block4,
 stay exactly zero until F grows; the final BN then amplifies F's first tiny updates by up to
-1/sqrt(eps), and Exemplar's normalised embedding diverged within two steps (the embedding bias
-reached ~1e8; reports/study_tuning.md). VGG has no residual branches.
+1/sqrt(eps). VGG has no residual branches.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Building blocks shared by the backbones, with the TF-port conventions of paper §3.8.
+"""Building blocks shared by the backbones, with the conventions of the released TF
+code (``models/resnet.py``, ``trainer.py``).
 
 BatchNorm uses TF's defaults translated to PyTorch (momentum 0.01, eps 1e-3); kernels start
 Glorot-uniform with zero biases (see :func:`init_weights`). Convolutions never carry a bias when a
@@ -35,7 +36,7 @@ def conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1)
 
 
 def exclude_from_weight_decay(module: nn.Module) -> nn.Module:
-    """Mark ``module``'s kernel as not decayed (the RevNet stem conv, paper §3.8)."""
+    """Mark ``module``'s kernel as not decayed (the RevNet stem conv, as the released code)."""
     setattr(module, _NO_DECAY_FLAG, True)
     return module
 
@@ -68,10 +69,11 @@ class ZeroPadMaxPool(nn.Module):
 
 
 class RepresentationLayer(nn.Sequential):
-    """1×1 conv + BN (+ ReLU) that sets the width of the pooled representation (paper §3.9).
+    """1×1 conv + BN (+ ReLU) that sets the width of the pooled representation.
 
-    ASSUMPTION (paper §3.9 is unverified): the layer sits *before* global average pooling, because
-    a purely linear map after pooling could not change what a linear probe can express.
+    ASSUMPTION (the paper decouples width from representation size with an extra layer that its
+    released code does not have): the layer sits *before* global average pooling, because a purely
+    linear map after pooling could not change what a linear probe can express.
     """
 
     def __init__(self, in_channels: int, out_channels: int, relu: bool = True) -> None:

@@ -1,7 +1,6 @@
-"""The backbone registry: each builder registers itself and its traits (as timm's
-``@register_model``), and every list of architecture names derives from here.
-
-This module imports no torch; importing :mod:`ssltk.models` registers the paper's backbones.
+"""The backbone registry (:data:`ssltk.registry.ARCHS`) as ``ssltk.models`` offers it: each
+builder registers itself and its traits (as timm's ``@register_model``), and every list of
+architecture names derives from here. No torch is imported here.
 """
 
 from __future__ import annotations
@@ -9,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from ssltk.registry import ARCHS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -28,7 +29,9 @@ class ArchEntry:
 
     name: str
     build: Callable[[ArchConfig], nn.Module]
-    #: The final ReLU may be dropped (the paper's "(-)" rows, §3.4).
+    #: The endpoints ``forward`` returns, in order (empty: not declared).
+    endpoints: tuple[str, ...] = ()
+    #: The final ReLU may be dropped (the paper's "(-)" rows).
     last_relu_optional: bool = False
     #: The model is built for one input size (VGG's fc6 covers the last map). ``None``: any size,
     #: and ``input_size`` is only recorded.
@@ -37,40 +40,36 @@ class ArchEntry:
     memory_saving: bool = False
 
 
-_REGISTRY: dict[str, ArchEntry] = {}
-
-
 def register_arch(
     name: str,
     *,
+    endpoints: tuple[str, ...] = (),
     last_relu_optional: bool = False,
     input_size_rule: InputSizeRule | None = None,
     memory_saving: bool = False,
 ) -> Callable[[Callable[[ArchConfig], nn.Module]], Callable[[ArchConfig], nn.Module]]:
     """Decorator registering ``build(config: ArchConfig) -> nn.Module`` as backbone ``name``,
     with the traits of :class:`ArchEntry`."""
-
-    def add(build: Callable[[ArchConfig], nn.Module]) -> Callable[[ArchConfig], nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"backbone {name!r} is already registered")
-        _REGISTRY[name] = ArchEntry(name, build, last_relu_optional, input_size_rule, memory_saving)
-        return build
-
-    return add
+    return ARCHS.register(
+        name,
+        endpoints=tuple(endpoints),
+        last_relu_optional=last_relu_optional,
+        input_size_rule=input_size_rule,
+        memory_saving=memory_saving,
+    )
 
 
 def unregister_arch(name: str) -> None:
     """Remove backbone ``name`` (for code that registers one for a while, such as a test)."""
-    del _REGISTRY[name]
+    ARCHS.unregister(name)
 
 
 def arch_names() -> tuple[str, ...]:
     """Registered backbones, in registration order."""
-    return tuple(_REGISTRY)
+    return ARCHS.names()
 
 
 def arch_traits(name: str) -> ArchEntry:
     """The registry entry of backbone ``name``; a ``ValueError`` listing the registered ones."""
-    if name not in _REGISTRY:
-        raise ValueError(f"arch={name!r}: expected one of {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+    member = ARCHS.load(name)
+    return ArchEntry(name, member.code, **member.traits)

@@ -1,4 +1,5 @@
-"""ResNet50 v1 (post-activation, stride on the 3×3) and v2 (pre-activation), paper §3.2–3.4.
+"""ResNet50 v1 (post-activation, stride on the 3×3) and v2 (pre-activation), as the released
+``models/resnet.py``.
 
 Widths scale with the widening factor k: root 16k, stage outputs 64k/128k/256k/512k, bottleneck
 inner width a quarter of the output. Each endpoint is the output of the child module of the same
@@ -20,7 +21,7 @@ ROOT_WIDTH = 16  # per unit of k
 
 
 def stage_strides(patch_mode: bool) -> tuple[int, ...]:
-    """Stride of each stage's first unit; patch mode keeps stage 4 at full resolution (§3.6)."""
+    """Stride of each stage's first unit; patch mode keeps stage 4 at full resolution."""
     return (1, 2, 2, 1) if patch_mode else (1, 2, 2, 2)
 
 
@@ -89,7 +90,7 @@ def _stage(
 
 class StagedBackbone(nn.Module):
     """Shared shape of ResNet50 and RevNet50: ``root``, ``block1..block4``, ``pre_logits`` and an
-    optional linear ``logits`` head, called to return the endpoint dict of paper §4.1.
+    optional linear ``logits`` head, called to return the endpoint dict.
     """
 
     def _add_head(self, channels: int, *, final_norm: bool) -> None:
@@ -118,7 +119,7 @@ class StagedBackbone(nn.Module):
 
 
 class ResNet50(StagedBackbone):
-    """ResNet50 v1 or, with ``preactivation``, v2, returning the endpoint dict of paper §4.1."""
+    """ResNet50 v1 or, with ``preactivation``, v2, returning the endpoint dict."""
 
     def __init__(self, config: ArchConfig, *, preactivation: bool) -> None:
         super().__init__()
@@ -153,6 +154,6 @@ def resnet50_v1(config: ArchConfig) -> ResNet50:
     return ResNet50(config, preactivation=False)
 
 
-@register_arch("resnet50_v2", last_relu_optional=True)
+@register_arch("resnet50_v2")
 def resnet50_v2(config: ArchConfig) -> ResNet50:
     return ResNet50(config, preactivation=True)

@@ -1,4 +1,5 @@
-"""RevNet50 as in the paper's code (§3.7): one additive coupling per unit with a half swap.
+"""RevNet50 as in the paper's code (``models/resnet.py``): one additive coupling per unit with a
+half swap.
 
 A unit maps x = [x1 | x2] to [x2 | x1 + F(x2)], where F is a pre-activation bottleneck without a
 shortcut and inner width C/8. Units never change the shape; between stages a parameter-free
@@ -314,7 +315,7 @@ class ReversibleStage(nn.Module):
         return y
 
 
-@register_arch("revnet50", last_relu_optional=True, memory_saving=True)
+@register_arch("revnet50")
 class RevNet50(StagedBackbone):
     """RevNet50 with widening k: stage widths 64k..512k, (3, 4, 6, 3) units."""
 

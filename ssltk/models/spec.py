@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ssltk.models.registry import arch_names, arch_traits
+from ssltk.models.registry import arch_traits
+from ssltk.registry import ARCHS
+
+if TYPE_CHECKING:
+    from ssltk.config import ModelConfig
 
 
 def is_int(value: Any) -> bool:
@@ -59,15 +63,21 @@ class ArchConfig:
         elif size is not None and (not is_int(size) or size <= 0):
             raise ValueError(f"input_size={size!r}: must be a positive integer or None")
 
+    @classmethod
+    def from_model(cls, model: ModelConfig, **task: Any) -> ArchConfig:
+        """Every ``model.*`` option of params.yaml, plus what the task decides (``num_classes``,
+        ``patch_mode``, ``input_size``): a new ``model.*`` option is a field there and here."""
+        return cls(**model.model_dump(), **task)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
     def pre_logits_width(self) -> int:
-        """Width of ``pre_logits``: the representation size if set, else 512·k (§3.1, §3.5)."""
+        """Width of ``pre_logits``: the representation size if set, else 512·k."""
         return self.representation_size or 512 * self.widening
 
 
 def last_relu_optional() -> str:
     """The registered backbones whose final ReLU may be dropped, as ``"a and b"``."""
-    return " and ".join(name for name in arch_names() if arch_traits(name).last_relu_optional)
+    return " and ".join(ARCHS.having("last_relu_optional"))

@@ -6,10 +6,12 @@ Nothing is allocated, so even RevNet50 k=16 or ResNet50 k=12 summarise instantly
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ssltk.models.factory import build_model
+from ssltk.models.factory import build_backbone
+from ssltk.models.spec import ArchConfig
 
 #: The module producing each endpoint, where its name differs from the endpoint's.
 _PRODUCER = {"after_root": "root"}
@@ -31,31 +33,24 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 def model_summary(
-    arch: str,
-    widening: int,
-    input_size: int,
-    patch_mode: bool = False,
-    *,
-    num_classes: int | None = 1000,
-    last_relu: bool = True,
-    representation_size: int | None = None,
+    arch: str, widening: int, input_size: int, patch_mode: bool = False, **options: Any
 ) -> list[SummaryRow]:
-    """Rows per endpoint for a ``[1, 3, input_size, input_size]`` input, in forward order.
+    """Rows per endpoint of ``build_model(arch, ...)`` for a ``[1, 3, input_size, input_size]``
+    input, in forward order; ``options`` as :func:`~ssltk.models.build_model` takes them."""
+    config = ArchConfig(
+        arch, widening=widening, input_size=input_size, patch_mode=patch_mode, **options
+    )
+    return summarize(config)
 
-    The ``params`` column sums to the model's parameter count.
-    """
+
+def summarize(config: ArchConfig) -> list[SummaryRow]:
+    """Rows per endpoint of the backbone ``config`` describes for a ``[1, 3, input_size,
+    input_size]`` input, in forward order. The ``params`` column sums to the parameter count."""
+    input_size = config.input_size
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
         raise ValueError(f"input_size={input_size!r}: must be a positive integer")
     with torch.device("meta"):
-        model = build_model(
-            arch,
-            widening=widening,
-            num_classes=num_classes,
-            last_relu=last_relu,
-            patch_mode=patch_mode,
-            representation_size=representation_size,
-            input_size=input_size,
-        )
+        model = build_backbone(config)
         model.eval()
         with torch.no_grad():
             endpoints = model(torch.empty(1, 3, input_size, input_size))

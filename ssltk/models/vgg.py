@@ -1,4 +1,5 @@
-"""VGG19 with BatchNorm (paper §3.5): base width w = 8k, so k=8 is the usual 64..512 channels.
+"""VGG19 with BatchNorm (the released ``models/vggnet.py``): base width w = 8k, so k=8 is the
+usual 64..512 channels.
 
 Every conv is 3×3 without bias, followed by BN and ReLU. Endpoints ``block1..block5`` are taken
 before each block's 2×2 max-pool. ``fc6`` is a conv whose kernel covers the whole map left after the
@@ -61,7 +62,7 @@ def vgg_input_size(size: int | None, patch_mode: bool) -> int:
 
 @register_arch("vgg19_bn", input_size_rule=vgg_input_size)
 class VGG19BN(nn.Module):
-    """VGG19-BN returning ``block1..block5, fc6, pre_logits, logits`` (paper §4.1)."""
+    """VGG19-BN returning ``block1..block5, fc6, pre_logits, logits``."""
 
     def __init__(self, config: ArchConfig) -> None:
         super().__init__()

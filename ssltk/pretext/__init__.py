@@ -1,16 +1,11 @@
-"""Pretext tasks of the paper (§2): Rotation, Exemplar, Jigsaw and Relative Patch Location.
+"""Pretext tasks of the paper: Rotation, Exemplar, Jigsaw and Relative Patch Location.
 
 ``build_task(config)`` returns the :class:`PretextTask` named by ``config.pretext.task``. Each task
 lives in its own module, registers itself with :func:`register_task` and carries its traits and its
 ``pretext.<name>`` config section; a new task is one more such module, imported before the config
-is read.
+is read. The shipped tasks are declared in :mod:`ssltk.registry` and imported when first asked for.
 """
 
-# Importing a task's module registers it; registration order is the study's default order.
-# isort: off
-from ssltk.pretext import rotation, exemplar, jigsaw, relative_patch_location  # noqa: F401
-
-# isort: on
 from ssltk.pretext.base import (
     PretextInputs,
     PretextTask,

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ssltk.config import Config, Section
-from ssltk.models import build_model, weight_decay_groups
+from ssltk.models import ArchConfig, build_backbone, weight_decay_groups
+from ssltk.registry import TASKS
 
 __all__ = [
     "PretextInputs",
@@ -57,10 +58,10 @@ class PretextTask(nn.Module, ABC):
     """
 
     name: str = ""
-    #: The backbone embeds patches in patch mode (paper §3.6) rather than whole images.
+    #: The backbone embeds patches in patch mode rather than whole images.
     patch_mode: bool = False
     #: The loss compares examples across the batch, so data parallelism changes it unless each
-    #: rank sees the whole batch (the Exemplar triplet loss, paper §2.2).
+    #: rank sees the whole batch (the Exemplar triplet loss).
     couples_batch: bool = False
     #: The step metric that says how well the pretext task is solved.
     metric: str = "accuracy"
@@ -118,7 +119,7 @@ class PretextTask(nn.Module, ABC):
     ) -> dict[str, torch.Tensor]:
         """Backbone endpoints ``layers`` (``None``: all) of uint8 images, preprocessed as for
         linear evaluation: centre crops, or random crops drawn from per-image ``keys`` (the SGD
-        probe's training augmentation, paper §4.3).
+        probe's training augmentation).
         """
 
     def head_param_groups(self) -> list[dict]:
@@ -150,35 +151,28 @@ def select_endpoints(
 def backbone_from_config(
     config: Config, *, num_classes: int, patch_mode: bool, input_size: int
 ) -> nn.Module:
-    model = config.model
-    return build_model(
-        model.arch,
-        widening=model.widening,
-        num_classes=num_classes,
-        last_relu=model.last_relu,
-        patch_mode=patch_mode,
-        representation_size=model.representation_size,
-        memory_saving=model.memory_saving,
-        input_size=input_size,
-        zero_init_residual=model.zero_init_residual,
+    arch = ArchConfig.from_model(
+        config.model, num_classes=num_classes, patch_mode=patch_mode, input_size=input_size
     )
+    return build_backbone(arch)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.detach().argmax(dim=1) == labels).float().mean()
 
 
-_REGISTRY: dict[str, type[PretextTask]] = {}
-
-
 def register_task(name: str) -> Callable[[type[PretextTask]], type[PretextTask]]:
-    """Class decorator adding a task to the registry under ``name``."""
+    """Class decorator adding a task to the registry under ``name``, with the traits the config
+    reads (``config_section``, ``min_batch_size``, ``min_batch_reason``) taken from the class."""
 
     def add(cls: type[PretextTask]) -> type[PretextTask]:
-        if name in _REGISTRY:
-            raise ValueError(f"pretext task {name!r} is already registered")
+        TASKS.register(
+            name,
+            section=cls.config_section,
+            min_batch_size=cls.min_batch_size,
+            min_batch_reason=cls.min_batch_reason,
+        )(cls)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
 
     return add
@@ -186,21 +180,17 @@ def register_task(name: str) -> Callable[[type[PretextTask]], type[PretextTask]]
 
 def unregister_task(name: str) -> None:
     """Remove task ``name`` (for code that registers one for a while, such as a test)."""
-    del _REGISTRY[name]
+    TASKS.unregister(name)
 
 
 def registered_tasks() -> tuple[str, ...]:
     """Registered task names, in registration order."""
-    return tuple(_REGISTRY)
+    return TASKS.names()
 
 
 def task_class(name: str) -> type[PretextTask]:
     """The registered task class called ``name``."""
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"pretext.task={name!r}: expected one of {', '.join(_REGISTRY) or '(none registered)'}"
-        )
-    return _REGISTRY[name]
+    return TASKS.load(name).code
 
 
 def build_task(config: Config) -> PretextTask:

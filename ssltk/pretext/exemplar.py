@@ -11,12 +11,9 @@ task is defined by the random copies; their draws still come from the keys alone
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
 import torch
-from pydantic import Field
 
-from ssltk.config import Config, NonNegFloat, PositiveInt, Probability, Section
+from ssltk.config import Config
 from ssltk.data import rng
 from ssltk.data.augment import (
     Preprocessing,
@@ -32,16 +29,9 @@ from ssltk.pretext.triplet import (
     pairwise_squared_distances,
     semihard_triplet_loss_from_distances,
 )
+from ssltk.sections import ExemplarConfig
 
 __all__ = ["Exemplar", "ExemplarConfig", "nearest_neighbour_accuracy"]
-
-
-class ExemplarConfig(Section):
-    copies: Annotated[int, Field(ge=2)] = 8
-    grayscale_p: Probability = 0.66
-    embed_dim: PositiveInt = 1000
-    margin: NonNegFloat = 0.5
-    normalize: Literal["per_vector", "faithful_axis0"] = "per_vector"
 
 
 def nearest_neighbour_accuracy(distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

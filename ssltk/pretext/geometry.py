@@ -1,7 +1,7 @@
 """Patch geometry of Jigsaw and Relative Patch Location, scaled with ``pretext.input_size``.
 
-The paper's numbers (§2.3, §2.5) are for ``input_size`` 224. Fields of ``pretext.patches`` left
-``None`` scale with ``s = input_size / 224``, rounding half up:
+The released numbers (``config/jigsaw/imagenet.sh``) are for ``input_size`` 224. Fields of
+``pretext.patches`` left ``None`` scale with ``s = input_size / 224``, rounding half up:
 
 * ``resize = round(292 s)``: the square side the image is resized to (aspect ignored);
 * ``crop = round(255 s)``: the training crop (random; centred in eval);
@@ -10,8 +10,9 @@ The paper's numbers (§2.3, §2.5) are for ``input_size`` 224. Fields of ``prete
 * ``patch = cell - jitter``: the patch side seen by the network.
 
 At 224 this gives 292 / 255 / 85 / 21 / 64, the released configuration. The linear-evaluation
-readout (§2.5) uses ``resize_small = input_size`` (224 at s = 1), a centred ``grid · patch`` crop
-(192) and the grid with no jitter, so its patches have the training patch size.
+readout (``self_supervision/patch_utils.py``) uses ``resize_small = input_size`` (224 at s = 1), a
+centred ``grid · patch`` crop (192) and the grid with no jitter, so its patches have the training
+patch size.
 """
 
 from __future__ import annotations

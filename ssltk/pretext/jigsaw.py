@@ -1,4 +1,5 @@
-"""Jigsaw (paper §2.3): classify which of 100 permutations shuffled an image's 3×3 patches.
+"""Jigsaw (the released ``self_supervision/jigsaw.py``): classify which of 100 permutations
+shuffled an image's 3×3 patches.
 
 Each patch is embedded by the backbone in patch mode; for permutation π, slot s of the classifier
 input receives the embedding of patch π[s], and the slots are concatenated slot-major
@@ -11,11 +12,8 @@ always has one output per permutation.
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from ssltk.config import Config
@@ -23,15 +21,11 @@ from ssltk.data import rng
 from ssltk.data.augment import Preprocessing
 from ssltk.pretext.base import PretextInputs, TaskOutput, accuracy, register_task
 from ssltk.pretext.geometry import PatchLayout
-from ssltk.pretext.patches import PatchHead, PatchHeadConfig, PatchTask
+from ssltk.pretext.patches import PatchHead, PatchTask
 from ssltk.pretext.permutations import load_permutations
+from ssltk.sections import JigsawConfig
 
 __all__ = ["Jigsaw", "JigsawConfig", "arrange_slots"]
-
-
-class JigsawConfig(PatchHeadConfig):
-    perm_subset: Annotated[int, Field(ge=1, le=100)] = 8
-    per_image_perms: bool = False
 
 
 def arrange_slots(embeddings: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

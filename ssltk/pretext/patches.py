@@ -11,13 +11,10 @@ patch of the batch without materialising the crop. Patches are in row-major grid
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import torch
-from pydantic import Field
 from torch import nn
 
-from ssltk.config import Config, NonNegFloat, PositiveInt, Section
+from ssltk.config import Config
 from ssltk.data import rng
 from ssltk.data.augment import (
     Preprocessing,
@@ -36,17 +33,9 @@ from ssltk.pretext.base import (
     select_endpoints,
 )
 from ssltk.pretext.geometry import PatchLayout, resolve_patch_layout
+from ssltk.sections import PatchHeadConfig
 
 __all__ = ["PatchHead", "PatchHeadConfig", "PatchTask", "grid_offsets"]
-
-
-class PatchHeadConfig(Section):
-    """The per-patch embedding and the MLP head of a patch task (its ``pretext.<name>`` keys)."""
-
-    embed_dim: PositiveInt = 1000
-    hidden: PositiveInt = 4096
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
-    weight_decay: NonNegFloat = 5e-4
 
 
 HEAD_INIT_STD = 0.005

@@ -1,4 +1,5 @@
-"""The Jigsaw permutation set of Noroozi & Favaro, ``permutations_100_max.bin`` (paper §2.3).
+"""The Jigsaw permutation set of Noroozi & Favaro, ``permutations_100_max.bin`` (as the released
+``self_supervision/patch_utils.py`` loads it).
 
 File format: two little-endian int32 (count, length), then count × length little-endian int32
 1-based entries. The file is checked against its documented SHA-256 before it is parsed.

@@ -1,4 +1,5 @@
-"""Relative Patch Location (paper §2.4): where is a neighbour patch relative to the centre one?
+"""Relative Patch Location (the released ``self_supervision/relative_patch_location.py``): where
+is a neighbour patch relative to the centre one?
 
 All 8 (neighbour, centre) pairs of every image are classified; the classifier input is
 ``concat(embedding[neighbour], embedding[centre])`` (slot-major, see :mod:`ssltk.pretext.jigsaw`).
@@ -13,13 +14,10 @@ import torch.nn.functional as F
 
 from ssltk.config import Config
 from ssltk.pretext.base import PretextInputs, TaskOutput, accuracy, register_task
-from ssltk.pretext.patches import PatchHead, PatchHeadConfig, PatchTask
+from ssltk.pretext.patches import PatchHead, PatchTask
+from ssltk.sections import RelativePatchLocationConfig
 
 __all__ = ["RelativePatchLocation", "RelativePatchLocationConfig", "neighbour_centre_pairs"]
-
-
-class RelativePatchLocationConfig(PatchHeadConfig):
-    pass
 
 
 def neighbour_centre_pairs(embeddings: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,10 @@ of evaluation instead: on 32-px images an inception crop is often a few blurred 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
-from ssltk.config import Config, Section
+from ssltk.config import Config
 from ssltk.data import rng
 from ssltk.data.augment import Preprocessing, inception_preprocess
 from ssltk.pretext.base import (
@@ -25,6 +22,7 @@ from ssltk.pretext.base import (
     register_task,
 )
 from ssltk.pretext.full_image import FullImageTask
+from ssltk.sections import RotationConfig
 
 __all__ = ["NUM_ROTATIONS", "Rotation", "RotationConfig", "rotate_all"]
 
@@ -35,14 +33,6 @@ def rotate_all(x: torch.Tensor) -> torch.Tensor:
     """``[B, C, H, W]`` square images → ``[4B, C, H, W]``: each image's rotations 0..3, adjacent."""
     rotations = [torch.rot90(x, k, dims=(2, 3)) for k in range(NUM_ROTATIONS)]
     return torch.stack(rotations, dim=1).flatten(0, 1)
-
-
-class RotationConfig(Section):
-    crop: Literal["inception", "center"] = Field(
-        "inception",
-        description="training preprocessing: the paper's inception crop, or the evaluation's "
-        "centre crop (for tiny images, where inception crops are a few blurred pixels)",
-    )
 
 
 @register_task("rotation")

@@ -1,4 +1,4 @@
-"""Semi-hard triplet loss on squared Euclidean distances (paper §2.2, TF ``triplet_semihard_loss``).
+"""Semi-hard triplet loss on squared Euclidean distances (Exemplar; TF ``triplet_semihard_loss``).
 
 For every ordered anchor–positive pair ``(a, p)`` (same label, ``p != a``) the negative is the one
 with the smallest ``D(a, n)`` that is still larger than ``D(a, p)``; when no such negative exists,
@@ -24,7 +24,7 @@ def normalize_embeddings(embeddings: torch.Tensor, mode: str = "per_vector") -> 
     """L2-normalise ``[N, D]`` embeddings per vector, or along the batch axis (``faithful_axis0``).
 
     ``faithful_axis0`` reproduces the released code, which gives each embedding *dimension* unit
-    norm across the batch (paper §8 quirk 1).
+    norm across the batch (``self_supervision/exemplar.py``).
     """
     if mode == "per_vector":
         return F.normalize(embeddings, dim=1)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssltk import tracking
+from ssltk import store, tracking
 from ssltk.config import Config
 from ssltk.data import rng
 from ssltk.data.dataset import PreparedDataset
@@ -158,7 +158,7 @@ class _PretrainRun:
         self.data_hash = dataset.content_hash
         self.data_settings = dataset.settings_fingerprint
         if context.is_main:  # an unusable store is found before any work, and created once
-            tracking.client(config.tracking.resolved_uri())
+            store.client(config.tracking.resolved_uri())
         split = dataset.split(config.data.pretrain_split)
         self.loader = DeterministicLoader(
             split,

@@ -1,5 +1,6 @@
-"""The pretraining learning-rate schedule (paper §5.1): linear warm-up from 0, then step decays;
-optionally (``pretrain.schedule: cosine``, not in the paper) a cosine decay to 0 instead of steps.
+"""The pretraining learning-rate schedule (the released ``trainer.py``): linear warm-up from 0,
+then step decays; optionally (``pretrain.schedule: cosine``, not in the paper) a cosine decay to 0
+instead of steps.
 
 Everything is expressed in epochs in the config and converted to global steps with the loader's
 ``steps_per_epoch = floor(num_images / global_batch)``; the last partial batch is dropped.

@@ -1,4 +1,6 @@
-"""``ssltk models``: parameter counts and endpoint shapes of ``model.*``."""
+"""``ssltk models``: parameter counts and endpoint shapes of ``model.*``.
+
+Outside :mod:`ssltk.models` so that the command line can list it without importing torch."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ from typing import Annotated
 import typer
 
 from ssltk.cliutils import ParamsOption, SetOption, fail, read_config, user_errors
-from ssltk.models.summary import format_summary, model_summary
 
 
 def models(
@@ -23,6 +24,8 @@ def models(
 ) -> None:
     """Parameter counts and endpoint shapes of ``model.*``, before you train it."""
     config = read_config(params, set_)
+    from ssltk.models import ArchConfig
+    from ssltk.models.summary import format_summary, summarize
     from ssltk.pretext import task_class
 
     patch = task_class(config.pretext.task).patch_mode if patch_mode is None else patch_mode
@@ -30,14 +33,8 @@ def models(
     m = config.model
     with user_errors():
         try:
-            rows = model_summary(
-                m.arch,
-                m.widening,
-                size,
-                patch,
-                last_relu=m.last_relu,
-                representation_size=m.representation_size,
-            )
+            arch = ArchConfig.from_model(m, num_classes=1000, patch_mode=patch, input_size=size)
+            rows = summarize(arch)
         except ValueError as err:
             fail(str(err))
     mode = "patch mode, " if patch else ""

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ssltk import tracking
 from ssltk.pretext import task_class
+from ssltk.report.results import HEADLINE_LAYER, Cell, best_layer, cell_config, layer_order
 
 if TYPE_CHECKING:
     from ssltk.config import Config
-    from ssltk.report import Cell
 
 __all__ = ["write_plots"]
 
@@ -31,23 +32,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def _layer_order(cells: list[Cell], method: str) -> list[str]:
-    order: list[str] = []
-    for cell in cells:
-        for m, k, layer in cell.probes("run"):
-            if m == method and k == 1 and layer not in order:
-                order.append(layer)
-    canonical = [
-        "after_root",
-        "block1",
-        "block2",
-        "block3",
-        "block4",
-        "block5",
-        "fc6",
-        "pre_logits",
-        "logits",
-    ]
-    return sorted(order, key=lambda name: canonical.index(name) if name in canonical else 99)
+    found = [layer for c in cells for m, k, layer in c.probes("run") if m == method and k == 1]
+    return layer_order((c.arch for c in cells), found)
 
 
 def depth(cells: list[Cell], method: str, path: Path) -> Path:
@@ -109,9 +95,6 @@ def widening(cells: list[Cell], method: str, layer: str, path: Path) -> Path:
 
 def pretext_vs_linear(cells: list[Cell], config: Config, method: str, path: Path) -> Path:
     """One point per run: pretext metric above chance against the best layer's linear top-1."""
-    from ssltk import tracking
-    from ssltk.report import best_layer
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     markers = {
@@ -145,12 +128,6 @@ def pretext_vs_linear(cells: list[Cell], config: Config, method: str, path: Path
     return _save(fig, path)
 
 
-def cell_config(config: Config, cell: Cell) -> Config:
-    return config.model_copy(
-        update={"pretext": config.pretext.model_copy(update={"task": cell.task})}
-    )
-
-
 def loss_curves(cells: list[Cell], path: Path) -> Path:
     """Pretraining loss by step, one panel per task (losses of different tasks differ in scale)."""
     plt = _pyplot()
@@ -170,8 +147,6 @@ def loss_curves(cells: list[Cell], path: Path) -> Path:
 
 
 def write_plots(cells: list[Cell], config: Config, method: str, out_dir: Path) -> list[Path]:
-    from ssltk.report import HEADLINE_LAYER
-
     return [
         depth(cells, method, out_dir / "accuracy_by_layer.png"),
         widening(cells, method, HEADLINE_LAYER, out_dir / "accuracy_by_widening.png"),

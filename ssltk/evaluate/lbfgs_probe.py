@@ -1,0 +1,58 @@
+"""Probe ``lbfgs``, the paper's main protocol: :mod:`ssltk.evaluate.lbfgs` fitted on the cached
+train features of each layer, its L2 strength chosen on ``val`` when ``eval.lbfgs.l2`` lists more
+than one, scored on the report split."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ssltk.evaluate import lbfgs
+from ssltk.evaluate.probe import Figures, ProbeInputs, register_probe
+
+__all__ = ["fit_lbfgs"]
+
+
+@register_probe("lbfgs")
+def fit_lbfgs(inputs: ProbeInputs) -> Figures:
+    section, report = inputs.section, inputs.features[inputs.report_split]
+    train, val = inputs.features["train"], inputs.features.get("val")
+    on_device = _array_module_for(inputs.device.type)
+    options = {"num_classes": inputs.splits["train"].num_classes, "max_iter": section.max_iter}
+    figures: Figures = {}
+    for layer in inputs.layers:
+        clock = time.perf_counter()
+        if val is None:  # a single strength: nothing to choose
+            fit = lbfgs.fit(on_device(train.layers[layer]), train.labels, section.l2[0], **options)
+            chosen = {}
+        else:
+            fit = lbfgs.fit_path(
+                on_device(train.layers[layer]),
+                train.labels,
+                on_device(val.layers[layer]),
+                val.labels,
+                section.l2,
+                **options,
+            )
+            point = next(p for p in fit.points if p.l2 == fit.l2)
+            chosen = {"val_top1": point.val.top1}
+        accuracy = fit.score(on_device(report.layers[layer]), report.labels)
+        figures[layer] = {"top1": accuracy.top1, "top5": accuracy.top5, "l2": fit.l2, **chosen}
+        inputs.log(
+            f"probe lbfgs {layer}: top-1 {accuracy.top1:.4f} on {inputs.report_split} "
+            f"(l2 {fit.l2:g}, {time.perf_counter() - clock:.1f} s)"
+        )
+    return figures
+
+
+def _array_module_for(device_type: str) -> Callable[[Any], Any]:
+    """Features go to the GPU as CuPy arrays when evaluating on CUDA (the probe's code is the
+    same on both array modules); on CPU they stay NumPy (memory-mapped: streamed in chunks)."""
+    if device_type != "cuda":
+        return lambda array: array
+    import cupy
+
+    return lambda array: cupy.asarray(np.asarray(array))

@@ -1,0 +1,60 @@
+"""``ssltk report``: :func:`write_report` and its command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ssltk.cliutils import ParamsOption, SetOption, read_config, user_errors
+
+if TYPE_CHECKING:
+    from ssltk.config import Config
+
+
+def write_report(config: Config, out_dir: Path, runs_dir: Path = Path("runs")) -> list[Path]:
+    """Write results.md, results.csv and the plots into ``out_dir``; return the paths. Noise
+    controls are read from ``runs_dir/*/control.json``."""
+    # Here, not at the top: the command line lists this command without importing torch.
+    from ssltk.control.result import read_controls
+    from ssltk.errors import UserError
+    from ssltk.fsutil import write_atomic
+    from ssltk.report import plots
+    from ssltk.report.results import collect, provenance, rows
+    from ssltk.report.tables import markdown, write_csv
+
+    cells = collect(config)
+    if not any(c.run for c in cells):
+        raise UserError(
+            f"no finished pretraining run of the study in experiment "
+            f"{config.tracking.experiment!r} (run the study first: dvc repro)"
+        )
+    method = config.eval.method
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "results.md", out_dir / "results.csv"]
+    controls = read_controls(runs_dir)
+    text = markdown(cells, config, method, provenance(cells), controls)
+    write_atomic(written[0], text.encode())
+    write_csv(written[1], rows(cells))
+    written += plots.write_plots(cells, config, method, out_dir)
+    return written
+
+
+def report(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+    out: Annotated[Path, typer.Option("--out", help="folder for results.md/.csv and plots")] = Path(
+        "reports"
+    ),
+) -> None:
+    """Tables and plots of the study (study.*) from the tracking store: results.md, results.csv
+    and PNG plots; prints the pre-logits table.
+    """
+    config = read_config(params, set_)
+    with user_errors():
+        written = write_report(config, out)
+    text = written[0].read_text(encoding="utf-8")
+    start = text.index("## Pre-logits")
+    typer.echo(text[start : text.index("\n## ", start + 1)].rstrip())
+    typer.echo(f"wrote {', '.join(str(p) for p in written)}")

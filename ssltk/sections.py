@@ -1,0 +1,78 @@
+"""The params.yaml sections of the shipped tasks (``pretext.<task>``) and probes
+(``eval.<method>``), apart from their code so that reading params.yaml imports no torch.
+
+A task or probe from outside ssltk may keep its section in its own module (see
+:mod:`ssltk.registry`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from ssltk.schema import NonNegFloat, PositiveInt, Probability, Section
+
+__all__ = [
+    "ExemplarConfig",
+    "JigsawConfig",
+    "LbfgsConfig",
+    "MlpProbeConfig",
+    "PatchHeadConfig",
+    "RelativePatchLocationConfig",
+    "RotationConfig",
+    "SgdProbeConfig",
+]
+
+
+class RotationConfig(Section):
+    crop: Literal["inception", "center"] = Field(
+        "inception",
+        description="training preprocessing: the paper's inception crop, or the evaluation's "
+        "centre crop (for tiny images, where inception crops are a few blurred pixels)",
+    )
+
+
+class ExemplarConfig(Section):
+    copies: Annotated[int, Field(ge=2)] = 8
+    grayscale_p: Probability = 0.66
+    embed_dim: PositiveInt = 1000
+    margin: NonNegFloat = 0.5
+    normalize: Literal["per_vector", "faithful_axis0"] = "per_vector"
+
+
+class PatchHeadConfig(Section):
+    """The per-patch embedding and the MLP head of a patch task (its ``pretext.<name>`` keys)."""
+
+    embed_dim: PositiveInt = 1000
+    hidden: PositiveInt = 4096
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    weight_decay: NonNegFloat = 5e-4
+
+
+class JigsawConfig(PatchHeadConfig):
+    perm_subset: Annotated[int, Field(ge=1, le=100)] = 8
+    per_image_perms: bool = False
+
+
+class RelativePatchLocationConfig(PatchHeadConfig):
+    pass
+
+
+class LbfgsConfig(Section):
+    l2: list[NonNegFloat] = Field([1e-4, 1e-3, 1e-2, 1e-1], min_length=1)
+    max_iter: PositiveInt = 500
+
+
+class SgdProbeConfig(Section):
+    epochs: PositiveInt = 70
+    batch_size: PositiveInt = 512
+    base_lr: Annotated[float, Field(gt=0)] = 0.1
+    decay_epochs: list[NonNegFloat] = Field([30, 50])
+    weight_decay: NonNegFloat = 0.0
+    augment: bool = True
+
+
+class MlpProbeConfig(SgdProbeConfig):
+    hidden: PositiveInt = 1000
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
