@@ -1,4 +1,5 @@
-"""Batched augmentation primitives against plain per-image references (paper §2)."""
+"""Batched augmentation primitives against plain per-image references (the released code's
+``preprocess.py`` and slim's ``inception_preprocessing.py``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Exemplar (paper §2.2): embed augmented copies of an image close together, other images apart.
+"""Exemplar: embed augmented copies of an image close together, other images apart (the released
+``self_supervision/exemplar.py``).
 
 Grayscale is decided once per image (probability ``grayscale_p``) before ``copies`` independent
 training-mode inception crops are drawn, so all copies of an image share it; each copy is then

@@ -18,7 +18,8 @@ from ssltk.pretext.geometry import PAPER_INPUT_SIZE, round_half_up
 
 __all__ = ["FullImageTask"]
 
-#: Linear evaluation resizes the shorter side to 256 for a 224 input (paper §4.3).
+#: Linear evaluation resizes the shorter side to 256 for a 224 input (the released
+#: ``config/evaluation/rotation_or_exemplar.sh``).
 PAPER_EVAL_RESIZE = 256
 
 
@@ -50,9 +51,10 @@ class FullImageTask(PretextTask):
         pool: Pool | None = None,
         keys: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Paper §4.3: shorter side ``eval_resize`` (area), an ``input_size`` crop (centred, or
-        random from ``keys``), [-1, 1] scaling (no standardisation, also for Exemplar), then the
-        backbone's endpoints ``layers``, each passed through ``pool`` if given.
+        """The released linear evaluation: shorter side ``eval_resize`` (area), an
+        ``input_size`` crop (centred, or random from ``keys``), [-1, 1] scaling (no
+        standardisation, also for Exemplar), then the backbone's endpoints ``layers``, each
+        passed through ``pool`` if given.
         """
         size = self.input_size
         resized = resize_small(images, self.eval_resize)

@@ -1,10 +1,10 @@
 """What Jigsaw and Relative Patch Location share: patch sampling, per-patch embedding, the MLP head.
 
-Training patches (paper §2.3): bilinear resize to ``resize``², grayscale per image with
-probability ``grayscale_p``, a ``crop``² crop (random; centred in eval), a ``grid``×``grid`` grid of
-``cell``² cells and a ``patch``² sub-crop per cell (random jitter; centred in eval), each patch
-standardised. The crop and jitter are folded into per-patch offsets, so one call of
-:func:`ssltk.kernels.patch_extraction.extract_patches` gathers, grays and standardises every
+Training patches (the released ``self_supervision/patch_utils.py``): bilinear resize to ``resize``²,
+grayscale per image with probability ``grayscale_p``, a ``crop``² crop (random; centred in eval), a
+``grid``×``grid`` grid of ``cell``² cells and a ``patch``² sub-crop per cell (random jitter; centred
+in eval), each patch standardised. The crop and jitter are folded into per-patch offsets, so one
+call of :func:`ssltk.kernels.patch_extraction.extract_patches` gathers, grays and standardises every
 patch of the batch without materialising the crop. Patches are in row-major grid order (centre =
 ``grid²//2``).
 """
@@ -45,7 +45,8 @@ HEAD_BN_EPS = 1e-5
 
 
 class PatchHead(nn.Sequential):
-    """Dense → BN → ReLU → Dropout → Dense, initialised as the released patch head (§2.3)."""
+    """Dense → BN → ReLU → Dropout → Dense, initialised as the released patch head
+    (``self_supervision/patch_utils.py``)."""
 
     def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float) -> None:
         super().__init__(
@@ -172,10 +173,11 @@ class PatchTask(PretextTask):
         pool: Pool | None = None,
         keys: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Paper §2.5: shorter side ``input_size`` (area), a ``grid·patch`` crop (centred, or
-        random from ``keys``), unjittered grid, per-patch standardisation, no grayscale; each
-        endpoint is computed per patch, passed through ``pool`` if given (the per-patch pooling
-        of §4.2) and averaged over the patches.
+        """The released linear evaluation of patch models: shorter side ``input_size`` (area), a
+        ``grid·patch`` crop (centred, or random from ``keys``), unjittered grid, per-patch
+        standardisation, no grayscale; each endpoint is computed per patch, passed through ``pool``
+        if given (the per-patch pooling to at most ``eval.max_features``) and averaged over the
+        patches.
         """
         layout = self.layout
         batch = images.shape[0]

@@ -1,4 +1,5 @@
-"""Rotation (paper §2.1): predict which multiple of 90° an image was rotated by.
+"""Rotation: predict which multiple of 90° an image was rotated by (the released
+``self_supervision/rotation.py``).
 
 Every image is inception-preprocessed once at ``input_size`` and contributes all four rotations to
 the same batch, adjacent: copy ``k`` is rotated ``k × 90°`` counter-clockwise (``numpy.rot90``)
