@@ -107,8 +107,9 @@ def render(jsonl: Path) -> str:
         "params.yaml (resnet50_v2, widening 1, the study's optimiser settings compressed into "
         "the control's steps). `tf1`: the released code's TensorFlow 1 crop and resize "
         "geometry; `symmetric`: ssltk's default. Steps and batch shrink with the image size so "
-        "that the plan fits a 2-core CPU (the issue's bar is 300 steps at batch 64; rows below "
-        "it say so). Produced by `python scripts/noise_controls.py`.\n",
+        "that the plan fits a 2-core CPU: 300 × 64 where it allowed, fewer (the steps × batch "
+        "column) at 64 px and above; `not run` rows did not fit the session that made this "
+        "file. Produced by `python scripts/noise_controls.py` (a rerun continues it).\n",
         "| px | task | rotation crop | noise | steps × batch | chance | tf1 | symmetric |",
         "|---|---|---|---|---|---|---|---|",
     ]
