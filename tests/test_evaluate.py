@@ -151,42 +151,75 @@ def test_a_changed_checkpoint_never_hits_the_feature_cache(tmp_path: Path):
     assert cache.load({**identity, "data_hash": "e"}, "train", "pre_logits") is None
 
 
-def test_sgd_probe_trains_heads_deterministically(study: dict):
-    args = [
-        "--run-dir",
-        str(study["out"]),
-        "--set",
-        "eval.method=sgd",
-        "--set",
-        "eval.sgd.epochs=2",
-        "--set",
-        "eval.sgd.batch_size=64",
-        "--set",
-        "eval.sgd.augment=true",
-    ]
-    figures = []
-    for name in ("sgd-a", "sgd-b"):
-        result = ssltk_eval(study, *args, "--out", str(study["root"] / name))
-        assert result.exit_code == 0, result.output
-        figures.append(json.loads((study["root"] / name / "metrics.json").read_text())["layers"])
-    assert figures[0] == figures[1]
-    metric = tracking.probe_metric("sgd", 1, "pre_logits")
+@pytest.fixture
+def scored(monkeypatch) -> list:
+    """What the SGD/MLP probe's figures are computed from: ``(rows per layer, logits)`` of every
+    ``predict`` call evaluation makes."""
+    calls = []
+    original = evaluation.predict
+
+    def spy(heads, features, **kwargs):
+        logits = original(heads, features, **kwargs)
+        calls.append(({layer: len(rows) for layer, rows in features.items()}, logits))
+        return logits
+
+    monkeypatch.setattr(evaluation, "predict", spy)
+    return calls
+
+
+def assert_figures_score_the_test_split(study: dict, figures: dict, scored: list) -> None:
+    """Each layer's top-1 and top-5 are its head's logits on the 100 test rows, against their
+    labels (top-k counted here by hand)."""
+    (rows, logits), *others = scored
+    assert not others and rows == {layer: 100 for layer in figures}
+    data = PreparedDataset.for_config(load_config(study["params"]))
+    labels = data.split("test").labels.numpy()
+    for layer, got in figures.items():
+        ranked = np.argsort(-logits[layer], axis=1, kind="stable")
+        assert got["top1"] == float(np.mean(ranked[:, 0] == labels)), layer
+        assert got["top5"] == float(np.mean((ranked[:, :5] == labels[:, None]).any(axis=1)))
+        assert got["top5"] > got["top1"], layer  # 10 classes: top-5 is a different figure
+
+
+def shared_cache(study: dict) -> list[str]:
+    """``eval.cache_dir`` of the first evaluation: a probe on the same features skips the
+    network (the cache itself is tested above)."""
+    return ["--set", f"eval.cache_dir={study['root'] / 'eval-a' / 'features'}"]
+
+
+def test_sgd_probe_on_random_crops_reports_its_heads_on_the_test_split(
+    study: dict, evaluated: dict, scored
+):
+    """One augmented SGD evaluation (the probe's determinism and data order are pinned without
+    the network, in ``test_the_probe_*``)."""
+    args = ["--run-dir", str(study["out"]), "--set", "eval.method=sgd", *shared_cache(study)]
+    args += ["--set", "eval.sgd.epochs=2", "--set", "eval.sgd.batch_size=64"]
+    args += ["--set", "eval.sgd.augment=true", "--out", str(study["root"] / "sgd")]
+    result = ssltk_eval(study, *args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((study["root"] / "sgd" / "metrics.json").read_text())
+    assert (summary["method"], summary["split"]) == ("sgd", "test")
+    assert_figures_score_the_test_split(study, summary["layers"], scored)
     pretrain_run = tracking.client(f"sqlite:///{study['store']}").get_run(study["run_id"])
-    assert metric in pretrain_run.data.metrics
+    for layer in LAYERS:
+        for k in (1, 5):
+            name = tracking.probe_metric("sgd", k, layer)
+            assert pretrain_run.data.metrics[name] == summary["layers"][layer][f"top{k}"]
 
 
-def test_mlp_probe_on_cached_features_learns_above_chance(study: dict):
+def test_mlp_probe_on_cached_features_learns_above_chance(study: dict, evaluated: dict, scored):
     out = study["root"] / "mlp"
     args = ["--run-dir", str(study["out"]), "--out", str(out), "--set", "eval.method=mlp"]
+    args += shared_cache(study)
     args += ["--set", "eval.mlp.epochs=30", "--set", "eval.mlp.batch_size=64"]
     args += ["--set", "eval.mlp.augment=false", "--set", "eval.mlp.decay_epochs=[20]"]
     result = ssltk_eval(study, *args)
     assert result.exit_code == 0, result.output
     layers = json.loads((out / "metrics.json").read_text())["layers"]
     assert set(layers) == set(LAYERS)
+    assert_figures_score_the_test_split(study, layers, scored)
     # 10 classes: chance is 10 % top-1 and 50 % top-5.
     assert max(f["top1"] for f in layers.values()) > 0.15
-    assert all(f["top5"] >= f["top1"] for f in layers.values())
 
 
 def one_line_error(result) -> str:
@@ -604,3 +637,31 @@ def test_the_probe_reads_every_row_once_per_epoch_in_a_fresh_seeded_shuffle(monk
     # The order comes from the seed: the same seed repeats it, another seed does not.
     assert all(np.array_equal(a, b) for a, b in zip(rows_of(seed=5), log, strict=True))
     assert not np.array_equal(np.concatenate(rows_of(seed=6)[:4]), epochs[0])
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_probe_heads_are_a_function_of_the_seed_alone(augment):
+    """Same seed, same heads, whatever the caller's RNG stream; another seed, other heads. With
+    ``augment`` the heads read ``represent`` of each batch's images and sample keys."""
+    split = _ClassSortedSplit()
+    features = np.eye(8, dtype=np.float32)[split.labels.numpy()]
+
+    def represent(images, keys):
+        assert keys is not None and len(keys) == len(images)
+        base = torch.from_numpy(features[:1]).expand(len(images), 8)
+        return {"a": base + (keys % 7).float()[:, None]}
+
+    config = MlpProbeConfig(epochs=2, batch_size=16, decay_epochs=[1], augment=augment, hidden=4)
+
+    def heads(seed: int, stream: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(stream)
+        state = torch.get_rng_state()
+        trained = sgd.train_heads(
+            split, {"a": 8}, config, seed=seed, represent=represent, features={"a": features}
+        )
+        assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is left alone
+        return trained.state_dict()
+
+    first, again, other = heads(5, stream=1), heads(5, stream=2), heads(6, stream=1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
