@@ -7,10 +7,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ssltk import tracking
-from ssltk.config import Config
+from ssltk.config import Config, config_from_dict
 
 # The report internals these tests pin, in one place (a restructure moves this import only).
-from ssltk.report import CSV_COLUMNS, Cell, best_layer, markdown, rows, verdict, write_csv
+from ssltk.report import (
+    CSV_COLUMNS,
+    Cell,
+    best_layer,
+    collect,
+    markdown,
+    provenance,
+    rows,
+    verdict,
+    write_csv,
+)
 
 
 def run(run_id: str, metrics: dict[str, float], **tags: str) -> SimpleNamespace:
@@ -160,3 +170,60 @@ def test_tables_read_top1_and_the_method_asked_for():
     assert "| rotation | resnet50_v2 | 2 | pre_logits | 42.0 | 25.0 | +17.0 | 25.0 |" in text
     sgd = markdown([cell], Config(), "sgd", {})
     assert "| resnet50_v2 | 37.0 / – (–) |" in sgd
+
+
+def test_the_verdict_counts_a_gain_of_exactly_three_points():
+    cell = Cell("rotation", "revnet50", 1)
+    cell.run = run("r", {**probes({"pre_logits": 0.09}), "epoch/accuracy": 0.5})
+    cell.baseline = run("b", probes({"pre_logits": 0.06}))  # 0.09 - 0.06 == 0.03 exactly
+    assert "| rotation | revnet50 k=1: +3.0 | yes |" in verdict([cell], Config(), "lbfgs")
+    cell.baseline = run("b", probes({"pre_logits": 0.07}))
+    assert "| rotation | revnet50 k=1: +2.0 ✗ | no |" in verdict([cell], Config(), "lbfgs")
+
+
+def test_provenance_spans_the_first_start_to_the_last_end():
+    first, second = cells()
+    first.run.info = SimpleNamespace(run_id="r1", start_time=0, end_time=60_000)
+    first.baseline.info = SimpleNamespace(run_id="b1", start_time=120_000, end_time=150_000)
+    second.run.info = SimpleNamespace(run_id="r2", start_time=30_000, end_time=200_000)
+    second.baseline.info = SimpleNamespace(run_id="b2", start_time=200_000, end_time=230_000)
+    facts = provenance([first, second])
+    assert facts["wall time of the study (first run start to last run end)"] == "3 min 50 s"
+    assert facts["time in pretraining and baseline runs"] == "4 min 50 s"  # 60 + 30 + 170 + 30
+
+
+def test_collect_pairs_each_cell_with_its_newest_finished_runs(tmp_path: Path):
+    """From a real tracking store: of three pretraining runs of a cell the newest *finished* one
+    is reported (not an older one, not a newer failed one); the same for baselines."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = config_from_dict(
+        {
+            "tracking": {"uri": uri, "experiment": "report-test"},
+            "study": {"tasks": ["rotation"], "archs": ["revnet50"], "widenings": [1]},
+        }
+    )
+    client = tracking.client(uri)
+    experiment = tracking.ensure_experiment(client, "report-test", uri)
+    cell_tags = {tracking.TAG_TASK: "rotation", tracking.TAG_ARCH: "revnet50"}
+    cell_tags[tracking.TAG_WIDENING] = "1"
+
+    def logged(kind: str, start: int, status: str, top1: float) -> str:
+        tags = {**cell_tags, tracking.TAG_KIND: kind}
+        run_id = client.create_run(experiment, start_time=start, tags=tags).info.run_id
+        client.log_metric(run_id, tracking.probe_metric("lbfgs", 1, "pre_logits"), top1)
+        client.log_metric(run_id, tracking.train_metric("loss"), 2.0 - top1, step=1)
+        client.set_terminated(run_id, status, end_time=start + 1000)
+        return run_id
+
+    logged(tracking.KIND_PRETRAIN, 1_000, "FINISHED", 0.1)
+    newest = logged(tracking.KIND_PRETRAIN, 2_000, "FINISHED", 0.2)
+    logged(tracking.KIND_PRETRAIN, 3_000, "FAILED", 0.9)
+    logged(tracking.KIND_BASELINE, 1_500, "FINISHED", 0.05)
+    baseline = logged(tracking.KIND_BASELINE, 2_500, "FINISHED", 0.15)
+    logged(tracking.KIND_BASELINE, 3_500, "KILLED", 0.8)
+    (cell,) = collect(config)
+    assert cell.key == ("rotation", "revnet50", 1)
+    assert (cell.run.info.run_id, cell.baseline.info.run_id) == (newest, baseline)
+    assert cell.curve == [(1, 1.8)]
+    (row,) = rows([cell])
+    assert (row["top1"], row["baseline_top1"]) == (0.2, 0.15)
