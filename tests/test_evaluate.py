@@ -104,6 +104,10 @@ def test_eval_by_run_id_logs_every_layer_on_both_runs_and_repeats_exactly(
             name = tracking.probe_metric("lbfgs", k, layer)
             assert eval_run.data.metrics[name] == pretrain_run.data.metrics[name]
             assert 0.0 <= eval_run.data.metrics[name] <= 1.0
+            assert pretrain_run.data.metrics[name] == summary["layers"][layer][f"top{k}"]
+        # The val figure the report chooses the best layer by is written back too.
+        val_name = f"probe/lbfgs/val_top1/{layer}"
+        assert pretrain_run.data.metrics[val_name] == summary["layers"][layer]["val_top1"]
         assert summary["layers"][layer]["l2"] in (0.1, 0.01)
     # The top-5 of 10 classes is never below the top-1.
     assert all(f["top5"] >= f["top1"] for f in summary["layers"].values())
@@ -512,6 +516,11 @@ def identity_of(monkeypatch, tmp_path: Path):
     seen: list[dict] = []
 
     def spy(task, split, layers, *, identity, cache, **kwargs):
+        # What the features are computed with must be what the identity says.
+        assert (kwargs["pooling"], kwargs["max_features"]) == (
+            identity["pooling"],
+            identity["max_features"],
+        )
         seen.append(dict(identity))
         return Features({}, np.zeros(0, dtype=np.int64), cached=False)
 
@@ -534,6 +543,8 @@ def test_the_feature_cache_identity_changes_with_everything_the_features_depend_
 ):
     base_config = Config()
     base = identity_of(base_config)
+    assert (base["pooling"], base["max_features"]) == ("max", 9000)
+    assert identity_of(_with(base_config, "eval.pooling", "avg"))["pooling"] == "avg"
     assert identity_of(Config()) == base  # a function of its inputs
     changes = {
         "eval.pooling=avg": identity_of(_with(base_config, "eval.pooling", "avg")),
@@ -669,3 +680,13 @@ def test_the_probe_heads_are_a_function_of_the_seed_alone(augment):
     first, again, other = heads(5, stream=1), heads(5, stream=2), heads(6, stream=1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_pooling_takes_the_maximum_or_the_mean_of_each_window(mode):
+    """32 values to at most 8: stride ceil(sqrt(32 / 8)) = 2, so 2x2 windows (paper §4.2)."""
+    x = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4) ** 2
+    windows = x.reshape(1, 2, 2, 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(1, 2, 2, 2, 4)
+    expected = windows.amax(-1) if mode == "max" else windows.mean(-1)
+    assert torch.equal(make_pool(8, mode)(x), expected.flatten(1))
+    assert torch.equal(make_pool(32, mode)(x), x.flatten(1))  # small enough: only flattened
