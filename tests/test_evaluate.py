@@ -27,7 +27,7 @@ from ssltk.data.prepare import prepare
 # The evaluation internals these tests pin, in one place (a restructure moves one import block):
 # the feature identity evaluation builds (_features), the probes, the cache and the run's task.
 from ssltk.evaluate import evaluation, lbfgs, sgd
-from ssltk.evaluate.features import FeatureCache, Features
+from ssltk.evaluate.features import FeatureCache, Features, extract_features
 from ssltk.evaluate.pooling import make_pool, pooled_shape
 from ssltk.evaluate.target import target_from_run_dir
 from ssltk.models import build_model
@@ -146,8 +146,6 @@ def test_baseline_is_a_seeded_random_init_logged_as_its_own_kind(study: dict, ev
 
 
 def test_a_changed_checkpoint_never_hits_the_feature_cache(tmp_path: Path):
-    from ssltk.evaluate.features import FeatureCache
-
     cache = FeatureCache(tmp_path)
     identity = {"weights": "0" * 64, "data_hash": "d"}
     assert cache.load(identity, "train", "pre_logits") is None
@@ -411,9 +409,6 @@ def test_the_mlflow_ui_finds_pretraining_runs_with_their_probe_metrics(
 
 
 def test_a_cache_hit_skips_the_network(study: dict, tmp_path: Path):
-    from ssltk.data.dataset import PreparedDataset
-    from ssltk.evaluate.features import FeatureCache, extract_features
-
     class Counting(torch.nn.Module):
         """A stand-in task: two endpoints of pixel means, counting its calls."""
 
