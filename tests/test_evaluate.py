@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,9 +21,16 @@ from typer.testing import CliRunner
 from ssltk import store as mlflow_store
 from ssltk import tracking
 from ssltk.cli import app
-from ssltk.config import load_config
+from ssltk.config import Config, MlpProbeConfig, SgdProbeConfig, load_config
+from ssltk.data.dataset import PreparedDataset
 from ssltk.data.prepare import prepare
+
+# The evaluation internals these tests pin, in one place (a restructure moves one import block):
+# the feature identity evaluation builds (_features), the probes, the cache and the run's task.
+from ssltk.evaluate import evaluation, lbfgs, sgd
+from ssltk.evaluate.features import FeatureCache, Features, extract_features
 from ssltk.evaluate.pooling import make_pool, pooled_shape
+from ssltk.evaluate.target import target_from_run_dir
 from ssltk.models import build_model
 from ssltk.train.checkpoint import sidecar_path
 
@@ -96,20 +105,28 @@ def test_eval_by_run_id_logs_every_layer_on_both_runs_and_repeats_exactly(
             name = tracking.probe_metric("lbfgs", k, layer)
             assert eval_run.data.metrics[name] == pretrain_run.data.metrics[name]
             assert 0.0 <= eval_run.data.metrics[name] <= 1.0
+            assert pretrain_run.data.metrics[name] == summary["layers"][layer][f"top{k}"]
+        # The val figure the report chooses the best layer by is written back too.
+        val_name = f"probe/lbfgs/val_top1/{layer}"
+        assert pretrain_run.data.metrics[val_name] == summary["layers"][layer]["val_top1"]
         assert summary["layers"][layer]["l2"] in (0.1, 0.01)
     # The top-5 of 10 classes is never below the top-1.
     assert all(f["top5"] >= f["top1"] for f in summary["layers"].values())
 
-    # A second evaluation (here from the run directory, reading the cache) gives the same figures.
-    second = ssltk_eval(study, "--run-dir", str(study["out"]), "--out", str(out))
+    # A second evaluation (here from the run directory, reading the cache) gives the same figures,
+    # and so does a cold one that recomputes the features. One layer each: that every layer's
+    # figures are the refit of its cached arrays is test_reported_figures_are_the_train_fit_...
+    one = ["--set", "eval.layers=[pre_logits]"]
+    second = ssltk_eval(study, "--run-dir", str(study["out"]), "--out", str(out), *one)
     assert second.exit_code == 0, second.output
     again = json.loads((out / "metrics.json").read_text())
-    assert again["layers"] == summary["layers"] and again["run_id"] != summary["run_id"]
-    # And so does a cold evaluation that recomputes the features.
-    cold = ssltk_eval(study, "--run-dir", str(study["out"]), "--out", str(study["root"] / "b"))
+    assert again["layers"]["pre_logits"] == summary["layers"]["pre_logits"]
+    assert again["run_id"] != summary["run_id"]
+    cold_out = study["root"] / "b"
+    cold = ssltk_eval(study, "--run-dir", str(study["out"]), "--out", str(cold_out), *one)
     assert cold.exit_code == 0, cold.output
-    fresh = json.loads((study["root"] / "b" / "metrics.json").read_text())
-    assert fresh["layers"] == summary["layers"]
+    fresh = json.loads((cold_out / "metrics.json").read_text())
+    assert fresh["layers"] == {"pre_logits": summary["layers"]["pre_logits"]}
 
 
 def test_baseline_is_a_seeded_random_init_logged_as_its_own_kind(study: dict, evaluated: dict):
@@ -130,8 +147,6 @@ def test_baseline_is_a_seeded_random_init_logged_as_its_own_kind(study: dict, ev
 
 
 def test_a_changed_checkpoint_never_hits_the_feature_cache(tmp_path: Path):
-    from ssltk.evaluate.features import FeatureCache
-
     cache = FeatureCache(tmp_path)
     identity = {"weights": "0" * 64, "data_hash": "d"}
     assert cache.load(identity, "train", "pre_logits") is None
@@ -143,42 +158,75 @@ def test_a_changed_checkpoint_never_hits_the_feature_cache(tmp_path: Path):
     assert cache.load({**identity, "data_hash": "e"}, "train", "pre_logits") is None
 
 
-def test_sgd_probe_trains_heads_deterministically(study: dict):
-    args = [
-        "--run-dir",
-        str(study["out"]),
-        "--set",
-        "eval.method=sgd",
-        "--set",
-        "eval.sgd.epochs=2",
-        "--set",
-        "eval.sgd.batch_size=64",
-        "--set",
-        "eval.sgd.augment=true",
-    ]
-    figures = []
-    for name in ("sgd-a", "sgd-b"):
-        result = ssltk_eval(study, *args, "--out", str(study["root"] / name))
-        assert result.exit_code == 0, result.output
-        figures.append(json.loads((study["root"] / name / "metrics.json").read_text())["layers"])
-    assert figures[0] == figures[1]
-    metric = tracking.probe_metric("sgd", 1, "pre_logits")
+@pytest.fixture
+def scored(monkeypatch) -> list:
+    """What the SGD/MLP probe's figures are computed from: ``(rows per layer, logits)`` of every
+    ``predict`` call evaluation makes."""
+    calls = []
+    original = evaluation.predict
+
+    def spy(heads, features, **kwargs):
+        logits = original(heads, features, **kwargs)
+        calls.append(({layer: len(rows) for layer, rows in features.items()}, logits))
+        return logits
+
+    monkeypatch.setattr(evaluation, "predict", spy)
+    return calls
+
+
+def assert_figures_score_the_test_split(study: dict, figures: dict, scored: list) -> None:
+    """Each layer's top-1 and top-5 are its head's logits on the 100 test rows, against their
+    labels (top-k counted here by hand)."""
+    (rows, logits), *others = scored
+    assert not others and rows == {layer: 100 for layer in figures}
+    data = PreparedDataset.for_config(load_config(study["params"]))
+    labels = data.split("test").labels.numpy()
+    for layer, got in figures.items():
+        ranked = np.argsort(-logits[layer], axis=1, kind="stable")
+        assert got["top1"] == float(np.mean(ranked[:, 0] == labels)), layer
+        assert got["top5"] == float(np.mean((ranked[:, :5] == labels[:, None]).any(axis=1)))
+        assert got["top5"] > got["top1"], layer  # 10 classes: top-5 is a different figure
+
+
+def shared_cache(study: dict) -> list[str]:
+    """``eval.cache_dir`` of the first evaluation: a probe on the same features skips the
+    network (the cache itself is tested above)."""
+    return ["--set", f"eval.cache_dir={study['root'] / 'eval-a' / 'features'}"]
+
+
+def test_sgd_probe_on_random_crops_reports_its_heads_on_the_test_split(
+    study: dict, evaluated: dict, scored
+):
+    """One augmented SGD evaluation (the probe's determinism and data order are pinned without
+    the network, in ``test_the_probe_*``)."""
+    args = ["--run-dir", str(study["out"]), "--set", "eval.method=sgd", *shared_cache(study)]
+    args += ["--set", "eval.sgd.epochs=2", "--set", "eval.sgd.batch_size=64"]
+    args += ["--set", "eval.sgd.augment=true", "--out", str(study["root"] / "sgd")]
+    result = ssltk_eval(study, *args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((study["root"] / "sgd" / "metrics.json").read_text())
+    assert (summary["method"], summary["split"]) == ("sgd", "test")
+    assert_figures_score_the_test_split(study, summary["layers"], scored)
     pretrain_run = mlflow_store.client(f"sqlite:///{study['store']}").get_run(study["run_id"])
-    assert metric in pretrain_run.data.metrics
+    for layer in LAYERS:
+        for k in (1, 5):
+            name = tracking.probe_metric("sgd", k, layer)
+            assert pretrain_run.data.metrics[name] == summary["layers"][layer][f"top{k}"]
 
 
-def test_mlp_probe_on_cached_features_learns_above_chance(study: dict):
+def test_mlp_probe_on_cached_features_learns_above_chance(study: dict, evaluated: dict, scored):
     out = study["root"] / "mlp"
     args = ["--run-dir", str(study["out"]), "--out", str(out), "--set", "eval.method=mlp"]
+    args += shared_cache(study)
     args += ["--set", "eval.mlp.epochs=30", "--set", "eval.mlp.batch_size=64"]
     args += ["--set", "eval.mlp.augment=false", "--set", "eval.mlp.decay_epochs=[20]"]
     result = ssltk_eval(study, *args)
     assert result.exit_code == 0, result.output
     layers = json.loads((out / "metrics.json").read_text())["layers"]
     assert set(layers) == set(LAYERS)
+    assert_figures_score_the_test_split(study, layers, scored)
     # 10 classes: chance is 10 % top-1 and 50 % top-5.
     assert max(f["top1"] for f in layers.values()) > 0.15
-    assert all(f["top5"] >= f["top1"] for f in layers.values())
 
 
 def one_line_error(result) -> str:
@@ -362,9 +410,6 @@ def test_the_mlflow_ui_finds_pretraining_runs_with_their_probe_metrics(
 
 
 def test_a_cache_hit_skips_the_network(study: dict, tmp_path: Path):
-    from ssltk.data.dataset import PreparedDataset
-    from ssltk.evaluate.features import FeatureCache, extract_features
-
     class Counting(torch.nn.Module):
         """A stand-in task: two endpoints of pixel means, counting its calls."""
 
@@ -391,3 +436,253 @@ def test_a_cache_hit_skips_the_network(study: dict, tmp_path: Path):
     for layer in ("a", "b"):
         np.testing.assert_array_equal(second.layers[layer], first.layers[layer])
     assert second.layers["a"].shape == (len(split), 3) and second.layers["b"].shape[1] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Each figure belongs to the split, features and data order it claims
+
+
+def cached_features(study: dict, evaluated: dict, split: str, layer: str) -> np.ndarray:
+    folder = study["root"] / "eval-a" / "features" / evaluated["weights_sha256"][:16]
+    return np.load(folder / f"{split}.{layer}.npy")
+
+
+def test_reported_figures_are_the_train_fit_scored_on_the_test_split(study: dict, evaluated):
+    """A refit from the cached arrays: the same L-BFGS path on the train rows, chosen on the val
+    rows, scored on the test rows, gives exactly the figures evaluation reported; the cached
+    rows are each split's own images (their sizes, and the first test images recomputed)."""
+    config = load_config(study["params"])
+    data = PreparedDataset.for_config(config)
+    splits = {name: data.split(name) for name in ("train", "val", "test")}
+    sizes = {name: len(split) for name, split in splits.items()}
+    assert sizes == {"train": 300, "val": 50, "test": 100}
+    assert evaluated["split"] == "test"
+    labels = {name: split.labels.numpy() for name, split in splits.items()}
+    target = target_from_run_dir(config, study["out"])
+    assert target.weights == evaluated["weights_sha256"]
+    pool = make_pool(config.eval.max_features, config.eval.pooling)
+    first = splits["test"].images(torch.arange(8))
+    fresh = target.task.eval().representation(first, LAYERS, pool=pool)
+    for layer in LAYERS:
+        X = {name: cached_features(study, evaluated, name, layer) for name in splits}
+        assert {name: len(x) for name, x in X.items()} == sizes, layer
+        np.testing.assert_allclose(X["test"][:8], fresh[layer].numpy(), rtol=1e-4, atol=1e-5)
+        path = lbfgs.fit_path(
+            X["train"],
+            labels["train"],
+            X["val"],
+            labels["val"],
+            config.eval.lbfgs.l2,
+            num_classes=10,
+            max_iter=config.eval.lbfgs.max_iter,
+        )
+        test, val = path.score(X["test"], labels["test"]), path.score(X["val"], labels["val"])
+        assert test.top1 != val.top1, "the fixture cannot tell the splits apart"
+        figures = evaluated["layers"][layer]
+        assert (figures["top1"], figures["top5"]) == (test.top1, test.top5), layer
+        assert (figures["l2"], figures["val_top1"]) == (path.l2, val.top1), layer
+
+
+def _changed(value):
+    """Another value of the same kind (validation is bypassed: only the identity is read)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 + 0.125
+    if isinstance(value, str):
+        return value + "-changed"
+    if value is None:
+        return 3
+    if isinstance(value, list):
+        return [*value, value[-1]] if value else [1]
+    raise TypeError(f"no rule to change {value!r}")
+
+
+def _with(model, dotted: str, value):
+    head, _, rest = dotted.partition(".")
+    new = _with(getattr(model, head), rest, value) if rest else value
+    return model.model_copy(update={head: new})
+
+
+@pytest.fixture
+def identity_of(monkeypatch, tmp_path: Path):
+    """The feature-cache identity evaluation itself builds for a config, weights and data."""
+    seen: list[dict] = []
+
+    def spy(task, split, layers, *, identity, cache, **kwargs):
+        # What the features are computed with must be what the identity says.
+        assert (kwargs["pooling"], kwargs["max_features"]) == (
+            identity["pooling"],
+            identity["max_features"],
+        )
+        seen.append(dict(identity))
+        return Features({}, np.zeros(0, dtype=np.int64), cached=False)
+
+    monkeypatch.setattr(evaluation, "extract_features", spy)
+
+    def identity_of(config: Config, weights: str = "a" * 64, data_hash: str = "d" * 64) -> dict:
+        target = SimpleNamespace(config=config, weights=weights, task=None)
+        with warnings.catch_warnings():  # serialising a bypassed-validation value warns
+            warnings.simplefilter("ignore")
+            evaluation._features(
+                target, {"train": None}, ["pre_logits"], data_hash, tmp_path, "cpu", False
+            )
+        return seen.pop()
+
+    return identity_of
+
+
+def test_the_feature_cache_identity_changes_with_everything_the_features_depend_on(
+    identity_of, tmp_path: Path
+):
+    base_config = Config()
+    base = identity_of(base_config)
+    assert (base["pooling"], base["max_features"]) == ("max", 9000)
+    assert identity_of(_with(base_config, "eval.pooling", "avg"))["pooling"] == "avg"
+    assert identity_of(Config()) == base  # a function of its inputs
+    changes = {
+        "eval.pooling=avg": identity_of(_with(base_config, "eval.pooling", "avg")),
+        "eval.max_features": identity_of(_with(base_config, "eval.max_features", 4096)),
+        "weights": identity_of(base_config, weights="b" * 64),
+        "weights (past the first 16)": identity_of(base_config, weights="a" * 63 + "b"),
+        "data hash": identity_of(base_config, data_hash="e" * 64),
+    }
+    flat = base_config.flat()
+    keys = [k for k in flat if k.split(".")[0] in ("pretext", "model")]
+    assert len(keys) > 20 and "pretext.preprocessing" in keys and "model.last_relu" in keys
+    for key in keys:
+        changes[key] = identity_of(_with(base_config, key, _changed(flat[key])))
+    same = [name for name, identity in changes.items() if identity == base]
+    assert not same, f"the identity ignores {same}"
+
+    # The cache compares the whole identity: every changed identity misses, the base one hits.
+    cache = FeatureCache(tmp_path / "cache")
+    writer = cache.writer(base, "train", "pre_logits", (2, 3))
+    writer.array[:] = 1.0
+    writer.commit()
+    assert cache.load(base, "train", "pre_logits") is not None
+    hits = [
+        name
+        for name, identity in changes.items()
+        if cache.load(identity, "train", "pre_logits") is not None
+    ]
+    assert not hits, f"a cache hit although {hits} changed"
+
+    # What only the probe reads keeps the features: a second evaluation reuses them.
+    for key, value in [
+        ("eval.method", "sgd"),
+        ("eval.report_split", "val"),
+        ("eval.batch_size", 7),
+        ("eval.layers", ["block1"]),
+        ("seed", 1234),
+    ]:
+        assert identity_of(_with(base_config, key, value)) == base, key
+
+
+class _ClassSortedSplit:
+    """A stand-in train split of 64 rows sorted by class, 8 classes of 8 (as an ImageFolder
+    tree lists them): an unshuffled batch of 16 holds two classes."""
+
+    name = "train"
+    num_classes = 8
+
+    def __init__(self) -> None:
+        self.labels = torch.arange(64) // 8
+
+    def __len__(self) -> int:
+        return 64
+
+    def images(self, index: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(index), 3, 4, 4, dtype=torch.uint8)
+
+
+class _RecordedRows:
+    """Cached features that record the rows each step reads."""
+
+    def __init__(self, array: np.ndarray, log: list) -> None:
+        self.array, self.log = array, log
+
+    def __getitem__(self, rows):
+        self.log.append(np.asarray(rows).copy())
+        return self.array[rows]
+
+
+@pytest.mark.parametrize("method", ["sgd", "mlp"])
+def test_the_probe_reads_every_row_once_per_epoch_in_a_fresh_seeded_shuffle(monkeypatch, method):
+    steps: list[torch.Tensor] = []
+
+    class RecordingTrainer(sgd.Trainer):
+        def step(self, batch, step):
+            steps.append(batch[1].clone())
+            return super().step(batch, step)
+
+    monkeypatch.setattr(sgd, "Trainer", RecordingTrainer)
+    split = _ClassSortedSplit()
+    features = np.eye(8, dtype=np.float32)[split.labels.numpy()]
+    options = dict(epochs=3, batch_size=16, decay_epochs=[2], augment=False)
+    config = SgdProbeConfig(**options) if method == "sgd" else MlpProbeConfig(**options, hidden=4)
+
+    def rows_of(seed: int) -> list[np.ndarray]:
+        log: list[np.ndarray] = []
+        steps.clear()
+        sgd.train_heads(
+            split, {"a": 8}, config, seed=seed, features={"a": _RecordedRows(features, log)}
+        )
+        # The labels each step trains on are those of the rows it read.
+        assert len(steps) == len(log)
+        for rows, labels in zip(log, steps, strict=True):
+            assert torch.equal(labels, split.labels[torch.from_numpy(rows)])
+        return log
+
+    log = rows_of(seed=5)
+    assert len(log) == 3 * 4 and all(len(rows) == 16 for rows in log)
+    epochs = [np.concatenate(log[e * 4 : (e + 1) * 4]) for e in range(3)]
+    for e, order in enumerate(epochs):
+        assert sorted(order.tolist()) == list(range(64)), f"epoch {e} is not a permutation"
+        # Shuffled: a batch of 16 from 8 classes of 8 spans more than the two of sorted order.
+        classes = [len(set((rows // 8).tolist())) for rows in log[e * 4 : (e + 1) * 4]]
+        assert min(classes) >= 4, f"epoch {e}: classes per batch {classes}"
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    # The order comes from the seed: the same seed repeats it, another seed does not.
+    assert all(np.array_equal(a, b) for a, b in zip(rows_of(seed=5), log, strict=True))
+    assert not np.array_equal(np.concatenate(rows_of(seed=6)[:4]), epochs[0])
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_probe_heads_are_a_function_of_the_seed_alone(augment):
+    """Same seed, same heads, whatever the caller's RNG stream; another seed, other heads. With
+    ``augment`` the heads read ``represent`` of each batch's images and sample keys."""
+    split = _ClassSortedSplit()
+    features = np.eye(8, dtype=np.float32)[split.labels.numpy()]
+
+    def represent(images, keys):
+        assert keys is not None and len(keys) == len(images)
+        base = torch.from_numpy(features[:1]).expand(len(images), 8)
+        return {"a": base + (keys % 7).float()[:, None]}
+
+    config = MlpProbeConfig(epochs=2, batch_size=16, decay_epochs=[1], augment=augment, hidden=4)
+
+    def heads(seed: int, stream: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(stream)
+        state = torch.get_rng_state()
+        trained = sgd.train_heads(
+            split, {"a": 8}, config, seed=seed, represent=represent, features={"a": features}
+        )
+        assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is left alone
+        return trained.state_dict()
+
+    first, again, other = heads(5, stream=1), heads(5, stream=2), heads(6, stream=1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_pooling_takes_the_maximum_or_the_mean_of_each_window(mode):
+    """32 values to at most 8: stride ceil(sqrt(32 / 8)) = 2, so 2x2 windows (paper §4.2)."""
+    x = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4) ** 2
+    windows = x.reshape(1, 2, 2, 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(1, 2, 2, 2, 4)
+    expected = windows.amax(-1) if mode == "max" else windows.mean(-1)
+    assert torch.equal(make_pool(8, mode)(x), expected.flatten(1))
+    assert torch.equal(make_pool(32, mode)(x), x.flatten(1))  # small enough: only flattened

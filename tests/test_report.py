@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from types import SimpleNamespace
 
-from ssltk import tracking
-from ssltk.config import Config
-from ssltk.report.results import Cell, best_layer, rows
+from ssltk import store, tracking
+from ssltk.config import Config, config_from_dict
+
+# The report internals these tests pin, in one place (a restructure moves this import only).
+from ssltk.report.results import Cell, best_layer, collect, provenance, rows
 from ssltk.report.tables import CSV_COLUMNS, markdown, verdict, write_csv
 
 
@@ -75,3 +78,143 @@ def test_markdown_has_the_table1_layout_best_layers_and_provenance():
     assert "| rotation | revnet50 | 1 | block2 | 50.0 | 45.0 | +5.0 | 45.0 |" in text
     assert "- commit: abc" in text and "`r1`" in text and "`b2`" in text
     assert "No cell of this study matches" in text  # demo data: no paper number beside it
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures as a real run logs them: top-1 *and* top-5 of every probe, the step window's
+# ``train/*`` *and* the epoch means ``epoch/*``, each with its own value, so that reading the wrong
+# one shows.
+
+
+def full_probes(method: str, values: dict[str, tuple[float, float, float]]) -> dict[str, float]:
+    """``{layer: (top1, top5, val_top1)}`` as the metrics an evaluation writes back."""
+    out = {}
+    for layer, (top1, top5, val_top1) in values.items():
+        out[tracking.probe_metric(method, 1, layer)] = top1
+        out[tracking.probe_metric(method, 5, layer)] = top5
+        out[f"probe/{method}/val_top1/{layer}"] = val_top1
+    return out
+
+
+def full_cell() -> Cell:
+    cell = Cell("rotation", "resnet50_v2", 2)
+    metrics = {
+        **full_probes("lbfgs", {"block3": (0.31, 0.77, 0.30), "pre_logits": (0.42, 0.83, 0.45)}),
+        **full_probes("sgd", {"pre_logits": (0.37, 0.81, 0.36)}),
+        tracking.train_metric("accuracy"): 0.93,  # the last logged window of steps
+        tracking.epoch_metric("accuracy"): 0.71,  # the final epoch's mean: what "final" means
+        tracking.train_metric("loss"): 0.55,
+        tracking.epoch_metric("loss"): 0.66,
+    }
+    cell.run = run("run-2", metrics)
+    cell.baseline = run(
+        "base-2",
+        full_probes("lbfgs", {"block3": (0.21, 0.61, 0.22), "pre_logits": (0.25, 0.64, 0.26)}),
+    )
+    cell.curve = [(1, 1.2), (2, 0.9), (3, 0.61)]  # train/loss history
+    return cell
+
+
+def test_every_results_csv_column_holds_its_own_figure(tmp_path: Path):
+    write_csv(tmp_path / "results.csv", rows([full_cell()]))
+    with (tmp_path / "results.csv").open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        got = {(r["method"], r["layer"]): r for r in reader}
+    assert set(got) == {("lbfgs", "block3"), ("lbfgs", "pre_logits"), ("sgd", "pre_logits")}
+    expected = {
+        ("lbfgs", "block3"): ("0.31", "0.21", 0.10, "0.77", "base-2"),
+        ("lbfgs", "pre_logits"): ("0.42", "0.25", 0.17, "0.83", "base-2"),
+        ("sgd", "pre_logits"): ("0.37", "", None, "0.81", "base-2"),  # no sgd baseline
+    }
+    for key, (top1, baseline, delta, top5, baseline_id) in expected.items():
+        row = got[key]
+        assert (row["task"], row["arch"], row["widening"]) == ("rotation", "resnet50_v2", "2")
+        assert (row["method"], row["layer"]) == key
+        assert (row["top1"], row["top5"], row["baseline_top1"]) == (top1, top5, baseline), key
+        if delta is None:
+            assert row["delta"] == "", key
+        else:
+            assert abs(float(row["delta"]) - delta) < 1e-9, key
+        assert (row["run_id"], row["baseline_run_id"]) == ("run-2", baseline_id), key
+
+
+def test_the_pretext_figure_is_the_final_epoch_mean_not_the_last_window():
+    cell = full_cell()
+    text = markdown([cell], Config(), "lbfgs", {})
+    # metric, final (epoch/accuracy 0.71, not train/accuracy 0.93), chance 1/4, the curve's last
+    # train/loss (0.61, not epoch/loss).
+    assert "| rotation | resnet50_v2 | 2 | accuracy | 71.0 % | 25.0 % | 0.610 |" in text
+    assert "2.8×" in verdict([cell], Config(), "lbfgs")  # 0.71 / 0.25, not 0.93 / 0.25 = 3.7×
+    # Without epoch means (a run stopped inside its first epoch) the last window stands in.
+    del cell.run.data.metrics[tracking.epoch_metric("accuracy")]
+    text = markdown([cell], Config(), "lbfgs", {})
+    assert "| rotation | resnet50_v2 | 2 | accuracy | 93.0 % | 25.0 % | 0.610 |" in text
+
+
+def test_tables_read_top1_and_the_method_asked_for():
+    cell = full_cell()
+    text = markdown([cell], Config(), "lbfgs", {})
+    # Pre-logits: lbfgs top-1 0.42 vs 0.25 (not top-5 0.83, not sgd 0.37).
+    assert "| resnet50_v2 | 42.0 / 25.0 (+17.0) |" in text
+    # Best layer on val: pre_logits (val 0.45 > 0.30); random init's best on val also pre_logits.
+    assert "| rotation | resnet50_v2 | 2 | pre_logits | 42.0 | 25.0 | +17.0 | 25.0 |" in text
+    sgd = markdown([cell], Config(), "sgd", {})
+    assert "| resnet50_v2 | 37.0 / – (–) |" in sgd
+
+
+def test_the_verdict_counts_a_gain_of_exactly_three_points():
+    cell = Cell("rotation", "revnet50", 1)
+    cell.run = run("r", {**probes({"pre_logits": 0.09}), "epoch/accuracy": 0.5})
+    cell.baseline = run("b", probes({"pre_logits": 0.06}))  # 0.09 - 0.06 == 0.03 exactly
+    assert "| rotation | revnet50 k=1: +3.0 | yes |" in verdict([cell], Config(), "lbfgs")
+    cell.baseline = run("b", probes({"pre_logits": 0.07}))
+    assert "| rotation | revnet50 k=1: +2.0 ✗ | no |" in verdict([cell], Config(), "lbfgs")
+
+
+def test_provenance_spans_the_first_start_to_the_last_end():
+    first, second = cells()
+    first.run.info = SimpleNamespace(run_id="r1", start_time=0, end_time=60_000)
+    first.baseline.info = SimpleNamespace(run_id="b1", start_time=120_000, end_time=150_000)
+    second.run.info = SimpleNamespace(run_id="r2", start_time=30_000, end_time=200_000)
+    second.baseline.info = SimpleNamespace(run_id="b2", start_time=200_000, end_time=230_000)
+    facts = provenance([first, second])
+    assert facts["wall time of the study (first run start to last run end)"] == "3 min 50 s"
+    assert facts["time in pretraining and baseline runs"] == "4 min 50 s"  # 60 + 30 + 170 + 30
+
+
+def test_collect_pairs_each_cell_with_its_newest_finished_runs(tmp_path: Path):
+    """From a real tracking store: of three pretraining runs of a cell the newest *finished* one
+    is reported (not an older one, not a newer failed one); the same for baselines."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = config_from_dict(
+        {
+            "tracking": {"uri": uri, "experiment": "report-test"},
+            "study": {"tasks": ["rotation"], "archs": ["revnet50"], "widenings": [1]},
+        }
+    )
+    client = store.client(uri)
+    experiment = store.ensure_experiment(client, "report-test", uri)
+    cell_tags = {tracking.TAG_TASK: "rotation", tracking.TAG_ARCH: "revnet50"}
+    cell_tags[tracking.TAG_WIDENING] = "1"
+
+    def logged(kind: str, start: int, status: str, top1: float) -> str:
+        tags = {**cell_tags, tracking.TAG_KIND: kind}
+        run_id = client.create_run(experiment, start_time=start, tags=tags).info.run_id
+        client.log_metric(run_id, tracking.probe_metric("lbfgs", 1, "pre_logits"), top1)
+        client.log_metric(run_id, tracking.train_metric("loss"), 2.0 - top1, step=1)
+        client.set_terminated(run_id, status, end_time=start + 1000)
+        return run_id
+
+    logged(tracking.KIND_PRETRAIN, 1_000, "FINISHED", 0.1)
+    newest = logged(tracking.KIND_PRETRAIN, 2_000, "FINISHED", 0.2)
+    logged(tracking.KIND_PRETRAIN, 3_000, "FAILED", 0.9)
+    logged(tracking.KIND_BASELINE, 1_500, "FINISHED", 0.05)
+    baseline = logged(tracking.KIND_BASELINE, 2_500, "FINISHED", 0.15)
+    logged(tracking.KIND_BASELINE, 3_500, "KILLED", 0.8)
+    (cell,) = collect(config)
+    assert cell.key == ("rotation", "revnet50", 1)
+    assert (cell.run.info.run_id, cell.baseline.info.run_id) == (newest, baseline)
+    assert cell.curve == [(1, 1.8)]
+    (row,) = rows([cell])
+    assert (row["top1"], row["baseline_top1"]) == (0.2, 0.15)

@@ -433,10 +433,16 @@ def test_torchrun_two_processes_match_one_process_on_the_global_batch(workspace)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("pretrained 1 steps") == 1  # only rank 0 reports
 
-    one = load_checkpoint(single / "checkpoints" / "ckpt-00000001.pt")["model"]
+    one = load_checkpoint(single / "checkpoints" / "ckpt-00000001.pt")
     two = load_checkpoint(double / "checkpoints" / "ckpt-00000001.pt")
     assert two["world_size"] == 2 and len(two["rng"]) == 2
-    two = two["model"]
+    # Each rank's own RNG states, in rank order: rank 0 drew what the single process drew (same
+    # seed, same draws); rank 1 (seeded seed + 1) holds other states. A resume restores entry r
+    # on rank r (tests/test_resume_rng.py).
+    for name in ("torch", "python", "numpy"):
+        assert torch.equal(two["rng"][0][name], one["rng"][0][name]), name
+        assert not torch.equal(two["rng"][1][name], two["rng"][0][name]), name
+    one, two = one["model"], two["model"]
     seed_everything(5)
     initial = build_task(load_config(workspace.params, overrides)).state_dict()
     assert one.keys() == two.keys() == initial.keys()
