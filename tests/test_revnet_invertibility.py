@@ -73,10 +73,12 @@ def test_unit_forward_undoes_inverse(params):
 @given(shapes, st.integers(1, 4))
 def test_stage_is_invertible(params, depth):
     stage, x = _setup(params, depth)
+    # fp32 rounding of each unit's residual adds up over the units (a wrong inverse is O(1) off).
+    tol = {"rtol": 1e-5 * (depth + 1), "atol": 1e-5 * (depth + 1)}
     with torch.no_grad():
         y = stage(x)
-        torch.testing.assert_close(stage.inverse(y), x, **TOL)
-        torch.testing.assert_close(stage(stage.inverse(y)), y, **TOL)
+        torch.testing.assert_close(stage.inverse(y), x, **tol)
+        torch.testing.assert_close(stage(stage.inverse(y)), y, **tol)
 
 
 @settings(max_examples=20, deadline=None)
