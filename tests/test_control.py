@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
+from test_extension import ToyFlip
 from test_report import cells
 from torch import nn
 from typer.testing import CliRunner
@@ -29,7 +29,7 @@ from ssltk.data.augment import central_crop_boxes, crop_and_resize, resize_grid
 from ssltk.data.sources import resize_and_center_crop
 from ssltk.errors import UserError
 from ssltk.models import ArchConfig, register_arch, unregister_arch
-from ssltk.pretext import PretextInputs, PretextTask, TaskOutput, register_task, unregister_task
+from ssltk.pretext import PretextInputs, register_task, unregister_task
 from ssltk.pretext.base import backbone_from_config
 from ssltk.report.tables import markdown
 
@@ -130,38 +130,27 @@ class LocalEnergy(nn.Module):
         return {"pre_logits": pre_logits, "logits": self.logits(pre_logits)}
 
 
-class ToyMirror(PretextTask):
-    """Was the image mirrored? Each 87.5 % centre crop, resized back up, is shown both ways: a
-    one-dimensional Rotation, through the real resize of ``pretext.preprocessing``."""
+class ToyMirror(ToyFlip):
+    """test_extension's toy flip task, its centre crop now 87.5 % resized back up through the real
+    resize of ``pretext.preprocessing``: a one-dimensional Rotation."""
 
-    def __init__(self, backbone: nn.Module, grid: str) -> None:
-        super().__init__(backbone)
+    config_section = None
+
+    def __init__(self, backbone: nn.Module, size: int, grid: str) -> None:
+        super().__init__(backbone, size)
         self.grid = grid
-
-    @classmethod
-    def chance_level(cls, config: Config) -> float:
-        return 0.5
 
     @classmethod
     def from_config(cls, config: Config) -> ToyMirror:
         size = config.pretext.input_size
         backbone = backbone_from_config(config, num_classes=2, patch_mode=False, input_size=size)
-        return cls(backbone, resize_grid(config.pretext.preprocessing))
+        return cls(backbone, size, resize_grid(config.pretext.preprocessing))
 
     def prepare_batch(self, images, keys, batch_key, *, train):
-        size = images.shape[-1]
-        boxes = central_crop_boxes((size, size), 0.875, images.shape[0])
-        x = crop_and_resize(images.float() / 255, boxes, size, grid=self.grid)
+        boxes = central_crop_boxes((self.crop_size,) * 2, 0.875, images.shape[0])
+        x = crop_and_resize(images.float() / 255, boxes, self.crop_size, grid=self.grid)
         labels = torch.arange(2).repeat(images.shape[0])
         return PretextInputs(torch.stack([x, x.flip(-1)], 1).flatten(0, 1), labels)
-
-    def forward(self, batch: PretextInputs) -> TaskOutput:
-        logits = self.backbone(batch.inputs)["logits"]
-        accuracy = (logits.detach().argmax(1) == batch.labels).float().mean()
-        return TaskOutput(F.cross_entropy(logits, batch.labels), {"accuracy": accuracy})
-
-    def representation(self, images, layers, *, pool=None, keys=None):
-        raise NotImplementedError
 
 
 @pytest.fixture
