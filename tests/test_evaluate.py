@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from ssltk import store as mlflow_store
 from ssltk import tracking
 from ssltk.cli import app
-from ssltk.config import Config, MlpProbeConfig, SgdProbeConfig, load_config
+from ssltk.config import Config, load_config
 from ssltk.data.dataset import PreparedDataset
 from ssltk.data.prepare import prepare
 
@@ -32,6 +32,7 @@ from ssltk.evaluate.features import FeatureCache, Features, extract_features
 from ssltk.evaluate.pooling import make_pool, pooled_shape
 from ssltk.evaluate.target import target_from_run_dir
 from ssltk.models import build_model
+from ssltk.sections import MlpProbeConfig, SgdProbeConfig
 from ssltk.train.checkpoint import sidecar_path
 
 LAYERS = ["block3", "pre_logits"]
