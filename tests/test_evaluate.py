@@ -164,14 +164,14 @@ def scored(monkeypatch) -> list:
     """What the SGD/MLP probe's figures are computed from: ``(rows per layer, logits)`` of every
     ``predict`` call evaluation makes."""
     calls = []
-    original = evaluation.predict
+    original = sgd.predict
 
     def spy(heads, features, **kwargs):
         logits = original(heads, features, **kwargs)
         calls.append(({layer: len(rows) for layer, rows in features.items()}, logits))
         return logits
 
-    monkeypatch.setattr(evaluation, "predict", spy)
+    monkeypatch.setattr(sgd, "predict", spy)
     return calls
 
 
