@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Annotated
 
@@ -46,8 +48,18 @@ def pretrain(
     Gradients are averaged: an update equals the one-process update on the global batch.
 
     BatchNorm sees the global batch with pretrain.distributed.sync_bn=true, else each process's.
+
+    pretrain.distributed.nproc_per_node=N (and nnodes, rdzv_endpoint) runs that torchrun for you.
     """
     config = read_config(params, set_)
+    with user_errors():
+        from ssltk.train.distributed import torchrun_command
+
+        args = ["--params", str(params), *(a for s in set_ or [] for a in ("--set", s))]
+        args += [*(["--out", str(out)] if out is not None else []), *(["--restart"] * restart)]
+        command = torchrun_command(config.pretrain.distributed, args)
+    if command is not None:
+        raise typer.Exit(launch(command))
     main = int(os.environ.get("RANK", "0")) == 0
     with user_errors():
         from ssltk.train.engine import DivergenceError, RunInterrupted  # seconds: Ctrl-C-able
@@ -60,10 +72,33 @@ def pretrain(
                 fail(str(err), code=DIVERGED)
             raise typer.Exit(DIVERGED) from None
         except RunInterrupted as err:
-            fail(str(err), code=INTERRUPTED)
+            if main:
+                fail(str(err), code=INTERRUPTED)
+            raise typer.Exit(INTERRUPTED) from None
     if main:
         shown = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items())
         typer.echo(
             f"pretrained {result.steps} steps ({shown}); run {result.run_id} in "
             f"{result.tracking_uri}; checkpoint {result.checkpoint}"
         )
+
+
+def launch(command: list[str]) -> int:
+    """Run ``command`` (torchrun) to its end; the first SIGTERM or SIGINT is passed on to it (its
+    ranks then finish their step, checkpoint and stop) and the exit status is then 130."""
+    # Its own session: a terminal's Ctrl-C reaches torchrun once, through this process.
+    proc = subprocess.Popen(command, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        if not received:
+            proc.send_signal(signum)
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return INTERRUPTED if received else code

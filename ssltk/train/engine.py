@@ -147,7 +147,7 @@ class _PretrainRun:
         self.global_step = 0
         self.meter = EpochMeter()
         self.window = MetricWindow()
-        self.stop_requested = False
+        self.signalled = False  # this rank got SIGINT/SIGTERM
 
     # ---------------------------------------------------------------------------------- set-up
 
@@ -276,17 +276,19 @@ class _PretrainRun:
     def _stop_after_step_on_signal(self) -> Iterator[None]:
         """SIGINT/SIGTERM finish the current step, checkpoint it and stop; a second one stops now.
 
-        Single-process runs only: under torchrun each rank would see the signal at a different
-        step, so there the default handling (and the last periodic checkpoint) applies.
+        Under torchrun the ranks agree once a step whether any of them was signalled, so all
+        stop after the same step; there a second signal is ignored (torchrun's agent sends one
+        to every rank, and its SIGKILL after a grace period is the hard stop).
         """
-        if self.context.world_size > 1 or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             yield
             return
+        several = self.context.world_size > 1
 
         def request_stop(signum: int, frame: object) -> None:
-            if self.stop_requested:
+            if self.signalled and not several:
                 raise KeyboardInterrupt
-            self.stop_requested = True
+            self.signalled = True
 
         previous = {
             sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)
@@ -308,7 +310,9 @@ class _PretrainRun:
                 inputs = self.task.prepare_batch(
                     images, keys, self._batch_key(epoch, batch.step), train=True
                 )
+            stop_vote = distributed.any_rank(self.context, lambda: self.signalled)
             lr, values = self.trainer.step(inputs, self.global_step)
+            stop = stop_vote()
             self.window.add(self.global_step, lr, values)
             self.global_step += 1
             if self.progress is not None:
@@ -316,9 +320,7 @@ class _PretrainRun:
 
             step = self.global_step
             end_of_epoch = step % self.steps_per_epoch == 0
-            checkpoint = (
-                step % self.pre.checkpoint_every == 0 or step == self.total or self.stop_requested
-            )
+            checkpoint = step % self.pre.checkpoint_every == 0 or step == self.total or stop
             if step % self.pre.log_every == 0 or checkpoint or end_of_epoch:
                 self._flush(epoch)
             if end_of_epoch:
@@ -326,7 +328,7 @@ class _PretrainRun:
                 self._log_epoch(epoch, epoch_steps * self.pre.batch_size / max(seconds, 1e-9))
             if checkpoint:
                 self._checkpoint()
-            if self.stop_requested:
+            if stop:
                 path = self.last_checkpoint.path if self.last_checkpoint else None
                 raise RunInterrupted(step, path)
             if step >= self.total:

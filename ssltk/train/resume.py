@@ -22,7 +22,6 @@ from ssltk.train.checkpoint import (
     CheckpointError,
     CheckpointInfo,
     latest_valid_checkpoint,
-    load_checkpoint,
     remove_checkpoints,
 )
 from ssltk.train.determinism import rng_state, set_rng_state
@@ -40,6 +39,11 @@ RESUMABLE_KEYS = frozenset(
         "pretrain.checkpoint_every",
         "pretrain.keep_checkpoints",
         "pretrain.log_every",
+        "pretrain.distributed.nproc_per_node",
+        "pretrain.distributed.nnodes",
+        "pretrain.distributed.rdzv_endpoint",
+        "pretrain.distributed.rdzv_id",
+        "pretrain.distributed.node_rank",
         "pretrain.compile",
         "pretrain.device",
         "data.root",
@@ -92,9 +96,10 @@ def check_state(state: dict[str, Any]) -> None:
 def select(
     ckpt_dir: Path, context: distributed.DistContext, *, restart: bool
 ) -> tuple[CheckpointInfo | None, dict[str, Any] | None]:
-    """Rank 0 picks the newest valid checkpoint (or removes them all on ``restart``); every rank
-    loads the one it picked. Returns ``(info, state)`` (``info`` on rank 0 only)."""
-    info, state, chosen = None, None, None
+    """Rank 0 picks, verifies and loads the newest valid checkpoint (or removes them all on
+    ``restart``) and broadcasts its state: no other rank opens the file, so they need not see
+    ``ckpt_dir``. Returns ``(info, state)`` (``info`` on rank 0 only)."""
+    info, state = None, None
     if context.is_main:
         if restart:
             if ckpt_dir.is_dir():
@@ -105,11 +110,7 @@ def select(
             )
             if found is not None:
                 info, state = found
-                chosen = str(info.path)
-    chosen = distributed.broadcast_object(context, chosen)
-    if chosen is not None and state is None:
-        state = load_checkpoint(Path(chosen), context.device, validate=check_state)
-    return info, state
+    return info, distributed.broadcast_state(context, state)
 
 
 def check_compatible(
