@@ -8,6 +8,7 @@ and steps per epoch are unchanged; restoring it continues the run bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +171,10 @@ def state_of(
     world_size: int,
     config: Config,
     data_hash: str,
+    log_window: Sequence[tuple[int, dict[str, float]]] = (),
 ) -> dict[str, Any]:
-    """The checkpoint of a run after ``global_step`` updates (``rng``: every rank's states)."""
+    """The checkpoint of a run after ``global_step`` updates (``rng``: every rank's states;
+    ``log_window``: the steps of the unfinished logging window, so a resume logs it whole)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "model": to_cpu(model.state_dict()),
@@ -187,6 +190,7 @@ def state_of(
         "world_size": world_size,
         "trajectory": trajectory(config),
         "data_hash": data_hash,
+        "log_window": [(step, dict(values)) for step, values in log_window],
     }
 
 
@@ -201,3 +205,8 @@ def restore(
     if rank < len(state["rng"]):
         set_rng_state(state["rng"][rank])
     return int(state["position"]["global_step"])
+
+
+def log_window(state: dict[str, Any]) -> list[tuple[int, dict[str, float]]]:
+    """The steps of the logging window ``state`` was saved in (none in older checkpoints)."""
+    return [(int(step), dict(values)) for step, values in state.get("log_window", [])]
