@@ -13,6 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -24,7 +25,7 @@ from ssltk.config import load_config
 from ssltk.data.prepare import prepare
 from ssltk.train.checkpoint import list_checkpoints
 
-STEPS = 15  # 3 epochs of 5 steps at batch 8
+STEPS = 10  # 2 epochs of 5 steps at batch 8
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 CELL = Path("runs") / "cell"
 
@@ -84,26 +85,39 @@ def final_sha256(run_dir: Path) -> str:
     return sidecar.read_text().split()[0]
 
 
-def test_sigterm_to_torchrun_stops_every_rank_after_one_step_and_resume_is_bit_identical(
-    params: Path,
-):
-    root = params.parent
-    reference = root / "reference"
-    two = ["--set", "pretrain.distributed.nproc_per_node=2", "--out", str(reference)]
+def launch(params: Path, out: Path) -> list[str]:
+    """``ssltk pretrain`` with two processes: it runs itself under torchrun."""
+    two = ["--set", "pretrain.distributed.nproc_per_node=2", "--out", str(out)]
+    return [sys.executable, "-m", "ssltk", "pretrain", "--params", str(params), *two]
+
+
+@pytest.fixture(scope="module")
+def reference(params: Path) -> Path:
+    """An uninterrupted two-process run."""
+    out = params.parent / "reference"
     launched = subprocess.run(
-        [sys.executable, "-m", "ssltk", "pretrain", "--params", str(params), *two],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+        launch(params, out), env=ENV, capture_output=True, text=True, timeout=600, check=False
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stdout.count(f"pretrained {STEPS} steps") == 1  # rank 0 only
-    run_id = yaml.safe_load((reference / "run.json").read_text())["run_id"]
-    run = mlflow_store.client(f"sqlite:///{root / 'mlflow.db'}").get_run(run_id)
+    run_id = yaml.safe_load((out / "run.json").read_text())["run_id"]
+    run = mlflow_store.client(f"sqlite:///{params.parent / 'mlflow.db'}").get_run(run_id)
     assert run.data.tags[tracking.TAG_WORLD_SIZE] == "2"
+    return out
 
+
+def wait_for_first_window(process: subprocess.Popen, run_dir: Path) -> None:
+    deadline = time.monotonic() + 300
+    while not (run_dir / "curve.csv").exists() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be signalled"
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_one_step_and_resume_is_bit_identical(
+    params: Path, reference: Path
+):
+    root = params.parent
     script = root / "rank_cwd.py"
     script.write_text(textwrap.dedent(RANK_CWD))
     base = root / "ranks"
@@ -113,10 +127,7 @@ def test_sigterm_to_torchrun_stops_every_rank_after_one_step_and_resume_is_bit_i
     rank0, rank1 = base / "rank0", base / "rank1"
 
     agent = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not (rank0 / CELL / "curve.csv").exists() and agent.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for_first_window(agent, rank0 / CELL)
     agent.send_signal(signal.SIGTERM)
     _, stderr = agent.communicate(timeout=120)
     assert (rank0 / "exit-code").read_text() == "130", stderr.decode()[-3000:]
@@ -132,3 +143,26 @@ def test_sigterm_to_torchrun_stops_every_rank_after_one_step_and_resume_is_bit_i
     assert not list_checkpoints(rank1 / CELL / "checkpoints")  # rank 1 never saw one
     assert final_sha256(rank0 / CELL) == final_sha256(reference)
     assert (rank0 / CELL / "curve.csv").read_text() == (reference / "curve.csv").read_text()
+
+
+def test_sigterm_to_one_rank_stops_all_and_ssltk_pretrain_exits_130(params: Path, reference: Path):
+    out = params.parent / "one-rank"
+    launcher = subprocess.Popen(
+        launch(params, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    wait_for_first_window(launcher, out)
+    (rank1,) = [
+        p
+        for p in psutil.Process(launcher.pid).children(recursive=True)
+        if p.environ().get("RANK") == "1" and "ssltk" in " ".join(p.cmdline())
+    ]
+    rank1.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, stderr.decode()[-3000:]
+    (stopped, _), *others = list_checkpoints(out / "checkpoints")
+    assert not others and stopped < STEPS
+    assert yaml.safe_load((out / "run.json").read_text())["status"] == "killed"
+
+    resumed = subprocess.run(launch(params, out), env=ENV, capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert final_sha256(out) == final_sha256(reference)

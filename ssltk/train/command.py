@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -54,12 +55,17 @@ def pretrain(
     config = read_config(params, set_)
     with user_errors():
         from ssltk.train.distributed import torchrun_command
+        from ssltk.train.rundir import default_out_dir
 
         args = ["--params", str(params), *(a for s in set_ or [] for a in ("--set", s))]
         args += [*(["--out", str(out)] if out is not None else []), *(["--restart"] * restart)]
         command = torchrun_command(config.pretrain.distributed, args)
     if command is not None:
-        raise typer.Exit(launch(command))
+        started = time.time()
+        code = launch(command)
+        if code not in (0, INTERRUPTED):  # torchrun says 1 for any rank's failure: say which
+            code = _outcome(out or default_out_dir(config), started) or code
+        raise typer.Exit(code)
     main = int(os.environ.get("RANK", "0")) == 0
     with user_errors():
         from ssltk.train.engine import DivergenceError, RunInterrupted  # seconds: Ctrl-C-able
@@ -102,3 +108,21 @@ def launch(command: list[str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return INTERRUPTED if received else code
+
+
+def _outcome(out: Path, since: float) -> int | None:
+    """The exit status the launched run's ranks meant, from the run.json rank 0 wrote after
+    ``since`` (130 stopped by a signal, 3 diverged); None when there is none to read."""
+    from ssltk.train.rundir import RUN_JSON, RunDir
+
+    try:
+        if (out / RUN_JSON).stat().st_mtime < since:
+            return None
+    except OSError:
+        return None
+    record = RunDir(out).read_record()
+    if record.get("status") == "killed":
+        return INTERRUPTED
+    if record.get("status") == "failed" and "diverged" in str(record.get("failure", "")):
+        return DIVERGED
+    return None
