@@ -8,8 +8,10 @@ and when a run may resume from it is :mod:`ssltk.train.resume`; the files the ru
 
 Only prepared data made from the config's ``data.*`` settings is used. The run directory is locked
 for the run's lifetime (a second process refuses at once); SIGTERM, like Ctrl-C, ends the run with
-its MLflow run and run.json marked, before the loop as well as in it. Resuming logs no MLflow point
-twice, and pruning never lets an unverifiable checkpoint take a kept place.
+its MLflow run and run.json marked, before the loop as well as in it (in it, after a checkpoint of
+the step every rank finished). Metrics are logged once per ``log_every`` steps, as the window's
+means. Resuming logs no MLflow point twice, and pruning never lets an unverifiable checkpoint take
+a kept place.
 """
 
 from __future__ import annotations
