@@ -134,6 +134,7 @@ def test_corrupt_image_fails_naming_the_file_and_a_skip_rerun_lists_it(tmp_path:
     config = make_config(out, source="imagefolder", root=str(tmp_path / "raw"), on_bad_image="skip")
     manifest = prepare(config, progress=False)
     assert manifest["skipped_images"] == 1 and manifest["skipped_list"] == "skipped.txt"
+    assert manifest["content_hash_covers"] == "labels and the stored pixels"
     bad = str(tmp_path / "raw" / "train/bee/2.png")
     assert (out / "skipped.txt").read_text() == f"{bad}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "raw"]

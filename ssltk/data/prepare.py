@@ -470,6 +470,11 @@ def _prepare_locked(config: Config, source: Source, out: Path, progress: bool) -
             "skipped_list": SKIPPED,
         }
         manifest["content_hash"] = _content_hash(manifest)
+        manifest["content_hash_covers"] = (
+            "labels and each file's relative path and size in bytes, not the image bytes"
+            if storage == "files"
+            else "labels and the stored pixels"
+        )
         (tmp / SKIPPED).write_text("".join(f"{n}\n" for n in ctx.skipped), encoding="utf-8")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         journal.path.unlink()
