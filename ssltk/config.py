@@ -219,6 +219,15 @@ class DistributedConfig(Section):
     per_replica_semantics: bool = Field(
         False, description="paper's per-core BN/triplet/permutation semantics instead of global"
     )
+    nproc_per_node: PositiveInt = Field(
+        1, description="processes per node: above 1, `ssltk pretrain` relaunches itself in torchrun"
+    )
+    nnodes: PositiveInt = Field(1, description="nodes of a multi-node run (needs rdzv_endpoint)")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous (node 0)")
+    rdzv_id: str = Field("ssltk", description="rendezvous id, the same on every node (a job id)")
+    node_rank: NonNegInt | None = Field(
+        None, description="this node's rank (e.g. $SLURM_NODEID): rank 0 runs on node 0"
+    )
 
 
 class PretrainConfig(Section):

@@ -4,11 +4,14 @@ A write goes to a temporary file that is fsync'ed and renamed into place, so rea
 or nothing; on any error the temporary file is removed and an ``OSError`` (full disk, read-only
 folder) becomes a one-line :class:`WriteError`. A run directory is held through an advisory
 ``fcntl.flock`` on ``DIR/.lock``: the kernel drops it when its holder exits, however it exits, so a
-stale lock never blocks, and a second process refuses at once, naming the holder's pid.
+stale lock never blocks, and a second process refuses at once, naming the holder's pid. A
+filesystem mounted without lock support (Lustre without ``-o flock``) is one line naming the mount
+and the fix.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -18,6 +21,31 @@ from pathlib import Path
 from ssltk.errors import UserError
 
 LOCK_NAME = ".lock"
+#: What a failing ``flock`` says on a filesystem that does not implement it.
+_NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
+#: Filesystem types whose files live on another machine.
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "lustre", "cifs", "smb3", "smbfs", "gpfs", "beegfs", "fuse.glusterfs", "ceph"}
+)
+
+
+def mount_of(path: Path) -> tuple[str, str]:
+    """``(mount point, filesystem type)`` of the mount holding ``path`` (from /proc/mounts)."""
+    target = os.path.realpath(path)
+    best = ("/", "unknown")
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return best
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, fields[2])
+    return best
 
 
 class WriteError(UserError):
@@ -96,6 +124,15 @@ def locked(path: Path, *, wait: bool = False, remove: bool = False) -> Iterator[
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except OSError as err:
+        if err.errno in _NO_FLOCK:
+            with suppress(OSError):  # nobody can hold a lock there: leave no lock file
+                path.unlink()
+            point, kind = mount_of(path)
+            raise UserError(
+                f"{path.parent}: the {kind} filesystem mounted at {point} does not support file "
+                "locks (flock); remount it with -o flock (Lustre) or -o lock (NFS), or put the "
+                "directory on a local disk"
+            ) from None
         raise WriteError(f"{path.parent}: cannot write there ({err.strerror or err})") from None
     try:
         yield

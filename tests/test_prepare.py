@@ -123,13 +123,21 @@ def test_zero_val_fraction_still_writes_an_empty_val_split(tmp_path: Path) -> No
     assert len(val) == 0 and val.images(np.array([], dtype=np.int64)).shape == (0, 3, 32, 32)
 
 
-def test_corrupt_image_fails_naming_the_file_and_leaves_nothing(tmp_path: Path) -> None:
+def test_corrupt_image_fails_naming_the_file_and_a_skip_rerun_lists_it(tmp_path: Path) -> None:
     write_tree(tmp_path / "raw", bad="train/bee/2.png")
     out = tmp_path / "p"
     with pytest.raises(BadImageError, match=r"train/bee/2\.png") as info:
         prepare(make_config(out, source="imagefolder", root=str(tmp_path / "raw")), progress=False)
     assert isinstance(info.value, UserError) and "on_bad_image" in str(info.value)
-    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["raw"]
+    # Nothing looks prepared; the pass's work so far waits, hidden, for a rerun.
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [".p.partial", "raw"]
+    config = make_config(out, source="imagefolder", root=str(tmp_path / "raw"), on_bad_image="skip")
+    manifest = prepare(config, progress=False)
+    assert manifest["skipped_images"] == 1 and manifest["skipped_list"] == "skipped.txt"
+    assert manifest["content_hash_covers"] == "labels and the stored pixels"
+    bad = str(tmp_path / "raw" / "train/bee/2.png")
+    assert (out / "skipped.txt").read_text() == f"{bad}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "raw"]
 
 
 @pytest.mark.parametrize("limit", [1000, 2])  # arrays, and a lazily decoded file list

@@ -124,3 +124,21 @@ def test_dvc_repro_and_exp_run_log_to_one_store(tmp_path: Path):
     assert [r.data.params["pretrain.max_steps"] for r in runs] == ["2", "3"]
     assert runs[0].info.run_id == record["run_id"]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_dvc_repro_runs_a_cell_with_nproc_per_node_2_under_torchrun(tmp_path: Path):
+    repo = project_copy(tmp_path / "repo")
+    store = tmp_path / "mlflow.db"
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["study"] = {"tasks": ["rotation"], "archs": ["resnet50_v1"], "widenings": [1]}
+    params["pretrain"].update({"batch_size": 8, "max_steps": 2, "checkpoint_every": 2})
+    params["pretrain"]["distributed"] = {"nproc_per_node": 2, "backend": "gloo"}
+    params["tracking"] = {"uri": f"sqlite:///{store}", "experiment": "dvc-ddp"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    repro = dvc("repro", "pretrain@rotation-resnet50_v1-1", cwd=repo)
+    assert repro.returncode == 0, repro.stdout[-2000:] + repro.stderr[-2000:]
+    record = json.loads((repo / "runs" / "rotation-resnet50_v1-w1" / "run.json").read_text())
+    assert record["world_size"] == 2 and record["status"] == "finished"
+    run = mlflow_store.client(f"sqlite:///{store}").get_run(record["run_id"])
+    assert run.data.tags[tracking.TAG_WORLD_SIZE] == "2" and run.info.status == "FINISHED"

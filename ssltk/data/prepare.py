@@ -8,11 +8,22 @@ Layout of ``data.prepared_dir``::
     <split>_images.npy            uint8 [N, 3, S, S]        storage "arrays" (read memory-mapped)
     <split>_files.txt             relative paths under root storage "files" (decoded lazily)
 
+    skipped.txt                   the unreadable images left out (data.on_bad_image: skip)
+
 Splits are ``train``, ``val`` (held out from train per class, chosen by ``seed``), ``test`` and, for
 STL-10, ``unlabeled``. The directory is written under a temporary name and renamed into place, so an
 interrupted run never leaves something that looks prepared. Two runs with the same inputs write
 identical bytes. Array files are allocated in full before they are filled through a memory map:
 writing a sparse map on a full disk would kill the process with SIGBUS.
+
+A pass is restartable: every :data:`CHUNK` images the work done is committed to a journal in the
+temporary directory (``.<name>.partial/progress.jsonl``), and a pass killed (or stopped by a bad
+image under ``on_bad_image: fail``) resumes from its last committed chunk when run again with the
+same inputs, ending with the same bytes and hash as an uninterrupted pass.
+
+The content hash covers the format, storage, image size, class names and, per split, its labels
+and either the stored pixels (``arrays``) or each file's relative path and size in bytes
+(``files``): under ``files`` storage an image rewritten in place with the same size keeps the hash.
 
 The manifest records the ``data.*`` settings it was made from (:func:`data_settings`); training
 and evaluation refuse prepared data whose settings differ from their config's.
@@ -27,6 +38,8 @@ import math
 import os
 import shutil
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +48,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
+from ssltk import fsutil
 from ssltk.config import Config
 from ssltk.data import rng
 from ssltk.data.errors import BadImageError, DataError
@@ -43,6 +57,9 @@ from ssltk.data.sources import EncodedSplit, Source, SourceSplit, open_source
 FORMAT = "ssltk-prepared/1"
 SPLIT_ORDER = ("train", "val", "test", "unlabeled")
 MANIFEST = "manifest.json"
+SKIPPED = "skipped.txt"
+#: Images per committed chunk of a pass (what a killed pass loses at most, per split).
+CHUNK = 128
 # The held-out split draws from its own (epoch, stream) so it never correlates with augmentation.
 _HOLDOUT_EPOCH = 2**32 - 1
 
@@ -104,14 +121,27 @@ class _ArrayWriter:
     def __init__(self, directory: Path, split: str, capacity: int, size: int) -> None:
         self.directory, self.split, self.size = directory, split, size
         self.path = directory / f"{split}_images.npy"
-        self.images = _open_memmap(self.path, (capacity, 3, size, size))
+        if self.path.is_file():  # a resumed pass: the rows of its journal are already there
+            self.images = np.lib.format.open_memmap(self.path, mode="r+")
+        else:
+            self.images = _open_memmap(self.path, (capacity, 3, size, size))
         self.labels: list[int] = []
         self.digest = hashlib.sha256()
 
-    def add(self, image: np.ndarray, label: int) -> None:
+    def add(self, image: np.ndarray, label: int) -> list[Any]:
+        """Store ``image``; returns its journal entry."""
         self.images[len(self.labels)] = image
         self.digest.update(image.tobytes())
         self.labels.append(label)
+        return [label]
+
+    def replay(self, entry: list[Any]) -> None:
+        """Take back an image a killed pass stored (hashed again from the file)."""
+        self.digest.update(np.ascontiguousarray(self.images[len(self.labels)]).tobytes())
+        self.labels.append(int(entry[0]))
+
+    def commit(self) -> None:
+        self.images.flush()
 
     def close(self) -> dict[str, Any]:
         count = len(self.labels)
@@ -139,10 +169,20 @@ class _FileListWriter:
         self.labels: list[int] = []
         self.digest = hashlib.sha256()
 
-    def add(self, relpath: str, label: int) -> None:
-        self.digest.update(f"{relpath}\t{(self.root / relpath).stat().st_size}\n".encode())
+    def add(self, relpath: str, label: int) -> list[Any]:
+        """Record ``relpath``; returns its journal entry."""
+        entry = [label, relpath, (self.root / relpath).stat().st_size]
+        self.replay(entry)
+        return entry
+
+    def replay(self, entry: list[Any]) -> None:
+        label, relpath, size = entry
+        self.digest.update(f"{relpath}\t{size}\n".encode())
         self.names.append(relpath)
-        self.labels.append(label)
+        self.labels.append(int(label))
+
+    def commit(self) -> None:
+        pass
 
     def close(self) -> dict[str, Any]:
         path = self.directory / f"{self.split}_files.txt"
@@ -168,48 +208,138 @@ def _targets(source: Source, fraction: float, seed: int) -> dict[str, np.ndarray
     return targets
 
 
-def _progress(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="img", disable=not (enabled and sys.stderr.isatty()))
+class _Progress:
+    """A tqdm bar on a terminal; otherwise a line with the rate and ETA every 30 seconds."""
+
+    def __init__(self, total: int, done: int, desc: str, enabled: bool) -> None:
+        self.total, self.done, self.desc, self.enabled = total, done, desc, enabled
+        tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=done, desc=desc, unit="img", disable=not tty)
+        self.started = self.shown = time.monotonic()
+        self.first = done
+
+    def update(self) -> None:
+        self.done += 1
+        self.bar.update()
+        now = time.monotonic()
+        if self.enabled and self.bar.disable and now - self.shown >= 30:
+            self.shown = now
+            rate = (self.done - self.first) / max(now - self.started, 1e-9)
+            minutes, seconds = divmod(round((self.total - self.done) / max(rate, 1e-9)), 60)
+            eta = f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+            print(
+                f"{self.desc}: {self.done}/{self.total} images, {rate:.0f} img/s, eta {eta}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        self.bar.close()
 
 
-def _write_arrays(
-    split: SourceSplit, targets: np.ndarray, writers: dict[str, _ArrayWriter], ctx: _Context
+class _Journal:
+    """``progress.jsonl``: a first line naming the pass (:func:`_pass_key`), then one line per
+    committed chunk (its split, the index after it, each stored item's writer and entry, and the
+    images it skipped). A line cut short by a kill is ignored."""
+
+    NAME = "progress.jsonl"
+
+    def __init__(self, directory: Path, key: str) -> None:
+        self.path = directory / self.NAME
+        self.records: list[dict[str, Any]] = []
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.is_file() else []
+        if lines and _json_line(lines[0]) == {"pass": key}:
+            for line in lines[1:]:
+                record = _json_line(line)
+                if not isinstance(record, dict):
+                    break
+                self.records.append(record)
+        else:  # nothing done yet, or another pass's work: start over
+            for stale in directory.iterdir():
+                stale.unlink()
+        valid = [{"pass": key}, *self.records]  # drops a line a kill cut short
+        fsutil.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in valid).encode())
+
+    def done(self, split: str) -> list[dict[str, Any]]:
+        return [record for record in self.records if record["split"] == split]
+
+    def commit(self, record: dict[str, Any]) -> None:
+        self._append(record)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def _write_split(
+    split: SourceSplit,
+    name: str,
+    targets: np.ndarray,
+    writers: dict[str, Any],
+    ctx: _Context,
+    journal: _Journal,
 ) -> None:
-    with _progress(len(split), ctx.desc, ctx.progress) as bar:
-        for index, (image, reason) in enumerate(split.decoded(ctx.size, ctx.workers)):
+    """Store ``split``'s items from where the journal stops, committing every :data:`CHUNK`."""
+    start = 0
+    for record in journal.done(name):
+        for out, entry in record["items"]:
+            writers[out].replay(entry)
+        ctx.skipped.extend(record["skipped"])
+        start = record["end"]
+    if start:
+        print(f"{ctx.desc}: resuming at image {start} of {len(split)}", file=sys.stderr)
+    files = isinstance(split, EncodedSplit) and ctx.storage == "files"
+    if files:
+        results: Iterator[Any] = split.checked(ctx.size, ctx.workers, start=start)
+    else:
+        results = split.decoded(ctx.size, ctx.workers, start=start)
+    bar = _Progress(len(split), start, ctx.desc, ctx.progress)
+    items: list[list[Any]] = []
+    skipped: list[str] = []
+    try:
+        for index, result in enumerate(results, start=start):
             bar.update()
-            if image is None:
-                ctx.bad(split.name_of(index), reason)
-                continue
-            label = int(split.labels[index])
-            writers[targets[index]].add(image, label)
-
-
-def _write_files(
-    split: EncodedSplit, targets: np.ndarray, writers: dict[str, _FileListWriter], ctx: _Context
-) -> None:
-    with _progress(len(split), ctx.desc, ctx.progress) as bar:
-        for index, reason in enumerate(split.checked(ctx.size, ctx.workers)):
-            bar.update()
+            value, reason = (split.names[index], result) if files else result
             if reason:
-                ctx.bad(split.name_of(index), reason)
-                continue
-            writers[targets[index]].add(split.names[index], int(split.labels[index]))
+                skipped.append(ctx.bad(split.name_of(index), reason))
+            else:
+                out = targets[index]
+                items.append([out, writers[out].add(value, int(split.labels[index]))])
+            if (index + 1) % CHUNK == 0 or index + 1 == len(split):
+                for writer in writers.values():
+                    writer.commit()
+                journal.commit(
+                    {"split": name, "end": index + 1, "items": items, "skipped": skipped}
+                )
+                items, skipped = [], []
+    finally:
+        bar.close()
 
 
 class _Context:
-    def __init__(self, config: Config, progress: bool) -> None:
+    def __init__(self, config: Config, storage: str, progress: bool) -> None:
         self.size = config.data.image_size
         self.workers = config.data.workers
+        self.storage = storage
         self.progress = progress
         self.fail = config.data.on_bad_image == "fail"
         self.skipped: list[str] = []
         self.desc = ""
 
-    def bad(self, name: str, reason: str) -> None:
+    def bad(self, name: str, reason: str) -> str:
         if self.fail:
             raise BadImageError(name, reason)
         self.skipped.append(name)
+        return name
 
 
 def _storage(source: Source, limit: int) -> str:
@@ -219,7 +349,7 @@ def _storage(source: Source, limit: int) -> str:
 
 
 def _write_splits(
-    source: Source, config: Config, storage: str, directory: Path, ctx: _Context
+    source: Source, config: Config, directory: Path, ctx: _Context, journal: _Journal
 ) -> dict[str, dict[str, Any]]:
     """Write every split into ``directory``; returns the manifest's ``splits`` section."""
     targets = _targets(source, config.data.val_fraction, config.seed)
@@ -227,18 +357,16 @@ def _write_splits(
     for name, split in source.splits.items():
         outputs = ("train", "val") if name == "train" else (name,)
         ctx.desc = f"{source.name} {name}"
-        if storage == "files":
+        writers: dict[str, Any]
+        if ctx.storage == "files":
             assert isinstance(split, EncodedSplit) and split.root is not None
-            files = {out: _FileListWriter(directory, out, split.root) for out in outputs}
-            _write_files(split, targets[name], files, ctx)
-            writers: dict[str, Any] = files
+            writers = {out: _FileListWriter(directory, out, split.root) for out in outputs}
         else:
-            arrays = {
+            writers = {
                 out: _ArrayWriter(directory, out, int((targets[name] == out).sum()), ctx.size)
                 for out in outputs
             }
-            _write_arrays(split, targets[name], arrays, ctx)
-            writers = arrays
+        _write_split(split, name, targets[name], writers, ctx, journal)
         for out, writer in writers.items():
             stored = writer.close()
             labels = np.asarray(writer.labels, dtype=np.int64)
@@ -294,14 +422,32 @@ def prepare(config: Config, *, progress: bool = True) -> dict[str, Any]:
         raise DataError(f"data.prepared_dir: {out} exists and is not a directory")
     source = open_source(data)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with fsutil.locked(out.parent / f".{out.name}.lock", remove=True):
+        return _prepare_locked(config, source, out, progress)
+
+
+def _pass_key(config: Config, source: Source, storage: str) -> str:
+    """What a pass writes depends on: settings, storage and each split's items (a journal of
+    another pass is never resumed)."""
+    digest = hashlib.sha256(json.dumps([FORMAT, data_settings(config), storage]).encode())
+    for name, split in source.splits.items():
+        digest.update(f"{name}\t{len(split)}\n".encode())
+        digest.update(np.asarray(split.labels, dtype="<i8").tobytes())
+        if isinstance(split, EncodedSplit) and split.root is not None:
+            digest.update("\n".join(split.names).encode())
+    return digest.hexdigest()
+
+
+def _prepare_locked(config: Config, source: Source, out: Path, progress: bool) -> dict[str, Any]:
+    data = config.data
     _clear_stale(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = out.parent / f".{out.name}.partial"
+    tmp.mkdir(exist_ok=True)
     try:
-        ctx = _Context(config, progress)
         storage = _storage(source, data.max_in_memory_images)
-        splits = _write_splits(source, config, storage, tmp, ctx)
+        ctx = _Context(config, storage, progress)
+        journal = _Journal(tmp, _pass_key(config, source, storage))
+        splits = _write_splits(source, config, tmp, ctx, journal)
         settings = data_settings(config)
         manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -321,11 +467,21 @@ def prepare(config: Config, *, progress: bool = True) -> dict[str, Any]:
             "splits": splits,
             "skipped_images": len(ctx.skipped),
             "skipped": ctx.skipped,
+            "skipped_list": SKIPPED,
         }
         manifest["content_hash"] = _content_hash(manifest)
+        manifest["content_hash_covers"] = (
+            "labels and each file's relative path and size in bytes, not the image bytes"
+            if storage == "files"
+            else "labels and the stored pixels"
+        )
+        (tmp / SKIPPED).write_text("".join(f"{n}\n" for n in ctx.skipped), encoding="utf-8")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        journal.path.unlink()
         _move_into_place(tmp, out)
     except BaseException as err:
+        if isinstance(err, KeyboardInterrupt | BadImageError):  # resumable: keep what is done
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError):  # e.g. no space left: one line, nothing half-written left
             where = err.filename or tmp

@@ -124,10 +124,23 @@ def collect(config: Config) -> list[Cell]:
                 cell.run = runs.get(cell.key)
                 cell.baseline = baselines.get(cell.key)
                 if cell.run is not None:
-                    history = client.get_metric_history(cell.run.info.run_id, "train/loss")
-                    cell.curve = sorted((m.step, m.value) for m in history)
+                    cell.curve = loss_curve(client, cell.run.info.run_id)
                 cells.append(cell)
     return cells
+
+
+#: The most points of a loss curve the report reads from the store.
+CURVE_POINTS = 1000
+
+
+def loss_curve(client: Any, run_id: str) -> list[tuple[int, float]]:
+    """``(step, train/loss)``: at most :data:`CURVE_POINTS`, evenly sampled with the first and
+    last kept (in SQL on a database store; an ``mlflow server`` store reads them all first)."""
+    backend = client._tracking_client.store  # the sampling query has no public client method
+    history = backend.get_metric_history_bulk_interval(
+        [run_id], "train/loss", CURVE_POINTS, None, None
+    )
+    return sorted((m.step, m.value) for m in history)
 
 
 def rows(cells: list[Cell]) -> list[dict[str, Any]]:

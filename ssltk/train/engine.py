@@ -8,8 +8,10 @@ and when a run may resume from it is :mod:`ssltk.train.resume`; the files the ru
 
 Only prepared data made from the config's ``data.*`` settings is used. The run directory is locked
 for the run's lifetime (a second process refuses at once); SIGTERM, like Ctrl-C, ends the run with
-its MLflow run and run.json marked, before the loop as well as in it. Resuming logs no MLflow point
-twice, and pruning never lets an unverifiable checkpoint take a kept place.
+its MLflow run and run.json marked, before the loop as well as in it (in it, after a checkpoint of
+the step every rank finished). Metrics are logged once per ``log_every`` steps, as the window's
+means. Resuming logs no MLflow point twice, and pruning never lets an unverifiable checkpoint take
+a kept place.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssltk import store, tracking
+from ssltk import fsutil, store, tracking
 from ssltk.config import Config
 from ssltk.data import rng
 from ssltk.data.dataset import PreparedDataset
@@ -39,7 +41,7 @@ from ssltk.pretext import PretextTask, build_task
 from ssltk.train import distributed, resume
 from ssltk.train.checkpoint import CheckpointInfo, prune_checkpoints, save_checkpoint
 from ssltk.train.determinism import deterministic_mode, seed_everything
-from ssltk.train.meters import EpochMeter, MetricWindow, first_non_finite
+from ssltk.train.meters import EpochMeter, MetricWindow, first_non_finite, window_means
 from ssltk.train.progress import Progress
 from ssltk.train.rundir import RunDir, default_out_dir, hold
 from ssltk.train.schedule import Schedule, build_schedule, total_steps
@@ -147,7 +149,8 @@ class _PretrainRun:
         self.global_step = 0
         self.meter = EpochMeter()
         self.window = MetricWindow()
-        self.stop_requested = False
+        self.log_window: list[tuple[int, dict[str, float]]] = []  # this log window's steps
+        self.signalled = False  # this rank got SIGINT/SIGTERM
 
     # ---------------------------------------------------------------------------------- set-up
 
@@ -159,6 +162,7 @@ class _PretrainRun:
         self.data_settings = dataset.settings_fingerprint
         if context.is_main:  # an unusable store is found before any work, and created once
             store.client(config.tracking.resolved_uri())
+            warn_network_store(config.tracking.resolved_uri())
         split = dataset.split(config.data.pretrain_split)
         self.loader = DeterministicLoader(
             split,
@@ -208,6 +212,7 @@ class _PretrainRun:
             self.global_step = resume.restore(
                 self.resume_state, self.optimizer, self.meter, context.rank
             )
+            self.log_window = resume.log_window(self.resume_state)
             self.checkpoint_step = self.global_step
 
     def _wrapped_model(self) -> nn.Module:
@@ -276,17 +281,19 @@ class _PretrainRun:
     def _stop_after_step_on_signal(self) -> Iterator[None]:
         """SIGINT/SIGTERM finish the current step, checkpoint it and stop; a second one stops now.
 
-        Single-process runs only: under torchrun each rank would see the signal at a different
-        step, so there the default handling (and the last periodic checkpoint) applies.
+        Under torchrun the ranks agree once a step whether any of them was signalled, so all
+        stop after the same step; there a second signal is ignored (torchrun's agent sends one
+        to every rank, and its SIGKILL after a grace period is the hard stop).
         """
-        if self.context.world_size > 1 or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             yield
             return
+        several = self.context.world_size > 1
 
         def request_stop(signum: int, frame: object) -> None:
-            if self.stop_requested:
+            if self.signalled and not several:
                 raise KeyboardInterrupt
-            self.stop_requested = True
+            self.signalled = True
 
         previous = {
             sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)
@@ -308,7 +315,9 @@ class _PretrainRun:
                 inputs = self.task.prepare_batch(
                     images, keys, self._batch_key(epoch, batch.step), train=True
                 )
+            stop_vote = distributed.any_rank(self.context, lambda: self.signalled)
             lr, values = self.trainer.step(inputs, self.global_step)
+            stop = stop_vote()
             self.window.add(self.global_step, lr, values)
             self.global_step += 1
             if self.progress is not None:
@@ -316,9 +325,7 @@ class _PretrainRun:
 
             step = self.global_step
             end_of_epoch = step % self.steps_per_epoch == 0
-            checkpoint = (
-                step % self.pre.checkpoint_every == 0 or step == self.total or self.stop_requested
-            )
+            checkpoint = step % self.pre.checkpoint_every == 0 or step == self.total or stop
             if step % self.pre.log_every == 0 or checkpoint or end_of_epoch:
                 self._flush(epoch)
             if end_of_epoch:
@@ -326,41 +333,40 @@ class _PretrainRun:
                 self._log_epoch(epoch, epoch_steps * self.pre.batch_size / max(seconds, 1e-9))
             if checkpoint:
                 self._checkpoint()
-            if self.stop_requested:
+            if stop:
                 path = self.last_checkpoint.path if self.last_checkpoint else None
                 raise RunInterrupted(step, path)
             if step >= self.total:
                 return
 
     def _flush(self, epoch: int) -> None:
+        """Bring the steps' metrics to the host (checked for NaN, added to the epoch means) and
+        log the window of ``log_every`` steps they complete as one row of means."""
         rows = self.window.flush(lambda t: distributed.all_mean(self.context, t))
-        if not rows:
-            return
         bad = first_non_finite(rows)
         if bad is not None:
             checkpoint = self.last_checkpoint.path if self.last_checkpoint else None
             raise DivergenceError(bad[0], bad[1], checkpoint)
         for _, values in rows:
             self.meter.add({k: v for k, v in values.items() if k != "lr"})
+        self.log_window.extend(rows)
+        step = self.global_step
+        if not self.log_window or (step % self.pre.log_every and step != self.total):
+            return
+        means = window_means(self.log_window)
+        self.log_window = []
         now = time.perf_counter()
-        steps = self.global_step - self.flush_start_step
+        steps = step - self.flush_start_step
         images_per_sec = steps * self.pre.batch_size / max(now - self.flush_clock, 1e-9)
-        self.flush_clock, self.flush_start_step = now, self.global_step
+        self.flush_clock, self.flush_start_step = now, step
         if self.tracked is not None:
-            logged = [
-                (s, {tracking.train_metric(k): v for k, v in vals.items()}) for s, vals in rows
-            ]
-            logged.append((rows[-1][0], {tracking.train_metric("images_per_sec"): images_per_sec}))
-            self.tracked.log_metrics(logged)
-            self.run_dir.curve.append(rows)
+            logged = {tracking.train_metric(k): v for k, v in means.items()}
+            logged[tracking.train_metric("images_per_sec")] = images_per_sec
+            self.tracked.log_metrics([(step - 1, logged)])
+            self.run_dir.curve.append([(step - 1, means)])
         if self.progress is not None:
-            count = len(rows)
-            means = {
-                name: sum(values[name] for _, values in rows) / count
-                for name in rows[0][1]
-                if name != "lr"
-            }
-            self.progress.report(self.global_step, epoch, means, images_per_sec)
+            shown = {name: value for name, value in means.items() if name != "lr"}
+            self.progress.report(step, epoch, shown, images_per_sec)
 
     def _log_epoch(self, epoch: int, images_per_sec: float) -> None:
         means = self.meter.close_epoch()
@@ -382,6 +388,7 @@ class _PretrainRun:
                 world_size=self.context.world_size,
                 config=self.config,
                 data_hash=self.data_hash,
+                log_window=self.log_window,
             )
             ckpt_dir = self.run_dir.checkpoints
             self.last_checkpoint = save_checkpoint(state, ckpt_dir, self.global_step)
@@ -448,6 +455,26 @@ class _PretrainRun:
             except Exception as err:
                 reason = " ".join(str(err).split())[:200]
                 print(f"warning: could not record the run as {status}: {reason}", file=sys.stderr)
+
+
+_warned_stores: set[str] = set()
+
+
+def warn_network_store(uri: str) -> None:
+    """One warning per store and process when a SQLite store lies on a network filesystem,
+    where several writers at once risk "database is locked" (an ``mlflow server`` does not)."""
+    db = store.sqlite_path(uri)
+    if db is None or uri in _warned_stores:
+        return
+    point, kind = fsutil.mount_of(Path(db).parent)
+    if kind in fsutil.NETWORK_FILESYSTEMS:
+        _warned_stores.add(uri)
+        print(
+            f"warning: the tracking store {db} is on {kind} ({point}); several runs at once "
+            "may hit 'database is locked': serve it with `mlflow server --backend-store-uri "
+            f"{uri}` and set tracking.uri=http://HOST:5000 (README, cluster section)",
+            file=sys.stderr,
+        )
 
 
 def pretrain(

@@ -1,4 +1,5 @@
-"""Step metrics kept on the device until a flush, and per-epoch means that survive a resume."""
+"""Step metrics kept on the device until a flush, their means over a logging window, and per-epoch
+means that survive a resume."""
 
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ class MetricWindow:
         ]
         self._rows.clear()
         return rows
+
+
+def window_means(rows: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Each metric's mean over the steps of ``rows`` (one logged row per window)."""
+    return {name: sum(values[name] for _, values in rows) / len(rows) for name in rows[0][1]}
 
 
 class EpochMeter:

@@ -8,6 +8,7 @@ and steps per epoch are unchanged; restoring it continues the run bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ from ssltk.train.checkpoint import (
     CheckpointError,
     CheckpointInfo,
     latest_valid_checkpoint,
-    load_checkpoint,
     remove_checkpoints,
 )
 from ssltk.train.determinism import rng_state, set_rng_state
@@ -40,6 +40,11 @@ RESUMABLE_KEYS = frozenset(
         "pretrain.checkpoint_every",
         "pretrain.keep_checkpoints",
         "pretrain.log_every",
+        "pretrain.distributed.nproc_per_node",
+        "pretrain.distributed.nnodes",
+        "pretrain.distributed.rdzv_endpoint",
+        "pretrain.distributed.rdzv_id",
+        "pretrain.distributed.node_rank",
         "pretrain.compile",
         "pretrain.device",
         "data.root",
@@ -92,9 +97,10 @@ def check_state(state: dict[str, Any]) -> None:
 def select(
     ckpt_dir: Path, context: distributed.DistContext, *, restart: bool
 ) -> tuple[CheckpointInfo | None, dict[str, Any] | None]:
-    """Rank 0 picks the newest valid checkpoint (or removes them all on ``restart``); every rank
-    loads the one it picked. Returns ``(info, state)`` (``info`` on rank 0 only)."""
-    info, state, chosen = None, None, None
+    """Rank 0 picks, verifies and loads the newest valid checkpoint (or removes them all on
+    ``restart``) and broadcasts its state: no other rank opens the file, so they need not see
+    ``ckpt_dir``. Returns ``(info, state)`` (``info`` on rank 0 only)."""
+    info, state = None, None
     if context.is_main:
         if restart:
             if ckpt_dir.is_dir():
@@ -105,11 +111,7 @@ def select(
             )
             if found is not None:
                 info, state = found
-                chosen = str(info.path)
-    chosen = distributed.broadcast_object(context, chosen)
-    if chosen is not None and state is None:
-        state = load_checkpoint(Path(chosen), context.device, validate=check_state)
-    return info, state
+    return info, distributed.broadcast_state(context, state)
 
 
 def check_compatible(
@@ -169,8 +171,10 @@ def state_of(
     world_size: int,
     config: Config,
     data_hash: str,
+    log_window: Sequence[tuple[int, dict[str, float]]] = (),
 ) -> dict[str, Any]:
-    """The checkpoint of a run after ``global_step`` updates (``rng``: every rank's states)."""
+    """The checkpoint of a run after ``global_step`` updates (``rng``: every rank's states;
+    ``log_window``: the steps of the unfinished logging window, so a resume logs it whole)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "model": to_cpu(model.state_dict()),
@@ -186,6 +190,7 @@ def state_of(
         "world_size": world_size,
         "trajectory": trajectory(config),
         "data_hash": data_hash,
+        "log_window": [(step, dict(values)) for step, values in log_window],
     }
 
 
@@ -200,3 +205,8 @@ def restore(
     if rank < len(state["rng"]):
         set_rng_state(state["rng"][rank])
     return int(state["position"]["global_step"])
+
+
+def log_window(state: dict[str, Any]) -> list[tuple[int, dict[str, float]]]:
+    """The steps of the logging window ``state`` was saved in (none in older checkpoints)."""
+    return [(int(step), dict(values)) for step, values in state.get("log_window", [])]

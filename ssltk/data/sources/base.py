@@ -131,8 +131,11 @@ class SourceSplit(ABC):
         """A name for item ``index`` that a person can find (file path, archive member, record)."""
 
     @abstractmethod
-    def decoded(self, size: int, workers: int = 0) -> Iterator[tuple[np.ndarray | None, str]]:
-        """Each item in order as ``[3, size, size]`` uint8, or ``(None, reason)`` if unreadable."""
+    def decoded(
+        self, size: int, workers: int = 0, start: int = 0
+    ) -> Iterator[tuple[np.ndarray | None, str]]:
+        """Each item from ``start`` on, in order, as ``[3, size, size]`` uint8, or
+        ``(None, reason)`` if unreadable."""
 
     def files(self) -> tuple[Path, list[str]] | None:
         """``(root, relative paths)`` when every item is its own file on disk, else ``None``."""
@@ -150,9 +153,11 @@ class ArraySplit(SourceSplit):
     def name_of(self, index: int) -> str:
         return f"{self.origin}[{index}]"
 
-    def decoded(self, size: int, workers: int = 0) -> Iterator[tuple[np.ndarray | None, str]]:
-        for start in range(0, len(self.labels), 1024):
-            chunk = np.ascontiguousarray(self.images[start : start + 1024])
+    def decoded(
+        self, size: int, workers: int = 0, start: int = 0
+    ) -> Iterator[tuple[np.ndarray | None, str]]:
+        for begin in range(start, len(self.labels), 1024):
+            chunk = np.ascontiguousarray(self.images[begin : begin + 1024])
             for image in chunk:
                 if image.shape[1:] != (size, size):
                     image = resize_and_center_crop(Image.fromarray(image.transpose(1, 2, 0)), size)
@@ -173,23 +178,28 @@ class EncodedSplit(SourceSplit):
         if (self.root is None) == (self.blobs is None):
             raise ValueError("EncodedSplit needs exactly one of root (files) or blobs (bytes)")
 
-    def _items(self) -> Iterator[bytes | Path]:
+    def _items(self, start: int = 0) -> Iterator[bytes | Path]:
         if self.blobs is not None:
-            return iter(self.blobs)
+            return (self.blobs[i] for i in range(start, len(self.blobs)))
         assert self.root is not None
-        return (self.root / name for name in self.names)
+        return (self.root / self.names[i] for i in range(start, len(self.names)))
 
     def name_of(self, index: int) -> str:
         return str(self.root / self.names[index]) if self.root is not None else self.names[index]
 
-    def decoded(self, size: int, workers: int = 0) -> Iterator[tuple[np.ndarray | None, str]]:
-        return _ordered_map(_decode_or_reason, ((item, size) for item in self._items()), workers)
+    def decoded(
+        self, size: int, workers: int = 0, start: int = 0
+    ) -> Iterator[tuple[np.ndarray | None, str]]:
+        items = ((item, size) for item in self._items(start))
+        return _ordered_map(_decode_or_reason, items, workers)
 
-    def checked(self, size: int, workers: int = 0) -> Iterator[str]:
-        """For files on disk: ``''`` for each decodable file in order, else the reason it is not."""
+    def checked(self, size: int, workers: int = 0, start: int = 0) -> Iterator[str]:
+        """For files on disk from ``start`` on: ``''`` for each decodable file in order, else the
+        reason it is not."""
         if self.root is None:
             raise ValueError("checked() reads files on disk; this split holds archive bytes")
-        return _ordered_map(_check_or_reason, ((item, size) for item in self._items()), workers)
+        items = ((item, size) for item in self._items(start))
+        return _ordered_map(_check_or_reason, items, workers)
 
     def files(self) -> tuple[Path, list[str]] | None:
         return (self.root, list(self.names)) if self.root is not None else None
