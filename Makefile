@@ -11,7 +11,7 @@ TORCH := torch==2.13.0
 export PATH := $(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup repro test lint format bench gpu-check clean
+.PHONY: setup repro test lint format bench gpu-check screenshots clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,12 @@ format: setup
 ## Every benchmark in benchmarks/, collected into reports/benchmarks.md.
 bench: setup
 	$(BIN)/python benchmarks/run_all.py --out reports/benchmarks.md
+
+## After `make repro`: the MLflow UI's runs table and compare view and the `dvc plots show` page,
+## in headless Chromium (Debian's; installed when missing), as reports/*.png for the README.
+screenshots: setup
+	$(BIN)/python -m pip install --quiet -r requirements-screenshots.lock
+	$(BIN)/python scripts/screenshots.py --out reports
 
 ## On a machine with a CUDA GPU: the CUDA tests and GPU benchmarks (scripts/gpu_check.sh).
 gpu-check:

@@ -315,10 +315,15 @@ class TrackingConfig(Section):
             )
         return v
 
+    def project_root(self) -> Path:
+        """The project of the params file the config was read from (else the working directory):
+        the study's workspace."""
+        return self._root or Path.cwd()
+
     def resolved_uri(self, root: Path | None = None) -> str:
         """The tracking URI, with relative ``sqlite:///`` paths made absolute against ``root``
         (default: the project of the params file, else the working directory)."""
-        root = root or self._root or Path.cwd()
+        root = root or self.project_root()
         if self.uri is None:
             return f"{_SQLITE}{(root / 'mlflow.db').resolve()}"
         if self.uri.startswith(_SQLITE) and not Path(self.uri[len(_SQLITE) :]).is_absolute():

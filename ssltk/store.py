@@ -158,15 +158,21 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     return (db.parent.resolve() / "mlruns" / slug).as_uri()
 
 
+#: MLflow 3's UI opens an experiment by its kind: a training one on the runs table (else on the
+#: GenAI overview of traces).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(mlflow_client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """The id of experiment ``name``, created (with its artifact location) if missing."""
+    """The id of experiment ``name``, created (with its artifact location and
+    :data:`EXPERIMENT_KIND`) if missing."""
     from mlflow.exceptions import MlflowException
 
     found = mlflow_client.get_experiment_by_name(name)
     if found is None:
         try:
             return mlflow_client.create_experiment(
-                name, artifact_location=artifact_location(tracking_uri, name)
+                name, artifact_location=artifact_location(tracking_uri, name), tags=EXPERIMENT_KIND
             )
         except MlflowException:  # created meanwhile by a concurrent run
             found = mlflow_client.get_experiment_by_name(name)
@@ -174,6 +180,9 @@ def ensure_experiment(mlflow_client: MlflowClient, name: str, tracking_uri: str)
                 raise
     if found.lifecycle_stage == "deleted":
         mlflow_client.restore_experiment(found.experiment_id)
+    for key, value in EXPERIMENT_KIND.items():  # made before ssltk set it; a user's own kind stays
+        if key not in found.tags:
+            mlflow_client.set_experiment_tag(found.experiment_id, key, value)
     return found.experiment_id
 
 

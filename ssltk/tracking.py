@@ -8,6 +8,12 @@ config) and ``checkpoint/<file>`` (with its ``.sha256`` sidecar). Eval runs carr
 params, are tagged ``ssltk.kind=eval`` and ``ssltk.pretrain_run_id`` and log
 ``probe/<method>/top<k>/<layer>`` metrics, which are also written back to the pretraining run.
 
+What the MLflow UI shows: the experiment is a training one (:data:`ssltk.store.EXPERIMENT_KIND`);
+every run records the prepared data as dataset inputs (one per split, the content hash as digest,
+the split as context) and its source as MLflow's ``mlflow.source.*`` tags. Runs nest the way a
+study reads: the experiment's study run (:func:`study_run_id`; ``ssltk report`` logs the report onto
+it) is the parent of its pretraining and baseline runs, and a pretraining run of its evals.
+
 The tracking URI defaults to ``mlflow.db`` beside the params file (see
 :meth:`ssltk.config.TrackingConfig.resolved_uri`); :mod:`ssltk.store` opens it. A resumed run logs
 no step twice.
@@ -48,10 +54,18 @@ TAG_WEIGHTS = "ssltk.weights_sha256"
 TAG_VERSION_PREFIX = "ssltk.version."
 TAG_RESUMED_PREFIX = "ssltk.resumed_with."
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+MLFLOW_GIT_REPO = "mlflow.source.git.repoURL"
+MLFLOW_SOURCE_NAME = "mlflow.source.name"
+MLFLOW_SOURCE_TYPE = "mlflow.source.type"
+MLFLOW_PARENT_RUN = "mlflow.parentRunId"
+MLFLOW_DATASET_CONTEXT = "mlflow.data.context"
+#: MLflow stores a dataset digest in 36 characters; the full content hash is in its profile.
+DATASET_DIGEST_CHARS = 16
 
 KIND_PRETRAIN = "pretrain"
 KIND_EVAL = "eval"
 KIND_BASELINE = "baseline"
+KIND_STUDY = "study"
 
 CONFIG_ARTIFACT = "config/params.yaml"
 #: The config sections that shape pretraining (not ``eval``, ``study``, ``tracking``): a pretraining
@@ -122,6 +136,22 @@ def git_state(cwd: Path | None = None) -> tuple[str, bool | None]:
     return commit, dirty
 
 
+def git_remote(cwd: Path | None = None) -> str | None:
+    """The ``origin`` URL of the checkout at ``cwd``, if it has one."""
+    try:
+        url = subprocess.run(
+            ["git", "remote", "get-url", "origin"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return url or None
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in TRACKED_LIBRARIES:
@@ -142,18 +172,30 @@ def pretrain_params(config: Config) -> dict[str, Any]:
     return {k: v for k, v in config.flat().items() if k.split(".")[0] in PRETRAIN_SECTIONS}
 
 
-def provenance_tags(device: str) -> dict[str, str]:
-    """Git commit (and whether the tree was dirty), library versions and device."""
+def provenance_tags(device: str, command: str) -> dict[str, str]:
+    """:func:`source_tags`, library versions and device."""
+    tags = {**source_tags(command), TAG_DEVICE: device}
+    tags.update({f"{TAG_VERSION_PREFIX}{k}": v for k, v in library_versions().items()})
+    return tags
+
+
+def source_tags(command: str) -> dict[str, str]:
+    """Git commit (and whether the tree was dirty) and the ``ssltk`` command as MLflow's
+    source."""
+    checkout: Path | None = None
     commit, dirty = git_state()
     if dirty is None:  # not run from a checkout: the code's own (editable) source tree
-        commit, dirty = git_state(PROJECT_ROOT)
+        checkout = PROJECT_ROOT
+        commit, dirty = git_state(checkout)
+    repo = git_remote(checkout) if dirty is not None else None
     tags = {
         TAG_GIT_COMMIT: commit,
         MLFLOW_GIT_COMMIT: commit,
+        **({MLFLOW_GIT_REPO: repo} if repo else {}),
+        MLFLOW_SOURCE_NAME: f"ssltk {command}",
+        MLFLOW_SOURCE_TYPE: "LOCAL",
         TAG_GIT_DIRTY: "unknown" if dirty is None else str(dirty).lower(),
-        TAG_DEVICE: device,
     }
-    tags.update({f"{TAG_VERSION_PREFIX}{k}": v for k, v in library_versions().items()})
     return tags
 
 
@@ -174,8 +216,51 @@ def pretrain_tags(
         **({TAG_DATA_SETTINGS: data_settings} if data_settings else {}),
         TAG_WORLD_SIZE: str(world_size),
         "mlflow.runName": run_name(config),
-        **provenance_tags(device),
+        **provenance_tags(device, "pretrain"),
     }
+
+
+def dataset_inputs(config: Config, data_hash: str, splits: Iterable[str]) -> list[Any]:
+    """The prepared data as MLflow dataset inputs, one per split (``mlflow.data.context``)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    prepared = Path(config.data.prepared_dir)
+    if not prepared.is_absolute():
+        prepared = config.tracking.project_root() / prepared
+    source = json.dumps({"uri": prepared.resolve().as_uri()})
+    profile = json.dumps({"content_hash": data_hash, "image_size": config.data.image_size})
+    name = f"{config.data.source}-{config.data.image_size}px"
+    return [
+        DatasetInput(
+            Dataset(
+                name=f"{name}-{split}",
+                digest=data_hash[:DATASET_DIGEST_CHARS],
+                source_type="local",
+                source=source,
+                profile=profile,
+            ),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)],
+        )
+        for split in dict.fromkeys(splits)
+    ]
+
+
+def study_run_id(mlflow_client: MlflowClient, experiment_id: str, name: str) -> str:
+    """The study run of experiment ``experiment_id`` (one experiment per study), created on
+    first use: the parent of its pretraining and baseline runs, holding the report."""
+    found = mlflow_client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_KIND}` = '{KIND_STUDY}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
+    if found:  # the oldest, should two first runs have raced
+        return found[0].info.run_id
+    created = mlflow_client.create_run(
+        experiment_id, tags={TAG_KIND: KIND_STUDY}, run_name=f"study-{name}"
+    )
+    mlflow_client.set_terminated(created.info.run_id, "FINISHED")
+    return created.info.run_id
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -268,6 +353,9 @@ def start_pretrain_run(
         data_settings=data_settings,
     )
 
+    tags[MLFLOW_PARENT_RUN] = study_run_id(mlflow_client, experiment_id, config.tracking.experiment)
+    datasets = dataset_inputs(config, data_hash, [config.data.pretrain_split])
+
     existing = find_run(mlflow_client, resume_run_id) if resume_run_id else None
     if existing is not None and existing.info.experiment_id == experiment_id:
         logged = {
@@ -287,6 +375,7 @@ def start_pretrain_run(
         }
         run.log_params(missing)
         run.set_tags({**tags, **changed})
+        mlflow_client.log_inputs(run.run_id, datasets)  # a dataset already logged is skipped
         run.log_text(dump_config(config), CONFIG_ARTIFACT)
         return run
 
@@ -296,6 +385,7 @@ def start_pretrain_run(
     created = mlflow_client.create_run(experiment_id, tags=tags, run_name=run_name(config))
     run = TrackedRun(mlflow_client, created.info.run_id, experiment_id, uri)
     run.log_params(params)
+    mlflow_client.log_inputs(run.run_id, datasets)
     run.log_text(dump_config(config), CONFIG_ARTIFACT)
     return run
 
@@ -305,10 +395,13 @@ def start_eval_run(
     pretrain_run_id: str,
     *,
     device: str,
+    data_hash: str,
+    splits: Iterable[str],
     extra_tags: Mapping[str, str] | None = None,
 ) -> TrackedRun:
     """An eval run in the study's experiment, tagged with the pretraining run it evaluates (whose
-    task, arch, widening and data hash it copies); params are the ``eval.*`` values.
+    task, arch, widening and data hash it copies) and nested under it; params are the ``eval.*``
+    values, ``splits`` of the data ``data_hash`` its dataset inputs.
     """
     uri = config.tracking.resolved_uri()
     mlflow_client = client(uri)
@@ -323,16 +416,28 @@ def start_eval_run(
         "mlflow.runName": f"eval-{pretrain.data.tags.get('mlflow.runName', pretrain_run_id)}",
         **(extra_tags or {}),
     }
-    return _start_probe_run(mlflow_client, config, tags, device)
+    experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment, uri)
+    if pretrain.info.experiment_id == experiment_id:  # the UI nests runs of one experiment only
+        tags[MLFLOW_PARENT_RUN] = pretrain_run_id
+    datasets = dataset_inputs(config, data_hash, splits)
+    return _start_probe_run(mlflow_client, config, tags, device, "eval", datasets)
 
 
 def start_baseline_run(
-    config: Config, *, device: str, data_hash: str, extra_tags: Mapping[str, str] | None = None
+    config: Config,
+    *,
+    device: str,
+    data_hash: str,
+    splits: Iterable[str],
+    extra_tags: Mapping[str, str] | None = None,
 ) -> TrackedRun:
     """A baseline run: the evaluation of a randomly initialised network of ``config``'s task,
-    arch and widening, tagged like a pretraining run of that cell so reports can pair them.
+    arch and widening, tagged like a pretraining run of that cell so reports can pair them, and
+    nested under the study run.
     """
-    mlflow_client = client(config.tracking.resolved_uri())
+    uri = config.tracking.resolved_uri()
+    mlflow_client = client(uri)
+    experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment, uri)
     tags = {
         TAG_KIND: KIND_BASELINE,
         TAG_TASK: config.pretext.task,
@@ -340,20 +445,28 @@ def start_baseline_run(
         TAG_WIDENING: str(config.model.widening),
         TAG_DATA_HASH: data_hash,
         "mlflow.runName": f"baseline-{run_name(config)}",
+        MLFLOW_PARENT_RUN: study_run_id(mlflow_client, experiment_id, config.tracking.experiment),
         **(extra_tags or {}),
     }
-    return _start_probe_run(mlflow_client, config, tags, device)
+    datasets = dataset_inputs(config, data_hash, splits)
+    return _start_probe_run(mlflow_client, config, tags, device, "eval --baseline", datasets)
 
 
 def _start_probe_run(
-    mlflow_client: MlflowClient, config: Config, tags: dict[str, str], device: str
+    mlflow_client: MlflowClient,
+    config: Config,
+    tags: dict[str, str],
+    device: str,
+    command: str,
+    datasets: list[Any],
 ) -> TrackedRun:
     uri = config.tracking.resolved_uri()
     experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment, uri)
-    tags = {**tags, **provenance_tags(device)}
+    tags = {**tags, **provenance_tags(device, command)}
     created = mlflow_client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"])
     run = TrackedRun(mlflow_client, created.info.run_id, experiment_id, uri)
     run.log_params({k: v for k, v in config.flat().items() if k.startswith("eval.")})
+    mlflow_client.log_inputs(run.run_id, datasets)
     run.log_text(dump_config(config), CONFIG_ARTIFACT)
     return run
 

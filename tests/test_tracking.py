@@ -141,7 +141,9 @@ def test_checkpoint_artifact_round_trip(store: Path, tmp_path: Path):
 def test_eval_run_points_at_its_pretraining_run(store: Path):
     config = config_for(store, "eval.method=sgd")
     pretrain = tracking.start_pretrain_run(config, data_hash="d", device="cpu")
-    run = tracking.start_eval_run(config, pretrain.run_id, device="cuda:0")
+    run = tracking.start_eval_run(
+        config, pretrain.run_id, device="cuda:0", data_hash="d", splits=["train", "test"]
+    )
     got = run.client.get_run(run.run_id)
     tags = got.data.tags
     assert tags[tracking.TAG_KIND] == "eval"
@@ -156,7 +158,7 @@ def test_eval_run_points_at_its_pretraining_run(store: Path):
     back.log_metrics([(0, {metric: 0.42})])
     assert run.client.get_run(pretrain.run_id).data.metrics[metric] == 0.42
     with pytest.raises(UserError, match="no such run"):
-        tracking.start_eval_run(config, "f" * 32, device="cpu")
+        tracking.start_eval_run(config, "f" * 32, device="cpu", data_hash="d", splits=["train"])
 
 
 def test_an_unwritable_sqlite_store_is_a_one_line_user_error(tmp_path: Path) -> None:

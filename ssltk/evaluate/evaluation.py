@@ -113,7 +113,7 @@ def _evaluate(
 ) -> EvalResult:
     ev = target.config.eval
     started = time.perf_counter()
-    run = _start_run(target, data_hash, device)
+    run = _start_run(target, data_hash, device, list(splits))
     try:
         with deterministic_mode():
             features = _features(target, splits, layers, data_hash, out_dir, device, progress)
@@ -130,15 +130,18 @@ def _evaluate(
     return result
 
 
-def _start_run(target: EvalTarget, data_hash: str, device: torch.device) -> tracking.TrackedRun:
+def _start_run(
+    target: EvalTarget, data_hash: str, device: torch.device, splits: list[str]
+) -> tracking.TrackedRun:
     tags = {tracking.TAG_WEIGHTS: target.weights}
+    data = {"data_hash": data_hash, "splits": splits}
     if target.kind == tracking.KIND_BASELINE:
         return tracking.start_baseline_run(
-            target.config, device=str(device), data_hash=data_hash, extra_tags=tags
+            target.config, device=str(device), extra_tags=tags, **data
         )
     tags[tracking.TAG_DATA_HASH + ".eval"] = data_hash
     return tracking.start_eval_run(
-        target.config, target.pretrain_run_id, device=str(device), extra_tags=tags
+        target.config, target.pretrain_run_id, device=str(device), extra_tags=tags, **data
     )
 
 

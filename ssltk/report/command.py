@@ -14,13 +14,13 @@ if TYPE_CHECKING:
 
 
 def write_report(config: Config, out_dir: Path, runs_dir: Path = Path("runs")) -> list[Path]:
-    """Write results.md, results.csv and the plots into ``out_dir``; return the paths. Noise
-    controls are read from ``runs_dir/*/control.json``."""
+    """Write results.md, results.csv and the plots into ``out_dir`` and log them onto the study
+    run; return the paths. Noise controls are read from ``runs_dir/*/control.json``."""
     # Here, not at the top: the command line lists this command without importing torch.
     from ssltk.control.result import read_controls
     from ssltk.errors import UserError
     from ssltk.fsutil import write_atomic
-    from ssltk.report import plots
+    from ssltk.report import plots, study_run
     from ssltk.report.results import collect, provenance, rows
     from ssltk.report.tables import markdown, write_csv
 
@@ -38,6 +38,7 @@ def write_report(config: Config, out_dir: Path, runs_dir: Path = Path("runs")) -
     write_atomic(written[0], text.encode())
     write_csv(written[1], rows(cells))
     written += plots.write_plots(cells, config, method, out_dir)
+    study_run.log_report(config, cells, written)
     return written
 
 
