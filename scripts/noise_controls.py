@@ -21,7 +21,7 @@ import torch
 from ssltk.config import load_config
 from ssltk.control.run import run_control
 
-#: (image side, task, rotation crop, noise drawn at, steps, batch).
+#: (image side, task, rotation crop, noise drawn at, steps, batch), in the order they are run.
 PLAN = [
     (64, "rotation", "center", None, 150, 32),
     (64, "rotation", "inception", None, 150, 32),
@@ -30,20 +30,22 @@ PLAN = [
     (32, "rotation", "inception", None, 300, 64),
     (32, "jigsaw", None, None, 300, 64),
     (32, "relative_patch_location", None, None, 300, 64),
-    (224, "rotation", "center", None, 40, 8),
     (96, "rotation", "center", None, 80, 16),
     (96, "rotation", "inception", None, 80, 16),
+    (224, "rotation", "center", None, 40, 8),
+    (32, "exemplar", None, None, 100, 32),
     (64, "jigsaw", None, None, 150, 32),
     (64, "relative_patch_location", None, None, 150, 32),
-    (224, "rotation", "inception", None, 40, 8),
     (96, "jigsaw", None, None, 80, 16),
     (96, "relative_patch_location", None, None, 80, 16),
+    (224, "rotation", "inception", None, 40, 8),
     (224, "jigsaw", None, None, 40, 8),
     (224, "relative_patch_location", None, None, 40, 8),
-    (32, "exemplar", None, None, 100, 32),
 ]
+TASK_ORDER = ("rotation", "jigsaw", "relative_patch_location", "exemplar")
 GEOMETRIES = ("tf1", "symmetric")
-HELD_OUT_BATCHES = 16
+#: Noise images each control is scored on (rows made before this constant scored 512 at 64 px).
+HELD_OUT_IMAGES = 1024
 
 
 def overrides(size: int, task: str, crop: str | None, noise: int | None, steps: int, batch: int):
@@ -53,7 +55,7 @@ def overrides(size: int, task: str, crop: str | None, noise: int | None, steps: 
         f"pretext.task={task}",
         f"pretrain.batch_size={batch}",
         f"control.steps={steps}",
-        f"control.held_out_batches={HELD_OUT_BATCHES}",
+        f"control.held_out_batches={max(1, HELD_OUT_IMAGES // batch)}",
     ]
     if crop is not None:
         sets.append(f"pretext.rotation.crop={crop}")
@@ -102,26 +104,29 @@ def render(jsonl: Path) -> str:
     lines = [
         "# Noise controls at 32, 64, 96 and 224 px\n",
         "Each task trained with `ssltk control` on fresh i.i.d. uniform noise images and scored "
-        f"on {HELD_OUT_BATCHES} batches of noise it never saw (mean ± standard error over those "
-        "batches, %; verdict: one-sided t-test against chance, p < 0.001). Everything else is "
+        "on held-out noise it never saw (mean ± standard error over the held-out batches, %; "
+        "verdict: one-sided t-test against chance, p < 0.001). Everything else is "
         "params.yaml (resnet50_v2, widening 1, the study's optimiser settings compressed into "
         "the control's steps). `tf1`: the released code's TensorFlow 1 crop and resize "
         "geometry; `symmetric`: ssltk's default. Steps and batch shrink with the image size so "
         "that the plan fits a 2-core CPU: 300 × 64 where it allowed, fewer (the steps × batch "
         "column) at 64 px and above; `not run` rows did not fit the session that made this "
         "file. Produced by `python scripts/noise_controls.py` (a rerun continues it).\n",
-        "| px | task | rotation crop | noise | steps × batch | chance | tf1 | symmetric |",
-        "|---|---|---|---|---|---|---|---|",
+        "| px | task | rotation crop | noise | steps × batch | held-out images | chance | tf1 "
+        "| symmetric |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for size, task, crop, noise, steps, batch in PLAN:
+    table_order = sorted(PLAN, key=lambda row: (TASK_ORDER.index(row[1]), row[0], row[2] or ""))
+    for size, task, crop, noise, steps, batch in table_order:
         row = (size, task, crop, noise, steps, batch)
         tf1, sym = results.get((*row, "tf1")), results.get((*row, "symmetric"))
         known = tf1 or sym
         chance = f"{100 * known['chance']:.1f}" if known else "–"
         drawn = f"{noise} px, stored at {size}" if noise else f"native {size} px"
+        held_out = " / ".join(sorted({str(r["held_out_images"]) for r in (tf1, sym) if r})) or "–"
         lines.append(
-            f"| {size} | {task} | {crop or '–'} | {drawn} | {steps} × {batch} | {chance} | "
-            f"{_cell(tf1)} | {_cell(sym)} |"
+            f"| {size} | {task} | {crop or '–'} | {drawn} | {steps} × {batch} | {held_out} | "
+            f"{chance} | {_cell(tf1)} | {_cell(sym)} |"
         )
     return "\n".join(lines) + "\n"
 
