@@ -9,6 +9,7 @@ stale lock never blocks, and a second process refuses at once, naming the holder
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -52,6 +53,29 @@ def write_atomic(path: Path, data: bytes) -> None:
         if isinstance(err, OSError):
             raise WriteError(f"cannot write {path}: {err.strerror or err}") from None
         raise
+
+
+def reserve(path: Path) -> None:
+    """Allocate every block of ``path`` now, so a full disk is an ``OSError`` here, not a SIGBUS
+    when a memory map of it is written later (filesystems without fallocate are left as they are).
+    """
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _holder(fd: int) -> str:

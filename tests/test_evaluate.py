@@ -263,7 +263,7 @@ def test_bad_input_is_one_line_and_exit_2(study: dict, evaluated: dict, tmp_path
     copy = tmp_path / "run"
     copy.mkdir()
     record = json.loads((study["out"] / "run.json").read_text())
-    ckpt = Path(record["checkpoint"])
+    ckpt = study["out"] / record["checkpoint"]
     bad = copy / ckpt.name
     data = bytearray(ckpt.read_bytes())
     data[len(data) // 2] ^= 0xFF
