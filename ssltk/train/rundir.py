@@ -71,7 +71,7 @@ def read_run_record(run_dir: Path) -> RunRecord:
     try:
         return RunRecord.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
+        first = min(err.errors(), key=lambda e: e["type"] == "missing")  # a wrong value first
         key = ".".join(str(part) for part in first["loc"]) or "(top level)"
         found = "missing" if first["type"] == "missing" else f"found {first['input']!r}"[:80]
         raise UserError(f"{path}: {key}: {first['msg'].lower()} ({found})") from None
