@@ -978,6 +978,7 @@ def test_a_pickled_object_checkpoint_is_one_line(study: dict, tmp_path: Path):
     torch.save({"format": 1, "model": _Exploit()}, evil)
     sidecar_path(evil).write_text(f"{sha256_file(evil)}  {evil.name}\n")
     record = json.loads((copy / "run.json").read_text())
-    (copy / "run.json").write_text(json.dumps({**record, "checkpoint_sha256": sha256_file(evil)}))
+    record.update(checkpoint=str(evil), checkpoint_sha256=sha256_file(evil))
+    (copy / "run.json").write_text(json.dumps(record))
     line = the_error(ssltk_eval(study, "--run-dir", str(copy)))
     assert "refused" in line and "weights_only" not in line
