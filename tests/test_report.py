@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+from typer.testing import CliRunner
+
 from ssltk import store, tracking
+from ssltk.cli import app
 from ssltk.config import Config, config_from_dict
 
 # The report internals these tests pin, in one place (a restructure moves this import only).
@@ -323,3 +326,22 @@ def test_a_report_without_probe_figures_plots_without_a_warning(tmp_path: Path, 
     written = write_report(study.config, tmp_path / "reports", study.runs)
     assert len(written) == 6 and all(p.is_file() for p in written)
     assert [str(w.message) for w in recwarn] == []
+
+
+def test_a_report_without_a_finished_workspace_run_is_one_line(tmp_path: Path):
+    study = Study(tmp_path)
+    study.logged(tracking.KIND_PRETRAIN, 1_000, "FINISHED", 0.3)  # in the store, not in runs/
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        json.dumps(
+            {
+                "tracking": {"uri": study.uri, "experiment": "report-test"},
+                "study": {"tasks": ["rotation"], "archs": ["revnet50"], "widenings": [1]},
+            }
+        )
+    )
+    argv = ["report", "--params", str(params), "--runs", str(study.runs)]
+    result = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "reports")])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: no finished pretraining run of the study under")

@@ -128,6 +128,9 @@ def _evaluate(
     try:
         with deterministic_mode():
             features = _features(target, splits, layers, data_hash, out_dir, device, progress)
+            for name, split_features in features.items():
+                for layer in layers:
+                    require_finite(split_features.layers[layer], "features", layer, name)
             figures = _probe(target, splits, layers, features, device)
         result = EvalResult(run.run_id, ev.method, ev.report_split, figures)
         result.seconds = time.perf_counter() - started
@@ -218,8 +221,6 @@ def _features(
         )
         if progress and out[name].cached:
             _log(f"features {name}: read from the cache")
-        for layer in layers:
-            require_finite(out[name].layers[layer], "features", layer, name)
     return out
 
 
@@ -269,17 +270,14 @@ def _record(
         )
         for layer, figures in result.layers.items()
     }
-    run.log_metrics([(0, metrics)])
-    run.set_tags(measured)
+    run.log_figures(metrics, measured)
     if target.pretrain_run_id is not None and target.unfinished is None:
         headline = {
             k: v
             for k, v in metrics.items()
             if tracking.parse_probe_metric(k).figure in _WRITTEN_BACK
         }
-        pretrain_run = tracking.open_run(target.config, target.pretrain_run_id)
-        pretrain_run.log_metrics([(0, headline)])
-        pretrain_run.set_tags(measured)
+        tracking.open_run(target.config, target.pretrain_run_id).log_figures(headline, measured)
     run.finish("FINISHED")
     summary = {
         "kind": target.kind,

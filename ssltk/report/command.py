@@ -26,13 +26,13 @@ def write_report(config: Config, out_dir: Path, runs_dir: Path = Path("runs")) -
     from ssltk.report.tables import markdown, write_csv
 
     cells = collect(config, runs_dir)
-    for line in (line for cell in cells for line in cell.warnings):
-        typer.echo(f"warning: {line}", err=True)
     if not any(c.run for c in cells):
         raise UserError(
             f"no finished pretraining run of the study under {runs_dir} in experiment "
             f"{config.tracking.experiment!r} (run the study first: dvc repro)"
         )
+    for line in (line for cell in cells for line in cell.warnings):
+        typer.echo(f"warning: {line}", err=True)
     method = config.eval.method
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "results.md", out_dir / "results.csv"]
