@@ -87,6 +87,14 @@ class FeatureCache:
             return None
         return array if list(array.shape) == manifest["shape"] else None
 
+    def remove_stale(self, identity: Mapping[str, Any]) -> None:
+        """Remove the temporary arrays that processes which died left for these weights."""
+        folder = self._stem(identity, "split", "layer").parent
+        for tmp in folder.glob(".*.npy.tmp") if folder.is_dir() else ():
+            pid = tmp.name.removesuffix(".npy.tmp").rsplit(".", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+
     def writer(
         self, identity: Mapping[str, Any], split: str, layer: str, shape: tuple[int, int]
     ) -> _CacheWriter:
@@ -100,14 +108,6 @@ def _sha256(path: Path) -> str:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _remove_stale_temporaries(folder: Path) -> None:
-    """``.<stem>.<pid>.npy.tmp`` files of processes that died before they committed them."""
-    for tmp in folder.glob(".*.npy.tmp"):
-        pid = tmp.name.removesuffix(".npy.tmp").rsplit(".", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
 
 
 def _manifest(identity: Mapping[str, Any], split: str, layer: str, shape: Any) -> dict[str, Any]:
@@ -130,7 +130,6 @@ class _CacheWriter:
         self.manifest = _manifest(identity, split, layer, list(shape))
         try:
             stem.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temporaries(stem.parent)
             self.array = open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=shape)
             reserve(self.tmp)
         except OSError as err:
@@ -180,6 +179,7 @@ def extract_features(
     read back without running the network, the others are computed in one pass.
     """
     labels = split.labels.numpy().astype(np.int64)
+    cache.remove_stale(identity)
     found = {layer: cache.load(identity, split.name, layer) for layer in layers}
     missing = [layer for layer, array in found.items() if array is None]
     if not missing:

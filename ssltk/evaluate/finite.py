@@ -18,26 +18,18 @@ class NonFinite(UserError):
     """A NaN or infinity in features, a fitted probe or its logits."""
 
 
-def _finite(array: Any) -> bool:
-    if hasattr(array, "get") and not isinstance(array, np.ndarray):  # a CuPy array
-        import cupy
-
-        return bool(cupy.isfinite(array).all())
-    array = np.asarray(array) if not isinstance(array, np.ndarray) else array
-    if array.ndim == 0:
-        return bool(np.isfinite(array))
-    return all(
-        np.isfinite(np.asarray(array[start : start + _CHUNK_ROWS])).all()
-        for start in range(0, len(array), _CHUNK_ROWS)
-    )
-
-
 def require_finite(array: Any, what: str, layer: str, split: str) -> None:
     """Raise :class:`NonFinite` naming ``what``, ``layer`` and ``split`` unless every value of
-    ``array`` (NumPy, memory-mapped, CuPy or torch) is finite."""
+    ``array`` (NumPy, memory-mapped or a torch tensor) is finite."""
     if hasattr(array, "detach"):
         array = array.detach().cpu().numpy()
-    if not _finite(array):
+    array = np.asarray(array)
+    rows = (
+        [array]
+        if array.ndim == 0
+        else (array[i : i + _CHUNK_ROWS] for i in range(0, len(array), _CHUNK_ROWS))
+    )
+    if not all(np.isfinite(chunk).all() for chunk in rows):
         raise NonFinite(
             f"eval: non-finite {what} at layer {layer} on split {split!r} (diverged weights? "
             "nothing was written back)"
