@@ -82,6 +82,29 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def reserve(path: Path) -> None:
+    """Allocate every block of ``path`` now, so a full disk is an ``OSError`` here, not a SIGBUS
+    when a memory map of it is written later (filesystems without fallocate are left as they are).
+    """
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _holder(fd: int) -> str:
     with suppress(OSError):
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()

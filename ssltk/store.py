@@ -154,8 +154,14 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     db = sqlite_path(tracking_uri)
     if db is None:
         return None
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("_") or "default"
-    return (db.parent.resolve() / "mlruns" / slug).as_uri()
+    return (db.parent.resolve() / "mlruns" / experiment_folder(experiment)).as_uri()
+
+
+def experiment_folder(experiment: str) -> str:
+    """One path component for ``experiment``: never ``.``, ``..`` or hidden, so that every
+    experiment's artifacts stay inside ``mlruns/``."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._-")
+    return slug or "default"
 
 
 #: MLflow 3's UI opens an experiment by its kind: a training one on the runs table (else on the

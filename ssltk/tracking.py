@@ -6,7 +6,9 @@ tags (kind, task, arch, widening, git commit, data hash, library versions, devic
 ``train/*`` and epoch metrics ``epoch/*``, and the artifacts ``config/params.yaml`` (the whole
 config) and ``checkpoint/<file>`` (with its ``.sha256`` sidecar). Eval runs carry the ``eval.*``
 params, are tagged ``ssltk.kind=eval`` and ``ssltk.pretrain_run_id`` and log
-``probe/<method>/top<k>/<layer>`` metrics, which are also written back to the pretraining run.
+``probe/<method>/top<k>/<layer>`` metrics, which are also written back to the pretraining run
+(for its final weights only), each layer's with a ``ssltk.probe.<method>.<layer>`` tag saying how
+it was measured (:func:`probe_measurement`, the weights, the figures written).
 
 What the MLflow UI shows: the experiment is a training one (:data:`ssltk.store.EXPERIMENT_KIND`);
 every run records the prepared data as dataset inputs (one per split, the content hash as digest,
@@ -31,7 +33,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ssltk.config import PROJECT_ROOT, Config, dump_config
+from ssltk.config import PROJECT_ROOT, Config, EvalConfig, dump_config
 from ssltk.errors import UserError
 from ssltk.store import client, ensure_experiment, find_run
 
@@ -51,6 +53,10 @@ TAG_WORLD_SIZE = "ssltk.world_size"
 TAG_FAILURE = "ssltk.failure"
 TAG_PRETRAIN_RUN_ID = "ssltk.pretrain_run_id"
 TAG_WEIGHTS = "ssltk.weights_sha256"
+TAG_CHECKPOINT = "ssltk.checkpoint_sha256"
+#: On an eval run: ``final`` (a finished run's final checkpoint) or why the weights are not.
+TAG_WEIGHTS_STATE = "ssltk.weights_state"
+TAG_PROBE_PREFIX = "ssltk.probe."
 TAG_VERSION_PREFIX = "ssltk.version."
 TAG_RESUMED_PREFIX = "ssltk.resumed_with."
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
@@ -115,9 +121,33 @@ def parse_probe_metric(name: str) -> ProbeMetric | None:
     return ProbeMetric(*parts[1:])
 
 
+def cell_name(task: str, arch: str, widening: int) -> str:
+    """``<task>-<arch>-w<widening>``: a study cell's run name and run directory name."""
+    return f"{task}-{arch}-w{widening}"
+
+
 def run_name(config: Config) -> str:
     """``<task>-<arch>-w<widening>``: also the default output directory name."""
-    return f"{config.pretext.task}-{config.model.arch}-w{config.model.widening}"
+    return cell_name(config.pretext.task, config.model.arch, config.model.widening)
+
+
+def probe_tag(method: str, layer: str) -> str:
+    """``ssltk.probe.<method>.<layer>``: how the probe figures of that layer were measured."""
+    return f"{TAG_PROBE_PREFIX}{method}.{layer}"
+
+
+def probe_measurement(ev: EvalConfig, method: str | None = None) -> dict[str, Any]:
+    """What makes two probe figures comparable: the split they are reported on, the pooling, the
+    feature budget and the probe with its own settings (``eval.lbfgs``: the L2 grid, ...)."""
+    method = method or ev.method
+    section = getattr(ev, method, None)
+    return {
+        "split": ev.report_split,
+        "pooling": ev.pooling,
+        "max_features": ev.max_features,
+        "method": method,
+        "probe": section.model_dump(mode="json") if section is not None else None,
+    }
 
 
 def git_state(cwd: Path | None = None) -> tuple[str, bool | None]:
@@ -293,6 +323,20 @@ class TrackedRun:
         ]
         for chunk in _chunks(metrics, 1000):
             self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+
+    def log_figures(self, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
+        """Step-0 ``metrics`` with the ``tags`` that say how they were measured, in one request
+        where the store allows it, so that a figure never stands beside another one's record."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        values = [Metric(name, float(value), now, 0) for name, value in metrics.items()]
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        if len(values) <= 1000 and len(items) <= 100:
+            self.client.log_batch(self.run_id, metrics=values, tags=items, synchronous=True)
+        else:
+            self.set_tags(tags)
+            self.log_metrics([(0, metrics)])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,7 +38,7 @@ from ssltk.evaluate.pooling import make_pool, pooled_shape
 from ssltk.evaluate.target import target_from_run_dir
 from ssltk.models import build_model
 from ssltk.sections import MlpProbeConfig, SgdProbeConfig
-from ssltk.train.checkpoint import sidecar_path
+from ssltk.train.checkpoint import load_checkpoint, save_checkpoint, sha256_file, sidecar_path
 
 LAYERS = ["block3", "pre_logits"]
 
@@ -254,16 +259,18 @@ def test_bad_input_is_one_line_and_exit_2(study: dict, evaluated: dict, tmp_path
     )
     assert "exactly one" in one_line_error(ssltk_eval(study))
 
-    # A run that never checkpointed: tracked, but no checkpoint artifact.
+    # A run still running is not evaluated; one that finished without a checkpoint artifact fails.
     config = load_config(study["params"])
     bare = tracking.start_pretrain_run(config, data_hash="x", device="cpu")
+    assert "is running in the store" in one_line_error(ssltk_eval(study, "--run-id", bare.run_id))
+    bare.finish("FINISHED")
     assert "no checkpoint" in one_line_error(ssltk_eval(study, "--run-id", bare.run_id))
 
     # A checkpoint whose bytes no longer match their sidecar.
     copy = tmp_path / "run"
     copy.mkdir()
     record = json.loads((study["out"] / "run.json").read_text())
-    ckpt = Path(record["checkpoint"])
+    ckpt = study["out"] / record["checkpoint"]
     bad = copy / ckpt.name
     data = bytearray(ckpt.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -687,3 +694,291 @@ def test_pooling_takes_the_maximum_or_the_mean_of_each_window(mode):
     expected = windows.amax(-1) if mode == "max" else windows.mean(-1)
     assert torch.equal(make_pool(8, mode)(x), expected.flatten(1))
     assert torch.equal(make_pool(32, mode)(x), x.flatten(1))  # small enough: only flattened
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 20: every figure is the one its run earned; evaluation as fault-proof as pretraining
+
+
+def the_error(result) -> str:
+    """The one ``error:`` line of a failed eval, last, after at most its progress lines."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if not line.startswith(("features ", "probe "))]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and lines[-1] == errors[0], lines
+    return errors[0]
+
+
+def run_copy(study: dict, where: Path, state: dict | None = None, **record) -> Path:
+    """A copy of the study's run directory (its checkpoint replaced by ``state``, its run.json
+    updated by ``record``) naming the same MLflow run."""
+    shutil.copytree(study["out"], where, ignore=shutil.ignore_patterns("eval", ".lock"))
+    original = json.loads((where / "run.json").read_text())
+    if state is not None:
+        shutil.rmtree(where / "checkpoints")
+        info = save_checkpoint(state, where / "checkpoints", original["global_step"])
+        original["checkpoint"] = f"checkpoints/{info.path.name}"
+        original["checkpoint_sha256"] = info.sha256
+    (where / "run.json").write_text(json.dumps({**original, **record}))
+    return where
+
+
+def pretrain_metrics(study: dict) -> dict[str, float]:
+    client = mlflow_store.client(f"sqlite:///{study['store']}")
+    return client.get_run(study["run_id"]).data.metrics
+
+
+def last_eval_run(study: dict):
+    client = mlflow_store.client(f"sqlite:///{study['store']}")
+    experiment = client.get_experiment_by_name("eval-test")
+    return client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{tracking.TAG_KIND}` = 'eval'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )[0]
+
+
+def test_nan_weights_end_in_one_line_naming_layer_and_split_and_write_nothing_back(
+    study: dict, evaluated: dict, tmp_path: Path
+):
+    """Issue 20.1: NaN features once scored 100 % top-1 and were written back with exit 0."""
+    state = load_checkpoint(study["out"] / "checkpoints" / "ckpt-00000004.pt")
+    state["model"] = {
+        k: v.float().fill_(float("nan")) if v.is_floating_point() else v
+        for k, v in state["model"].items()
+    }
+    copy = run_copy(study, tmp_path / "diverged", state)
+    before = pretrain_metrics(study)
+    line = the_error(ssltk_eval(study, "--run-dir", str(copy), "--set", "eval.layers=[pre_logits]"))
+    assert "non-finite features at layer pre_logits on split 'train'" in line
+    assert pretrain_metrics(study) == before
+    assert last_eval_run(study).info.status == "FAILED"
+    assert not (copy / "eval" / "metrics.json").exists()
+
+
+def test_a_corrupt_cached_array_fails_its_checksum_and_is_recomputed(study: dict, tmp_path: Path):
+    """Issue 20.1: 4 KB of garbage in a cached .npy was read back as features."""
+    split = PreparedDataset.open(load_config(study["params"]).data.prepared_dir).split("val")
+    task = build_model("resnet50_v1", widening=1, num_classes=None).eval()
+
+    class Task(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.calls = task, 0
+
+        def representation(self, images, layers, *, pool=None, keys=None):
+            self.calls += 1
+            x = images.float().mean(dim=(2, 3))
+            return {"mean": x}
+
+    cache, probe = FeatureCache(tmp_path), Task()
+    identity = {"weights": "cd" * 32, "data_hash": "d"}
+    kwargs = dict(identity=identity, cache=cache, batch_size=64, max_features=9000, progress=False)
+    first = np.array(extract_features(probe, split, ["mean"], **kwargs).layers["mean"])
+    (array,) = tmp_path.rglob("val.mean.npy")
+    data = bytearray(array.read_bytes())
+    data[128 : 128 + 4096] = os.urandom(min(4096, len(data) - 128))
+    array.write_bytes(bytes(data))
+    calls = probe.calls
+    again = extract_features(probe, split, ["mean"], **kwargs)
+    assert not again.cached and probe.calls > calls
+    np.testing.assert_array_equal(again.layers["mean"], first)
+
+
+def test_topk_never_counts_a_nan_row_as_correct():
+    logits = np.array([[np.nan, np.nan, np.nan], [1.0, 1.0, 1.0], [0.0, 2.0, np.nan]])
+    labels = np.array([0, 1, 1])
+    # NaN rows are wrong at any k; a three-way tie ranks the lower class first (class 1 second).
+    assert lbfgs.topk_accuracy(logits, labels, 1) == 0.0
+    assert lbfgs.topk_accuracy(logits, labels, 2) == pytest.approx(1 / 3)
+    assert lbfgs.topk_accuracy(logits[1:2], labels[1:2], 1) == 0.0
+
+
+def test_only_a_finished_runs_final_checkpoint_is_evaluated(
+    study: dict, evaluated: dict, tmp_path: Path
+):
+    """Issue 20.2: a killed run's figures were written onto its pretraining run."""
+    copy = run_copy(study, tmp_path / "killed", status="killed", global_step=2, total_steps=4)
+    line = the_error(ssltk_eval(study, "--run-dir", str(copy)))
+    assert "killed at step 2 of 4 by run.json" in line and "--unfinished" in line
+    before = pretrain_metrics(study)
+    forced = ssltk_eval(
+        study, "--run-dir", str(copy), "--unfinished", "--set", "eval.layers=[pre_logits]"
+    )
+    assert forced.exit_code == 0, forced.output
+    assert "kept off the pretraining run" in forced.output
+    assert pretrain_metrics(study) == before
+    eval_run = last_eval_run(study)
+    assert "killed" in eval_run.data.tags[tracking.TAG_WEIGHTS_STATE]
+    assert eval_run.data.metrics[tracking.probe_metric("lbfgs", 1, "pre_logits")] >= 0
+
+
+def test_written_back_figures_carry_how_they_were_measured(study: dict, evaluated: dict):
+    """Issue 20.3: probe figures on the pretraining run said nothing of split, pooling, probe."""
+    client = mlflow_store.client(f"sqlite:///{study['store']}")
+    tags = client.get_run(study["run_id"]).data.tags
+    record = json.loads((study["out"] / "run.json").read_text())
+    for layer in LAYERS:
+        measured = json.loads(tags[tracking.probe_tag("lbfgs", layer)])
+        assert measured["split"] == "test" and measured["pooling"] == "max"
+        assert measured["max_features"] == 9000 and measured["method"] == "lbfgs"
+        assert measured["probe"] == {"l2": [0.1, 0.01], "max_iter": 60}
+        assert measured["weights_sha256"] == evaluated["weights_sha256"]
+        assert measured["checkpoint_sha256"] == record["checkpoint_sha256"]
+        assert measured["figures"] == ["top1", "top5", "val_top1"]
+
+
+@contextmanager
+def full_disk(folder: Path, size: str = "256k"):
+    """``folder`` on a tiny tmpfs where mounting is allowed (root), else None: the caller then
+    limits the file size as the pretraining test does (writes past it fail, as on a full disk)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    mounted = shutil.which("mount") is not None and subprocess.run(mount).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=True)
+
+
+def _file_size_limit(limit: int):
+    def limited() -> None:  # in the child, before exec: SIGXFSZ ignored, writes fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    return limited
+
+
+def test_a_full_disk_during_eval_is_one_line_leaves_no_litter_and_fails_the_run(
+    study: dict, tmp_path: Path
+):
+    """Issue 20.5: SIGBUS (exit 135), the disk full of .npy.tmp, the eval run left RUNNING."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    argv = [sys.executable, "-m", "ssltk", "eval", "--params", str(study["params"])]
+    argv += ["--run-dir", str(study["out"]), "--out", str(out), "--set", "eval.layers=[block1]"]
+    argv += ["--set", f"eval.cache_dir={cache}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with full_disk(cache) as mounted:
+        done = subprocess.run(
+            argv,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=None if mounted else _file_size_limit(3 << 20),  # the store fits
+        )
+        litter = [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and done.stderr.strip().splitlines()[-1] == errors[0], done.stderr
+    assert "cannot write the feature cache" in errors[0] and "train.block1.npy" in errors[0]
+    assert ("No space left" if mounted else "File too large") in errors[0]
+    assert litter == []
+    record = json.loads((out / "eval.json").read_text())
+    client = mlflow_store.client(f"sqlite:///{study['store']}")
+    assert record["status"] == "failed"
+    assert client.get_run(record["run_id"]).info.status == "FAILED"
+
+
+def test_a_killed_eval_leaves_no_temporary_files_and_its_run_is_marked_killed(
+    study: dict, tmp_path: Path
+):
+    """Issue 20.6: after SIGKILL, .npy.tmp files stayed and the eval run stayed RUNNING."""
+    out = tmp_path / "out"
+    argv = [
+        sys.executable,
+        "-m",
+        "ssltk",
+        "eval",
+        "--params",
+        str(study["params"]),
+        "--run-dir",
+        str(study["out"]),
+        "--out",
+        str(out),
+        "--set",
+        "eval.layers=[pre_logits]",
+        "--set",
+        "eval.batch_size=2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.rglob("*.npy.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert list(out.rglob("*.npy.tmp")), "extraction never started"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    dead = json.loads((out / "eval.json").read_text())["run_id"]
+    client = mlflow_store.client(f"sqlite:///{study['store']}")
+    assert client.get_run(dead).info.status == "RUNNING"
+    again = ssltk_eval(
+        study,
+        "--run-dir",
+        str(study["out"]),
+        "--out",
+        str(out),
+        "--set",
+        "eval.layers=[pre_logits]",
+    )
+    assert again.exit_code == 0, again.output
+    assert client.get_run(dead).info.status == "KILLED"
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("text", "culprit"),
+    [
+        ("[1, 2]", "expected a JSON object, found list"),
+        ('{"run_id": 5}', "run_id: input should be a valid string (found 5)"),
+        ('{"status": "finished", "run_id": "r", "checkpoint": ["x"]}', "checkpoint:"),
+    ],
+)
+def test_run_json_of_the_wrong_types_is_one_line(study: dict, tmp_path: Path, text, culprit):
+    """Issue 20.7: wrong JSON types in run.json were 39–53-line tracebacks."""
+    (tmp_path / "run.json").write_text(text)
+    line = the_error(ssltk_eval(study, "--run-dir", str(tmp_path)))
+    assert str(tmp_path / "run.json") in line and culprit in line
+
+
+def test_run_json_names_its_checkpoint_relative_to_a_moved_run_directory(
+    study: dict, tmp_path: Path, monkeypatch
+):
+    """Issue 20.8: run.json held the checkpoint relative to where pretraining ran."""
+    from ssltk.train.rundir import read_run_record
+
+    record = json.loads((study["out"] / "run.json").read_text())
+    assert record["checkpoint"] == "checkpoints/ckpt-00000004.pt"
+    moved = run_copy(study, tmp_path / "moved")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert read_run_record(moved).checkpoint_path(moved) == moved / record["checkpoint"]
+    target = target_from_run_dir(load_config(study["params"]), moved)
+    assert target.checkpoint_sha256 == record["checkpoint_sha256"]
+    # A record of an older version (absolute path) still finds the file of a moved directory.
+    legacy = {**record, "checkpoint": str(tmp_path / "gone" / "ckpt-00000004.pt")}
+    (moved / "run.json").write_text(json.dumps(legacy))
+    assert target_from_run_dir(load_config(study["params"]), moved).weights == target.weights
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_a_pickled_object_checkpoint_is_one_line(study: dict, tmp_path: Path):
+    """Issue 20.10: refused in three lines quoting torch's advice to set weights_only=False."""
+    copy = run_copy(study, tmp_path / "evil")
+    evil = copy / "checkpoints" / "ckpt-00000004.pt"
+    torch.save({"format": 1, "model": _Exploit()}, evil)
+    sidecar_path(evil).write_text(f"{sha256_file(evil)}  {evil.name}\n")
+    record = json.loads((copy / "run.json").read_text())
+    record.update(checkpoint=str(evil), checkpoint_sha256=sha256_file(evil))
+    (copy / "run.json").write_text(json.dumps(record))
+    line = the_error(ssltk_eval(study, "--run-dir", str(copy)))
+    assert "refused" in line and "weights_only" not in line

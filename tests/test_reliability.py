@@ -176,7 +176,7 @@ def test_a_corrupt_newest_checkpoint_never_evicts_a_new_one(workspace):
     assert kept == ["ckpt-00000002.pt"]
     record = workspace.run_json(out)
     assert Path(record["checkpoint"]).name == "ckpt-00000002.pt"
-    assert sha256_file(Path(record["checkpoint"])) == record["checkpoint_sha256"]
+    assert sha256_file(out / record["checkpoint"]) == record["checkpoint_sha256"]  # relative
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
+from typer.testing import CliRunner
+
 from ssltk import store, tracking
+from ssltk.cli import app
 from ssltk.config import Config, config_from_dict
 
 # The report internals these tests pin, in one place (a restructure moves this import only).
+from ssltk.report.command import write_report
 from ssltk.report.results import Cell, best_layer, collect, provenance, rows
 from ssltk.report.tables import CSV_COLUMNS, markdown, verdict, write_csv
 
@@ -183,38 +188,160 @@ def test_provenance_spans_the_first_start_to_the_last_end():
     assert facts["time in pretraining and baseline runs"] == "4 min 50 s"  # 60 + 30 + 170 + 30
 
 
-def test_collect_pairs_each_cell_with_its_newest_finished_runs(tmp_path: Path):
-    """From a real tracking store: of three pretraining runs of a cell the newest *finished* one
-    is reported (not an older one, not a newer failed one); the same for baselines."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = config_from_dict(
-        {
-            "tracking": {"uri": uri, "experiment": "report-test"},
-            "study": {"tasks": ["rotation"], "archs": ["revnet50"], "widenings": [1]},
-        }
-    )
-    client = store.client(uri)
-    experiment = store.ensure_experiment(client, "report-test", uri)
-    cell_tags = {tracking.TAG_TASK: "rotation", tracking.TAG_ARCH: "revnet50"}
-    cell_tags[tracking.TAG_WIDENING] = "1"
+class Study:
+    """A tracking store and a workspace ``runs/`` of one cell (rotation, revnet50, k=1)."""
 
-    def logged(kind: str, start: int, status: str, top1: float) -> str:
-        tags = {**cell_tags, tracking.TAG_KIND: kind}
-        run_id = client.create_run(experiment, start_time=start, tags=tags).info.run_id
+    def __init__(self, root: Path) -> None:
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.runs = root / "runs"
+        self.config = config_from_dict(
+            {
+                "tracking": {"uri": self.uri, "experiment": "report-test"},
+                "study": {"tasks": ["rotation"], "archs": ["revnet50"], "widenings": [1]},
+                "eval": {"layers": ["block3", "pre_logits"]},
+            }
+        )
+        self.client = store.client(self.uri)
+        self.experiment = store.ensure_experiment(self.client, "report-test", self.uri)
+
+    def measured(self, figures=("top1", "top5", "val_top1"), checkpoint="c1", **changes) -> str:
+        """The ``ssltk.probe.<method>.<layer>`` tag of an evaluation as today's params say."""
+        recorded = {**tracking.probe_measurement(self.config.eval), **changes}
+        recorded.update(weights_sha256="w", checkpoint_sha256=checkpoint, figures=list(figures))
+        return json.dumps(recorded)
+
+    def logged(
+        self, kind: str, start: int, status: str, top1: float, tags: dict | None = None
+    ) -> str:
+        tags = {
+            tracking.TAG_TASK: "rotation",
+            tracking.TAG_ARCH: "revnet50",
+            tracking.TAG_WIDENING: "1",
+            tracking.TAG_KIND: kind,
+            tracking.probe_tag("lbfgs", "pre_logits"): self.measured(),
+            **(tags or {}),
+        }
+        client = self.client
+        run_id = client.create_run(self.experiment, start_time=start, tags=tags).info.run_id
         client.log_metric(run_id, tracking.probe_metric("lbfgs", 1, "pre_logits"), top1)
         client.log_metric(run_id, tracking.train_metric("loss"), 2.0 - top1, step=1)
         client.set_terminated(run_id, status, end_time=start + 1000)
         return run_id
 
-    logged(tracking.KIND_PRETRAIN, 1_000, "FINISHED", 0.1)
-    newest = logged(tracking.KIND_PRETRAIN, 2_000, "FINISHED", 0.2)
-    logged(tracking.KIND_PRETRAIN, 3_000, "FAILED", 0.9)
-    logged(tracking.KIND_BASELINE, 1_500, "FINISHED", 0.05)
-    baseline = logged(tracking.KIND_BASELINE, 2_500, "FINISHED", 0.15)
-    logged(tracking.KIND_BASELINE, 3_500, "KILLED", 0.8)
-    (cell,) = collect(config)
+    def workspace(self, run_id: str, baseline: str, status: str = "finished") -> None:
+        cell = self.runs / "rotation-revnet50-w1"
+        cell.mkdir(parents=True, exist_ok=True)
+        record = {"status": status, "run_id": run_id, "checkpoint_sha256": "c1"}
+        (cell / "run.json").write_text(json.dumps(record))
+        (self.runs / "baseline-rotation-revnet50-w1").mkdir(exist_ok=True)
+        (self.runs / "baseline-rotation-revnet50-w1" / "metrics.json").write_text(
+            json.dumps({"run_id": baseline})
+        )
+
+
+def test_cells_are_the_workspace_runs_and_newer_store_runs_are_named(tmp_path: Path):
+    """Issue 20.4: a newer smoke run of the cell in the same store is not reported, but named."""
+    study = Study(tmp_path)
+    studied = study.logged(tracking.KIND_PRETRAIN, 1_000, "FINISHED", 0.318)
+    smoke = study.logged(tracking.KIND_PRETRAIN, 2_000, "FINISHED", 0.209)
+    study.logged(tracking.KIND_PRETRAIN, 3_000, "FAILED", 0.9)
+    baseline = study.logged(tracking.KIND_BASELINE, 1_500, "FINISHED", 0.199)
+    newer_baseline = study.logged(tracking.KIND_BASELINE, 2_500, "FINISHED", 0.15)
+    study.workspace(studied, baseline)
+    (cell,) = collect(study.config, study.runs)
     assert cell.key == ("rotation", "revnet50", 1)
-    assert (cell.run.info.run_id, cell.baseline.info.run_id) == (newest, baseline)
-    assert cell.curve == [(1, 1.8)]
+    assert (cell.run.info.run_id, cell.baseline.info.run_id) == (studied, baseline)
+    assert cell.curve == [(1, 2.0 - 0.318)]
     (row,) = rows([cell])
-    assert (row["top1"], row["baseline_top1"]) == (0.2, 0.15)
+    assert (row["top1"], row["baseline_top1"]) == (0.318, 0.199)
+    (shadowed_run, shadowed_baseline) = cell.warnings
+    assert smoke in shadowed_run and studied in shadowed_run
+    assert newer_baseline in shadowed_baseline
+    text = markdown([cell], study.config, "lbfgs", provenance([cell]))
+    assert smoke in text and "31.8 / 19.9" in text
+
+
+def test_an_unfinished_workspace_run_is_not_reported(tmp_path: Path):
+    """Issue 20.2: run.json of a killed (or failed, or running) run: its cell is empty."""
+    study = Study(tmp_path)
+    killed = study.logged(tracking.KIND_PRETRAIN, 1_000, "KILLED", 0.25)
+    baseline = study.logged(tracking.KIND_BASELINE, 1_500, "FINISHED", 0.199)
+    study.workspace(killed, baseline, status="killed")
+    (cell,) = collect(study.config, study.runs)
+    assert cell.run is None and "killed" in cell.warnings[0]
+
+
+def test_figures_measured_otherwise_are_left_out_and_named(tmp_path: Path):
+    """Issue 20.3 and 20.2: a figure of another split, an older evaluation's val_top1 and a figure
+    of earlier weights (the run resumed since) are not shown; the report says which and why."""
+    study = Study(tmp_path)
+    other_split = study.measured(split="val")
+    old_val = study.measured(figures=("top1", "top5"))
+    earlier = study.measured(checkpoint="c0")
+    studied = study.logged(
+        tracking.KIND_PRETRAIN,
+        1_000,
+        "FINISHED",
+        0.354,
+        {
+            tracking.probe_tag("lbfgs", "pre_logits"): other_split,
+            tracking.probe_tag("lbfgs", "block3"): old_val,
+            tracking.probe_tag("lbfgs", "block2"): earlier,
+        },
+    )
+    for figure, layer, value in (
+        ("top1", "block3", 0.30),
+        ("val_top1", "block3", 0.99),
+        ("top1", "block2", 0.28),
+        ("val_top1", "block2", 0.20),
+    ):
+        study.client.log_metric(studied, tracking.probe_metric("lbfgs", figure, layer), value)
+    baseline = study.logged(tracking.KIND_BASELINE, 1_500, "FINISHED", 0.199)
+    study.workspace(studied, baseline)
+    (cell,) = collect(study.config, study.runs)
+    assert cell.probes("run") == {("lbfgs", 1, "block3"): 0.30}
+    assert cell.val_probes("run") == {}
+    left_out = cell.excluded["run"]
+    assert "'val', the report's 'test'" in left_out[tracking.probe_metric("lbfgs", 1, "pre_logits")]
+    assert "earlier evaluation" in left_out[tracking.probe_metric("lbfgs", "val_top1", "block3")]
+    assert "earlier weights" in left_out[tracking.probe_metric("lbfgs", 1, "block2")]
+    text = markdown([cell], study.config, "lbfgs", provenance([cell]))
+    assert "35.4" not in text and "probe/lbfgs/top1/pre_logits`: split 'val'" in text
+
+
+def test_a_report_without_probe_figures_plots_without_a_warning(tmp_path: Path, recwarn):
+    """Issue 20.10: finished runs that were never evaluated: plots with a note, no warnings."""
+    study = Study(tmp_path)
+    bare = study.client.create_run(
+        study.experiment,
+        tags={
+            tracking.TAG_TASK: "rotation",
+            tracking.TAG_ARCH: "revnet50",
+            tracking.TAG_WIDENING: "1",
+            tracking.TAG_KIND: tracking.KIND_PRETRAIN,
+        },
+    ).info.run_id
+    study.client.set_terminated(bare, "FINISHED")
+    study.workspace(bare, "0" * 32)
+    written = write_report(study.config, tmp_path / "reports", study.runs)
+    assert len(written) == 6 and all(p.is_file() for p in written)
+    assert [str(w.message) for w in recwarn] == []
+
+
+def test_a_report_without_a_finished_workspace_run_is_one_line(tmp_path: Path):
+    study = Study(tmp_path)
+    study.logged(tracking.KIND_PRETRAIN, 1_000, "FINISHED", 0.3)  # in the store, not in runs/
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        json.dumps(
+            {
+                "tracking": {"uri": study.uri, "experiment": "report-test"},
+                "study": {"tasks": ["rotation"], "archs": ["revnet50"], "widenings": [1]},
+            }
+        )
+    )
+    argv = ["report", "--params", str(params), "--runs", str(study.runs)]
+    result = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "reports")])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: no finished pretraining run of the study under")

@@ -52,6 +52,15 @@ def test_artifacts_of_a_sqlite_store_live_beside_it():
     assert mlflow_store.artifact_location("http://localhost:5000", "x") is None
 
 
+@pytest.mark.parametrize("name", ["..", ".", "../../etc", "/abs/..", ".hidden", "a/../.."])
+def test_an_experiment_name_never_puts_artifacts_outside_mlruns(tmp_path: Path, name: str):
+    """Issue 20.9: ``tracking.experiment=..`` put a run's artifacts beside the store's folder."""
+    root = (tmp_path / "mlruns").resolve()
+    location = mlflow_store.artifact_location(f"sqlite:///{tmp_path / 'mlflow.db'}", name)
+    folder = Path(location.removeprefix("file://"))
+    assert folder.parent == root and not folder.name.startswith(".")
+
+
 def test_the_store_is_created_quietly(store: Path, capfd):
     uri = f"sqlite:///{store}"
     client = mlflow_store.client(uri)

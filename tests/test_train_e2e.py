@@ -251,7 +251,7 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(workspace, reference):
     config = load_config(workspace.params)
     record = workspace.run_json(reference)
     assert record["tracking_uri"] == f"sqlite:///{workspace.store}"
-    assert record["checkpoint"] == str(reference / "checkpoints" / f"ckpt-{STEPS:08d}.pt")
+    assert record["checkpoint"] == f"checkpoints/ckpt-{STEPS:08d}.pt"  # relative to the run dir
     client = workspace.client()
     run = client.get_run(record["run_id"])
     assert run.info.status == "FINISHED" and run.info.experiment_id == record["experiment_id"]
@@ -303,7 +303,7 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(workspace, reference):
     local = client.download_artifacts(run.info.run_id, tracking.CONFIG_ARTIFACT, str(artifacts))
     assert Path(local).read_text() == dump_config(config)
     fetched = fetch_checkpoint(client, run.info.run_id, artifacts)
-    assert fetched.read_bytes() == Path(record["checkpoint"]).read_bytes()
+    assert fetched.read_bytes() == (reference / record["checkpoint"]).read_bytes()
     assert sidecar_path(fetched).read_text().split()[0] == record["checkpoint_sha256"]
 
 

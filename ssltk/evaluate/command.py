@@ -23,6 +23,14 @@ BaselineOption = Annotated[
         "--baseline", help="evaluate a randomly initialised network of the configured cell"
     ),
 ]
+UnfinishedOption = Annotated[
+    bool,
+    typer.Option(
+        "--unfinished",
+        help="also evaluate a run that did not finish (its latest checkpoint); the figures stay "
+        "on the eval run, tagged, and never reach the pretraining run or the report",
+    ),
+]
 EvalOutOption = Annotated[
     Path | None,
     typer.Option(
@@ -40,10 +48,12 @@ def evaluate(
     run_dir: RunDirOption = None,
     baseline: BaselineOption = False,
     out: EvalOutOption = None,
+    unfinished: UnfinishedOption = False,
 ) -> None:
     """Linear evaluation: probe every layer in eval.layers with eval.method.
 
-    Give exactly one of --run-id, --run-dir or --baseline.
+    Give exactly one of --run-id, --run-dir or --baseline. Only a finished run is evaluated
+    unless --unfinished.
 
     A pretraining run is rebuilt from its own logged config and checkpoint; the figures
     probe/<method>/top1/<layer> (and top5) go to a new eval run and back onto the pretraining run.
@@ -69,10 +79,10 @@ def evaluate(
             target = baseline_target(config)
             default_out = Path("runs") / f"baseline-{tracking.run_name(config)}"
         elif run_dir is not None:
-            target = target_from_run_dir(config, run_dir)
+            target = target_from_run_dir(config, run_dir, allow_unfinished=unfinished)
             default_out = run_dir / "eval"
         else:
-            target = target_from_run_id(config, run_id, Path(scratch))
+            target = target_from_run_id(config, run_id, Path(scratch), allow_unfinished=unfinished)
             default_out = Path("runs") / f"eval-{run_id}"
         result = run_evaluation(target, out or default_out, device=device)
     best = max(result.layers, key=lambda layer: result.layers[layer]["top1"])
@@ -80,6 +90,7 @@ def evaluate(
     typer.echo(
         f"{target.kind} {target.name}: {result.method} top-1 on {result.split}: {shown} "
         f"(best {best}); run {result.run_id}"
+        + (f" ({target.unfinished}: kept off the pretraining run)" if target.unfinished else "")
     )
 
 

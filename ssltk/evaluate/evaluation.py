@@ -3,6 +3,11 @@
 Results are logged to an MLflow run (``ssltk.kind`` eval or baseline) as ``probe/<method>/top1/
 <layer>`` and ``top5``, written back onto the pretraining run so the MLflow UI's compare view
 lists pretext × arch × widening × accuracy, and written to ``<out>/metrics.json`` for DVC.
+Each layer's figures carry how they were measured (``ssltk.probe.<method>.<layer>``), so a report
+can tell them from figures of another split, pooling, probe or earlier weights. Figures of weights
+that are not a finished run's final checkpoint stay on the eval run. Every stage is checked to be
+finite. ``<out>/eval.json`` names the eval run in progress, so a run whose process died is marked
+KILLED by the next evaluation in the same folder.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,19 +23,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssltk import tracking
+from ssltk import store, tracking
 from ssltk.data.dataset import PreparedDataset, PreparedSplit
 from ssltk.errors import UserError
 from ssltk.evaluate.features import FeatureCache, Features, extract_features
+from ssltk.evaluate.finite import require_finite
 from ssltk.evaluate.probe import Figures, ProbeInputs, needs_val
 from ssltk.evaluate.target import EvalTarget
-from ssltk.fsutil import run_directory, write_atomic
+from ssltk.fsutil import WriteError, run_directory, write_atomic
 from ssltk.registry import ARCHS, PROBES
 from ssltk.train.determinism import deterministic_mode
 
 __all__ = ["EvalResult", "evaluate", "resolve_layers"]
 
 METRICS_JSON = "metrics.json"
+EVAL_RECORD = "eval.json"
 ALL_LAYERS = "all"
 
 
@@ -113,27 +121,63 @@ def _evaluate(
 ) -> EvalResult:
     ev = target.config.eval
     started = time.perf_counter()
+    _end_dead_run(target, out_dir)
+    (out_dir / METRICS_JSON).unlink(missing_ok=True)  # a failed evaluation leaves no figures
     run = _start_run(target, data_hash, device, list(splits))
+    _write_eval_record(out_dir, run, "running")
     try:
         with deterministic_mode():
             features = _features(target, splits, layers, data_hash, out_dir, device, progress)
+            for name, split_features in features.items():
+                for layer in layers:
+                    require_finite(split_features.layers[layer], "features", layer, name)
             figures = _probe(target, splits, layers, features, device)
         result = EvalResult(run.run_id, ev.method, ev.report_split, figures)
         result.seconds = time.perf_counter() - started
         _record(target, run, result, out_dir)
     except BaseException as err:
-        run.finish(
-            "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
-            failure=f"{type(err).__name__}: {err}",
-        )
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        run.finish(status, failure=f"{type(err).__name__}: {err}")
+        with suppress(WriteError):  # the failure may be this very disk
+            _write_eval_record(out_dir, run, status.lower())
         raise
+    _write_eval_record(out_dir, run, "finished")
     return result
+
+
+def _write_eval_record(out_dir: Path, run: tracking.TrackedRun, status: str) -> None:
+    record = {"status": status, "run_id": run.run_id, "tracking_uri": run.tracking_uri}
+    write_atomic(out_dir / EVAL_RECORD, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def _end_dead_run(target: EvalTarget, out_dir: Path) -> None:
+    """Mark KILLED the eval run that an earlier process in ``out_dir`` left RUNNING when it died
+    (we hold the folder's lock, so that process is gone)."""
+    try:
+        record = json.loads((out_dir / EVAL_RECORD).read_text(encoding="utf-8"))
+        run_id = record["run_id"] if record.get("status") == "running" else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    if not isinstance(run_id, str):
+        return
+    mlflow_client = store.client(target.config.tracking.resolved_uri())
+    found = store.find_run(mlflow_client, run_id)
+    if found is not None and found.info.status == "RUNNING":
+        why = "the evaluation process died (found by the next evaluation in its folder)"
+        mlflow_client.set_tag(run_id, tracking.TAG_FAILURE, why)
+        mlflow_client.set_terminated(run_id, "KILLED")
+        _log(f"eval: marked eval run {run_id} KILLED (its process died)")
 
 
 def _start_run(
     target: EvalTarget, data_hash: str, device: torch.device, splits: list[str]
 ) -> tracking.TrackedRun:
-    tags = {tracking.TAG_WEIGHTS: target.weights}
+    tags = {
+        tracking.TAG_WEIGHTS: target.weights,
+        tracking.TAG_WEIGHTS_STATE: target.unfinished or "final",
+    }
+    if target.checkpoint_sha256 is not None:
+        tags[tracking.TAG_CHECKPOINT] = target.checkpoint_sha256
     data = {"data_hash": data_hash, "splits": splits}
     if target.kind == tracking.KIND_BASELINE:
         return tracking.start_baseline_run(
@@ -209,19 +253,35 @@ def _probe(
 _WRITTEN_BACK = ("top1", "top5", "val_top1")
 
 
+def measurement(target: EvalTarget, figures: dict[str, float]) -> dict[str, Any]:
+    """How one layer's ``figures`` were measured: the ``ssltk.probe.<method>.<layer>`` tag."""
+    return {
+        **tracking.probe_measurement(target.config.eval),
+        "weights_sha256": target.weights,
+        "checkpoint_sha256": target.checkpoint_sha256,
+        "figures": sorted(name for name in figures if name in _WRITTEN_BACK),
+    }
+
+
 def _record(
     target: EvalTarget, run: tracking.TrackedRun, result: EvalResult, out_dir: Path
 ) -> None:
     metrics = result.metrics()
-    run.log_metrics([(0, metrics)])
-    run.finish("FINISHED")
-    if target.pretrain_run_id is not None:
+    measured = {
+        tracking.probe_tag(result.method, layer): json.dumps(
+            measurement(target, figures), sort_keys=True, default=_plain
+        )
+        for layer, figures in result.layers.items()
+    }
+    run.log_figures(metrics, measured)
+    if target.pretrain_run_id is not None and target.unfinished is None:
         headline = {
             k: v
             for k, v in metrics.items()
             if tracking.parse_probe_metric(k).figure in _WRITTEN_BACK
         }
-        tracking.open_run(target.config, target.pretrain_run_id).log_metrics([(0, headline)])
+        tracking.open_run(target.config, target.pretrain_run_id).log_figures(headline, measured)
+    run.finish("FINISHED")
     summary = {
         "kind": target.kind,
         "method": result.method,
@@ -232,6 +292,9 @@ def _record(
         "arch": target.config.model.arch,
         "widening": target.config.model.widening,
         "weights_sha256": target.weights,
+        "checkpoint_sha256": target.checkpoint_sha256,
+        "weights_state": target.unfinished or "final",
+        "measurement": tracking.probe_measurement(target.config.eval),
         "seconds": round(result.seconds, 1),
         "layers": result.layers,
     }

@@ -3,8 +3,11 @@
 ``extract_features`` runs a task's ``representation`` (its linear-evaluation preprocessing) over a
 split in eval mode, pools every requested endpoint to at most ``eval.max_features`` values and
 writes one float32 ``.npy`` per (weights, split, layer) straight to disk, so a split larger than
-memory never sits in RAM. A small JSON manifest beside each array names what it was computed from;
-a hit needs every field to match, so changed weights, data or pooling never hit.
+memory never sits in RAM. A small JSON manifest beside each array names what it was computed from
+and the array file's SHA-256; a hit needs every field to match and the bytes to hash the same, so
+changed weights, data or pooling never hit and a corrupt array is recomputed. An array is allocated
+in full before it is filled (a full disk is an error, not a SIGBUS), under a temporary name that a
+later run removes if its process died.
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ from torch import nn
 
 from ssltk.data.dataset import PreparedSplit
 from ssltk.evaluate.pooling import make_pool
-from ssltk.fsutil import write_atomic
+from ssltk.fsutil import WriteError, pid_alive, reserve, write_atomic
 from ssltk.pretext import PretextTask
 from ssltk.train.progress import format_duration
 
 __all__ = ["FeatureCache", "Features", "extract_features", "weights_digest"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the manifest holds the array's SHA-256
 _REPORT_EVERY = 10  # batches between progress lines
 
 
@@ -69,20 +72,42 @@ class FeatureCache:
         return self.root / str(identity["weights"])[:16] / f"{split}.{layer}"
 
     def load(self, identity: Mapping[str, Any], split: str, layer: str) -> np.ndarray | None:
+        """The cached array, or None when it is missing, from other inputs or corrupt."""
         stem = self._stem(identity, split, layer)
         try:
             manifest = json.loads(_path(stem, ".json").read_text(encoding="utf-8"))
+            digest = manifest.pop("sha256", None) if isinstance(manifest, dict) else None
             if manifest != _manifest(identity, split, layer, manifest.get("shape")):
+                return None
+            if digest != _sha256(_path(stem, ".npy")):
+                _log(f"features {split}.{layer}: the cached array fails its checksum; recomputing")
                 return None
             array = np.load(_path(stem, ".npy"), mmap_mode="r")
         except (OSError, ValueError):
             return None
         return array if list(array.shape) == manifest["shape"] else None
 
+    def remove_stale(self, identity: Mapping[str, Any]) -> None:
+        """Remove the temporary arrays that processes which died left for these weights."""
+        folder = self._stem(identity, "split", "layer").parent
+        for tmp in folder.glob(".*.npy.tmp") if folder.is_dir() else ():
+            pid = tmp.name.removesuffix(".npy.tmp").rsplit(".", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+
     def writer(
         self, identity: Mapping[str, Any], split: str, layer: str, shape: tuple[int, int]
     ) -> _CacheWriter:
         return _CacheWriter(self._stem(identity, split, layer), identity, split, layer, shape)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _manifest(identity: Mapping[str, Any], split: str, layer: str, shape: Any) -> dict[str, Any]:
@@ -100,19 +125,34 @@ class _CacheWriter:
         layer: str,
         shape: tuple[int, int],
     ) -> None:
-        stem.parent.mkdir(parents=True, exist_ok=True)
         self.stem = stem
         self.tmp = stem.with_name(f".{stem.name}.{os.getpid()}.npy.tmp")
-        self.array = open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=shape)
         self.manifest = _manifest(identity, split, layer, list(shape))
+        try:
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            self.array = open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=shape)
+            reserve(self.tmp)
+        except OSError as err:
+            self.discard()
+            size = 4 * shape[0] * shape[1] / 2**20
+            raise WriteError(
+                f"cannot write the feature cache {_path(stem, '.npy')} ({size:.1f} MiB): "
+                f"{err.strerror or err}"
+            ) from None
 
     def commit(self) -> np.ndarray:
-        self.array.flush()
-        del self.array
-        os.replace(self.tmp, _path(self.stem, ".npy"))
-        text = json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"
+        npy = _path(self.stem, ".npy")
+        try:
+            self.array.flush()
+            del self.array
+            os.replace(self.tmp, npy)
+            manifest = {**self.manifest, "sha256": _sha256(npy)}
+        except OSError as err:
+            self.discard()
+            raise WriteError(f"cannot write the feature cache {npy}: {err.strerror}") from None
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         write_atomic(_path(self.stem, ".json"), text.encode())
-        return np.load(_path(self.stem, ".npy"), mmap_mode="r")
+        return np.load(npy, mmap_mode="r")
 
     def discard(self) -> None:
         self.__dict__.pop("array", None)
@@ -139,6 +179,7 @@ def extract_features(
     read back without running the network, the others are computed in one pass.
     """
     labels = split.labels.numpy().astype(np.int64)
+    cache.remove_stale(identity)
     found = {layer: cache.load(identity, split.name, layer) for layer in layers}
     missing = [layer for layer, array in found.items() if array is None]
     if not missing:

@@ -249,12 +249,14 @@ class Accuracy:
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Fraction of rows whose label ranks in the top ``k``; ties rank the lower class index first
-    (as ``argmax``), so equal logits are never all counted correct."""
+    (as ``argmax``), so equal logits are never all counted correct. A row holding a NaN ranks
+    nothing: it counts as wrong (every comparison with NaN is false, which would rank it first)."""
     labels = np.asarray(labels, dtype=np.int64)
     mine = logits[np.arange(len(labels)), labels][:, None]
     lower_index = np.arange(logits.shape[1])[None, :] < labels[:, None]
     rank = (logits > mine).sum(axis=1) + ((logits == mine) & lower_index).sum(axis=1)
-    return float((rank < k).mean())
+    ranked = ~np.isnan(logits).any(axis=1)
+    return float(((rank < k) & ranked).mean())
 
 
 @dataclass(frozen=True)

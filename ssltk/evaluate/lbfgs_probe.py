@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ssltk.evaluate import lbfgs
+from ssltk.evaluate.finite import require_finite
 from ssltk.evaluate.probe import Figures, ProbeInputs, register_probe
 
 __all__ = ["fit_lbfgs"]
@@ -39,10 +40,15 @@ def fit_lbfgs(inputs: ProbeInputs) -> Figures:
             )
             point = next(p for p in fit.points if p.l2 == fit.l2)
             chosen = {"val_top1": point.val.top1}
-        accuracy = fit.score(on_device(report.layers[layer]), report.labels)
-        figures[layer] = {"top1": accuracy.top1, "top5": accuracy.top5, "l2": fit.l2, **chosen}
+        probe = fit if isinstance(fit, lbfgs.LinearProbe) else fit.probe
+        require_finite(probe.weight, "probe weights", layer, "train")
+        require_finite(probe.bias, "probe bias", layer, "train")
+        logits = probe.logits(on_device(report.layers[layer]))
+        require_finite(logits, "logits", layer, inputs.report_split)
+        top1, top5 = (lbfgs.topk_accuracy(logits, report.labels, k) for k in (1, 5))
+        figures[layer] = {"top1": top1, "top5": top5, "l2": fit.l2, **chosen}
         inputs.log(
-            f"probe lbfgs {layer}: top-1 {accuracy.top1:.4f} on {inputs.report_split} "
+            f"probe lbfgs {layer}: top-1 {top1:.4f} on {inputs.report_split} "
             f"(l2 {fit.l2:g}, {time.perf_counter() - clock:.1f} s)"
         )
     return figures

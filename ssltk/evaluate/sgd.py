@@ -21,6 +21,7 @@ from torch import nn
 
 from ssltk.data.dataset import PreparedSplit
 from ssltk.data.loader import DeterministicLoader
+from ssltk.evaluate.finite import require_finite
 from ssltk.evaluate.lbfgs import topk_accuracy
 from ssltk.evaluate.pooling import make_pool
 from ssltk.evaluate.probe import Figures, ProbeInputs, register_probe
@@ -183,8 +184,13 @@ def _fit_heads(inputs: ProbeInputs) -> Figures:
             f"probe {ev.method} epoch {epoch}/{total}: loss {loss:.4f}"
         ),
     )
+    for layer, head in heads.items():
+        for weights in head.parameters():
+            require_finite(weights, "probe weights", layer, "train")
     report = inputs.features[inputs.report_split]
     logits = predict(heads, report.layers)
+    for layer in inputs.layers:
+        require_finite(logits[layer], "logits", layer, inputs.report_split)
     return {
         layer: {
             "top1": topk_accuracy(logits[layer], report.labels, 1),

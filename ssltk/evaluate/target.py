@@ -4,11 +4,14 @@ A pretraining run is found in the tracking store by id (``--run-id``) or through
 directory's ``run.json`` (``--run-dir``). The task is rebuilt from the run's own resolved config
 (its ``config/params.yaml`` artifact), so today's params.yaml cannot change what is evaluated;
 only the ``eval`` and ``tracking`` sections and ``data.prepared_dir`` come from today's config.
+
+Only a finished run's final checkpoint is evaluated (``FINISHED`` in the store and ``finished``
+in run.json); another state needs ``allow_unfinished`` and is recorded on the target, whose
+figures then stay on the eval run, never on the pretraining run.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ from ssltk.train.checkpoint import (
     verify_checkpoint,
 )
 from ssltk.train.determinism import seed_everything
+from ssltk.train.rundir import RunRecord, read_run_record
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -45,6 +49,9 @@ class EvalTarget:
     kind: str  # tracking.KIND_EVAL or tracking.KIND_BASELINE
     weights: str  # digest of the backbone's state (the feature cache key)
     pretrain_run_id: str | None = None
+    checkpoint_sha256: str | None = None
+    #: None for a finished run's final checkpoint (or a baseline), else what the weights are.
+    unfinished: str | None = None
 
     @property
     def name(self) -> str:
@@ -102,14 +109,39 @@ def _pretrain_run(config: Config, run_id: str):
     return mlflow_client, run
 
 
+def _unfinished(
+    option: str, run_id: str, store_status: str, record: RunRecord | None, allow: bool
+) -> str | None:
+    """None when the run finished (by the store and by run.json), else a note on its state;
+    refused unless ``allow``."""
+    states = [f"{store_status.lower()} in the store"] if store_status != "FINISHED" else []
+    if record is not None and record.status != "finished":
+        at = f" at step {record.global_step} of {record.total_steps}" if record.total_steps else ""
+        states.append(f"{record.status}{at} by run.json")
+    if not states:
+        return None
+    note = f"run {run_id} is {' and '.join(states)}"
+    if not allow:
+        raise UserError(
+            f"{option}: {note}; only a finished run's final checkpoint is evaluated "
+            "(--unfinished evaluates it anyway, kept off the pretraining run)"
+        )
+    return note
+
+
 def _with_weights(
-    config: Config, run_id: str, checkpoint: Path, expected_sha256: str | None = None
+    config: Config,
+    run_id: str,
+    checkpoint: Path,
+    expected_sha256: str | None = None,
+    unfinished: str | None = None,
 ) -> EvalTarget:
     try:
         state = load_checkpoint(checkpoint)
     except CheckpointError as err:
-        raise UserError(str(err)) from None
-    if expected_sha256 is not None and sha256_file(checkpoint) != expected_sha256:
+        raise UserError(str(err).splitlines()[0]) from None
+    digest = sha256_file(checkpoint)
+    if expected_sha256 is not None and digest != expected_sha256:
         raise UserError(f"{checkpoint}: SHA-256 differs from the one run.json records")
     task = _build(config)
     try:
@@ -121,13 +153,22 @@ def _with_weights(
         ) from None
     task.eval()
     return EvalTarget(
-        config, task, tracking.KIND_EVAL, weights_digest(task.backbone), pretrain_run_id=run_id
+        config,
+        task,
+        tracking.KIND_EVAL,
+        weights_digest(task.backbone),
+        pretrain_run_id=run_id,
+        checkpoint_sha256=digest,
+        unfinished=unfinished,
     )
 
 
-def target_from_run_id(current: Config, run_id: str, scratch: Path) -> EvalTarget:
+def target_from_run_id(
+    current: Config, run_id: str, scratch: Path, *, allow_unfinished: bool = False
+) -> EvalTarget:
     """The pretraining run ``run_id``: its config artifact and its checkpoint artifact."""
     mlflow_client, run = _pretrain_run(current, run_id)
+    state = _unfinished("--run-id", run_id, run.info.status, None, allow_unfinished)
     config = _run_config(run_id, current, mlflow_client)
     try:
         checkpoint = fetch_checkpoint(mlflow_client, run_id, scratch)
@@ -138,29 +179,25 @@ def target_from_run_id(current: Config, run_id: str, scratch: Path) -> EvalTarge
             f"--run-id {run_id}: the run has no checkpoint artifact (status "
             f"{run.info.status}; did it finish?) ({type(err).__name__})"
         ) from None
-    return _with_weights(config, run_id, checkpoint)
+    return _with_weights(config, run_id, checkpoint, unfinished=state)
 
 
-def target_from_run_dir(current: Config, run_dir: Path) -> EvalTarget:
+def target_from_run_dir(
+    current: Config, run_dir: Path, *, allow_unfinished: bool = False
+) -> EvalTarget:
     """The run recorded in ``run_dir/run.json``, with the checkpoint file that it names."""
-    path = Path(run_dir) / "run.json"
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(
-            f"--run-dir {run_dir}: no run.json (not a pretraining run directory)"
-        ) from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot be read ({type(err).__name__})") from None
-    run_id, checkpoint = record.get("run_id"), record.get("checkpoint")
-    if not run_id or not checkpoint:
-        raise UserError(f"{path}: no run id or checkpoint recorded (did the run finish?)")
-    mlflow_client, _ = _pretrain_run(current, run_id)
-    config = _run_config(run_id, current, mlflow_client)
-    checkpoint = Path(checkpoint)
+    run_dir = Path(run_dir)
+    record = read_run_record(run_dir)
+    path = run_dir / "run.json"
+    checkpoint = record.checkpoint_path(run_dir)
+    if not record.run_id or checkpoint is None:
+        raise UserError(f"{path}: no run id or checkpoint recorded (did the run start?)")
+    mlflow_client, run = _pretrain_run(current, record.run_id)
+    state = _unfinished("--run-dir", record.run_id, run.info.status, record, allow_unfinished)
+    config = _run_config(record.run_id, current, mlflow_client)
     if not checkpoint.is_file():
-        raise UserError(f"{path}: its checkpoint {checkpoint} does not exist")
-    return _with_weights(config, run_id, checkpoint, record.get("checkpoint_sha256"))
+        raise UserError(f"{path}: its checkpoint {record.checkpoint} does not exist")
+    return _with_weights(config, record.run_id, checkpoint, record.checkpoint_sha256, state)
 
 
 def fetch_checkpoint(mlflow_client: MlflowClient, run_id: str, destination: Path) -> Path:

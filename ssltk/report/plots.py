@@ -31,6 +31,16 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _legend(ax, **options) -> None:
+    """A legend of the labelled artists (each label once), or a note on an empty panel."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        unique = dict(zip(labels, handles, strict=True))
+        ax.legend(unique.values(), unique.keys(), **options)
+    elif not ax.lines and not ax.collections:
+        ax.text(0.5, 0.5, "no figures to show", transform=ax.transAxes, ha="center", color="grey")
+
+
 def _layer_order(cells: list[Cell], method: str) -> list[str]:
     found = [layer for c in cells for m, k, layer in c.probes("run") if m == method and k == 1]
     return layer_order((c.arch for c in cells), found)
@@ -63,7 +73,7 @@ def depth(cells: list[Cell], method: str, path: Path) -> Path:
         ax.set_xlabel("layer (input → output)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"linear top-1 (%, {method})")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    _legend(axes[0][-1], fontsize=7, loc="best")
     return _save(fig, path)
 
 
@@ -89,7 +99,7 @@ def widening(cells: list[Cell], method: str, layer: str, path: Path) -> Path:
     ax.set_title(f"Accuracy by widening factor ({method}; x = random init)")
     ax.set_xticks(sorted({c.widening for c in cells}))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     return _save(fig, path)
 
 
@@ -122,9 +132,7 @@ def pretext_vs_linear(cells: list[Cell], config: Config, method: str, path: Path
     ax.set_title("Pretext accuracy vs linear accuracy (one point per run)")
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
     ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    _legend(ax, fontsize=7)
     return _save(fig, path)
 
 
@@ -140,8 +148,7 @@ def loss_curves(cells: list[Cell], path: Path) -> Path:
         ax.set_title(f"{task}: pretraining loss")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
     axes[0][0].set_ylabel("training loss")
     return _save(fig, path)
 

@@ -1,17 +1,22 @@
-"""What the study measured, read from the tracking store.
+"""What the study measured, read from the workspace's runs and the tracking store.
 
-For every cell of ``study`` (task × arch × widening) the newest finished pretraining run and the
-newest baseline run of the same cell are paired (:func:`collect`); their probe metrics give the
-rows of ``results.csv`` (one per run × layer × method), each cell's best layer, its pretext metric
-against chance and the provenance that :mod:`ssltk.report.tables` and :mod:`ssltk.report.plots`
-present.
+For every cell of ``study`` (task × arch × widening) the pretraining run that
+``runs/<cell>/run.json`` names and the baseline that ``runs/baseline-<cell>/metrics.json`` names
+are paired (:func:`collect`): the workspace's runs, not the newest of the store, whose other runs
+of the cell are named in a warning. A probe figure is used only if its
+``ssltk.probe.<method>.<layer>`` tag says it was measured as the report's params say, on the run's
+final weights; the others are left out, each with the reason. The figures give the rows of
+``results.csv`` (one per run × layer × method), each cell's best layer, its pretext metric against
+chance and the provenance that :mod:`ssltk.report.tables` and :mod:`ssltk.report.plots` present.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ssltk import store, tracking
@@ -19,8 +24,13 @@ from ssltk.config import Config
 from ssltk.errors import UserError
 from ssltk.pretext import registered_tasks, task_class
 from ssltk.registry import ARCHS
+from ssltk.train.rundir import read_run_record
 
 __all__ = ["HEADLINE_LAYER", "Cell", "best_layer", "collect", "layer_order", "rows"]
+
+#: The metrics.json of an evaluation (``ssltk.evaluate.evaluation.METRICS_JSON``).
+EVAL_METRICS = "metrics.json"
+_NAMED = 5  # run ids listed in one warning
 
 HEADLINE_LAYER = "pre_logits"
 
@@ -46,16 +56,25 @@ class Cell:
     run: Any = None  # mlflow Run of kind pretrain
     baseline: Any = None  # mlflow Run of kind baseline
     curve: list[tuple[int, float]] = field(default_factory=list)
+    #: ``{which: {metric name: why}}``: probe figures measured otherwise, left out everywhere.
+    excluded: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: What the report could not use, one line each (a missing or unfinished run, shadowed runs).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, str, int]:
         return self.task, self.arch, self.widening
 
+    @property
+    def name(self) -> str:
+        return tracking.cell_name(*self.key)
+
     def _probe_metrics(self, which: str) -> Iterator[tuple[tracking.ProbeMetric, float]]:
         run = getattr(self, which)
+        left_out = self.excluded.get(which, {})
         for name, value in run.data.metrics.items() if run is not None else ():
             metric = tracking.parse_probe_metric(name)
-            if metric is not None:
+            if metric is not None and name not in left_out:
                 yield metric, value
 
     def probes(self, which: str = "run") -> dict[tuple[str, int, str], float]:
@@ -73,25 +92,100 @@ class Cell:
         }
 
 
-def _newest(runs: Iterable[Any]) -> dict[tuple[str, str, int], Any]:
-    """The newest run per (task, arch, widening), from runs sorted newest first."""
-    out: dict[tuple[str, str, int], Any] = {}
-    for run in runs:
-        tags = run.data.tags
-        try:
-            key = (
-                tags[tracking.TAG_TASK],
-                tags[tracking.TAG_ARCH],
-                int(tags[tracking.TAG_WIDENING]),
-            )
-        except (KeyError, ValueError):
+def _cell_key(run: Any) -> tuple[str, str, int] | None:
+    tags = run.data.tags
+    try:
+        return tags[tracking.TAG_TASK], tags[tracking.TAG_ARCH], int(tags[tracking.TAG_WIDENING])
+    except (KeyError, ValueError):
+        return None
+
+
+def _named(run_ids: list[str]) -> str:
+    more = len(run_ids) - _NAMED
+    return ", ".join(run_ids[:_NAMED]) + (f" and {more} more" if more > 0 else "")
+
+
+def _workspace_run(
+    client: Any, experiment_id: str, kind: str, run_id: Any, source: Path
+) -> tuple[Any, str | None]:
+    """The run ``run_id`` that ``source`` names, or None and why it cannot be reported."""
+    if not isinstance(run_id, str) or not run_id:
+        return None, f"{source} names no run"
+    run = store.find_run(client, run_id)
+    if run is None or run.info.experiment_id != experiment_id:
+        return None, f"{source} names run {run_id}, which this experiment does not hold"
+    if run.data.tags.get(tracking.TAG_KIND) != kind:
+        return None, f"{source} names run {run_id}, which is not a {kind} run"
+    if run.info.status != "FINISHED":
+        return None, f"{source} names run {run_id}, which is {run.info.status}"
+    return run, None
+
+
+def _pretraining_run(
+    client: Any, experiment_id: str, cell: Cell, runs_dir: Path
+) -> tuple[Any, str | None, str | None]:
+    """The cell's finished run from ``runs_dir/<cell>/run.json``, its final checkpoint's SHA-256,
+    and why there is no run."""
+    try:
+        record = read_run_record(runs_dir / cell.name)
+    except UserError as err:
+        return None, None, str(err)
+    source = runs_dir / cell.name / "run.json"
+    if record.status != "finished":
+        return None, None, f"{source} says the run is {record.status}"
+    run, why = _workspace_run(client, experiment_id, tracking.KIND_PRETRAIN, record.run_id, source)
+    return run, record.checkpoint_sha256, why
+
+
+def _baseline_run(client: Any, experiment_id: str, cell: Cell, runs_dir: Path) -> tuple[Any, str]:
+    source = runs_dir / f"baseline-{cell.name}" / EVAL_METRICS
+    try:
+        run_id = json.loads(source.read_text(encoding="utf-8")).get("run_id")
+    except FileNotFoundError:
+        return None, f"no {source}"
+    except (OSError, ValueError, AttributeError) as err:
+        return None, f"{source} cannot be read ({type(err).__name__})"
+    return _workspace_run(client, experiment_id, tracking.KIND_BASELINE, run_id, source)
+
+
+def _measured_otherwise(run: Any, config: Config, checkpoint_sha256: str | None) -> dict[str, str]:
+    """``{metric name: why}`` for the run's probe figures not measured as ``config.eval`` says
+    (or, for a pretraining run, not on the final checkpoint ``checkpoint_sha256``)."""
+    out = {}
+    for name in run.data.metrics:
+        metric = tracking.parse_probe_metric(name)
+        if metric is None:
             continue
-        out.setdefault(key, run)
+        why = _difference(run.data.tags, metric, config, checkpoint_sha256)
+        if why is not None:
+            out[name] = why
     return out
 
 
-def collect(config: Config) -> list[Cell]:
-    """The study's cells with their newest finished pretraining and baseline runs."""
+def _difference(
+    tags: dict[str, str], metric: tracking.ProbeMetric, config: Config, checkpoint: str | None
+) -> str | None:
+    try:
+        recorded = json.loads(tags[tracking.probe_tag(metric.method, metric.layer)])
+    except (KeyError, ValueError):
+        return "no record of how it was measured (evaluated by an older ssltk)"
+    if not isinstance(recorded, dict):
+        return "no record of how it was measured"
+    if metric.figure not in recorded.get("figures", ()):
+        return f"{metric.figure} was left by an earlier evaluation"
+    expected = tracking.probe_measurement(config.eval, metric.method)
+    differs = [
+        f"{key} {recorded.get(key)!r}, the report's {value!r}"
+        for key, value in expected.items()
+        if recorded.get(key) != value
+    ]
+    if checkpoint is not None and recorded.get("checkpoint_sha256") != checkpoint:
+        differs.append("measured on earlier weights (the run went on since)")
+    return "; ".join(differs) or None
+
+
+def collect(config: Config, runs_dir: Path = Path("runs")) -> list[Cell]:
+    """The study's cells with the workspace's pretraining and baseline runs (see the module)."""
     uri = config.tracking.resolved_uri()
     client = store.client(uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
@@ -101,8 +195,8 @@ def collect(config: Config) -> list[Cell]:
             "(run the study first: dvc repro)"
         )
 
-    def search(kind: str) -> list[Any]:
-        return client.search_runs(
+    def search(kind: str) -> dict[tuple[str, str, int], list[str]]:
+        found = client.search_runs(
             [experiment.experiment_id],
             filter_string=(
                 f"tags.`{tracking.TAG_KIND}` = '{kind}' and attributes.status = 'FINISHED'"
@@ -110,23 +204,55 @@ def collect(config: Config) -> list[Cell]:
             order_by=["attributes.start_time DESC"],
             max_results=5000,
         )
+        out: dict[tuple[str, str, int], list[str]] = {}
+        for run in found:
+            key = _cell_key(run)
+            if key is not None:
+                out.setdefault(key, []).append(run.info.run_id)
+        return out
 
-    runs, baselines = (
-        _newest(search(tracking.KIND_PRETRAIN)),
-        _newest(search(tracking.KIND_BASELINE)),
-    )
+    in_store = {kind: search(kind) for kind in (tracking.KIND_PRETRAIN, tracking.KIND_BASELINE)}
     study = config.study
-    cells = []
-    for task in study.tasks:
-        for arch in study.archs:
-            for widening in study.widenings:
-                cell = Cell(task, arch, widening)
-                cell.run = runs.get(cell.key)
-                cell.baseline = baselines.get(cell.key)
-                if cell.run is not None:
-                    cell.curve = loss_curve(client, cell.run.info.run_id)
-                cells.append(cell)
+    cells = [
+        Cell(task, arch, widening)
+        for task in study.tasks
+        for arch in study.archs
+        for widening in study.widenings
+    ]
+    for cell in cells:
+        _fill(cell, client, experiment.experiment_id, config, runs_dir, in_store)
     return cells
+
+
+def _fill(
+    cell: Cell,
+    client: Any,
+    experiment_id: str,
+    config: Config,
+    runs_dir: Path,
+    in_store: dict[str, dict[tuple[str, str, int], list[str]]],
+) -> None:
+    """Give ``cell`` its workspace runs, their usable figures and its warnings."""
+    run, checkpoint, why = _pretraining_run(client, experiment_id, cell, runs_dir)
+    baseline, base_why = _baseline_run(client, experiment_id, cell, runs_dir)
+    cell.run, cell.baseline = run, baseline
+    if run is None:
+        cell.warnings.append(f"{cell.name}: not reported: {why}")
+    if baseline is None:
+        cell.warnings.append(f"{cell.name}: no baseline: {base_why}")
+    for kind, chosen in ((tracking.KIND_PRETRAIN, run), (tracking.KIND_BASELINE, baseline)):
+        mine = chosen.info.run_id if chosen is not None else None
+        others = [r for r in in_store[kind].get(cell.key, []) if r != mine]
+        if others:
+            cell.warnings.append(
+                f"{cell.name}: the store also holds finished {kind} runs {_named(others)} of "
+                f"this cell, not reported (the workspace names {mine or 'none'})"
+            )
+    if run is not None:
+        cell.excluded["run"] = _measured_otherwise(run, config, checkpoint)
+        cell.curve = loss_curve(client, cell.run.info.run_id)
+    if baseline is not None:
+        cell.excluded["baseline"] = _measured_otherwise(baseline, config, None)
 
 
 #: The most points of a loss curve the report reads from the store.

@@ -20,7 +20,7 @@ from ssltk.report.results import (
     pretext,
 )
 
-__all__ = ["CSV_COLUMNS", "MIN_GAIN", "markdown", "verdict", "write_csv"]
+__all__ = ["CSV_COLUMNS", "MIN_GAIN", "markdown", "measurement", "verdict", "write_csv"]
 
 CSV_COLUMNS = (
     "task",
@@ -62,6 +62,7 @@ def markdown(
         "network of the same task preprocessing, arch and widening (the *baseline*) and the "
         "difference in points. Written by `ssltk report` from the tracking store.\n\n"
     )
+    w(measurement(cells, config))
     widenings = sorted({c.widening for c in cells})
     tasks = list(dict.fromkeys(c.task for c in cells))
     archs = list(dict.fromkeys(c.arch for c in cells))
@@ -161,6 +162,33 @@ def markdown(
 
 #: The gain over random init, in points of linear top-1, that counts as a representation learned.
 MIN_GAIN = 0.03
+
+
+def measurement(cells: list[Cell], config: Config) -> str:
+    """How every figure shown was measured, and which figures were left out and why."""
+    ev = config.eval
+    section = getattr(ev, ev.method, None)
+    settings = section.model_dump(mode="json") if section is not None else {}
+    lines = [
+        "## What is shown\n\n"
+        f"Every figure below was measured on `{ev.report_split}` with {ev.pooling} pooling to at "
+        f"most {ev.max_features} features by the `{ev.method}` probe "
+        f"({', '.join(f'{k} {v}' for k, v in settings.items()) or 'no settings'}), on the final "
+        "weights of the run that `runs/` names for its cell; figures measured otherwise are left "
+        "out.\n"
+    ]
+    left_out = [
+        f"- {cell.name} {'random init' if which == 'baseline' else 'pretrained'} `{name}`: {why}\n"
+        for cell in cells
+        for which, names in cell.excluded.items()
+        for name, why in sorted(names.items())
+    ]
+    warned = [f"- {line}\n" for cell in cells for line in cell.warnings]
+    if left_out:
+        lines.append("\nLeft out, measured otherwise:\n\n" + "".join(left_out))
+    if warned:
+        lines.append("\nNot reported:\n\n" + "".join(warned))
+    return "".join(lines) + "\n"
 
 
 def verdict(cells: list[Cell], config: Config, method: str) -> str:

@@ -1,6 +1,7 @@
 """What a pretraining run leaves in its directory, for people, ``ssltk eval`` and DVC.
 
-``run.json`` (status, MLflow ids, the checkpoint and its SHA-256, the position), ``metrics.json``
+``run.json`` (status, MLflow ids, the checkpoint relative to the directory and its SHA-256, the
+position; read back by :func:`read_run_record`, which checks its types), ``metrics.json``
 (the final epoch means, written once the run finishes), ``curve.csv`` (step metrics for
 ``dvc plots``) and ``checkpoints/``. The directory is locked for the run's lifetime.
 """
@@ -8,18 +9,72 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from ssltk import fsutil, tracking
 from ssltk.config import Config
+from ssltk.errors import UserError
 from ssltk.train.checkpoint import CheckpointInfo
 
 RUN_JSON = "run.json"
 METRICS_JSON = "metrics.json"
 CURVE_CSV = "curve.csv"
 CHECKPOINT_DIR = "checkpoints"
+
+
+class RunRecord(BaseModel):
+    """The fields of ``run.json`` that other commands read, with their JSON types."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    status: str
+    run_id: str | None = None
+    experiment: str | None = None
+    tracking_uri: str | None = None
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    task: str | None = None
+    arch: str | None = None
+    widening: int | None = None
+    global_step: int | None = None
+    total_steps: int | None = None
+
+    def checkpoint_path(self, run_dir: Path) -> Path | None:
+        """The checkpoint file: relative to ``run_dir`` (absolute in records of older versions,
+        found by name under ``run_dir/checkpoints`` when the directory has moved since)."""
+        if not self.checkpoint:
+            return None
+        path = Path(self.checkpoint)
+        if not path.is_absolute():
+            return run_dir / path
+        moved = run_dir / CHECKPOINT_DIR / path.name
+        return moved if not path.is_file() and moved.is_file() else path
+
+
+def read_run_record(run_dir: Path) -> RunRecord:
+    """``run_dir/run.json``, its types checked: a one-line ``UserError`` naming the file and the
+    key when it is missing, unreadable or holds a value of the wrong type."""
+    path = Path(run_dir) / RUN_JSON
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{run_dir}: no {RUN_JSON} (not a pretraining run directory)") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot be read ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    try:
+        return RunRecord.model_validate(data)
+    except ValidationError as err:
+        first = min(err.errors(), key=lambda e: e["type"] == "missing")  # a wrong value first
+        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        found = "missing" if first["type"] == "missing" else f"found {first['input']!r}"[:80]
+        raise UserError(f"{path}: {key}: {first['msg'].lower()} ({found})") from None
 
 
 def default_out_dir(config: Config) -> Path:
@@ -120,7 +175,9 @@ class RunDir:
             "experiment_id": tracked.experiment_id if tracked else None,
             "experiment": config.tracking.experiment,
             "tracking_uri": tracked.tracking_uri if tracked else None,
-            "checkpoint": str(checkpoint.path) if checkpoint else None,
+            "checkpoint": (  # relative: the directory may be moved or read from elsewhere
+                Path(os.path.relpath(checkpoint.path, self.root)).as_posix() if checkpoint else None
+            ),
             "checkpoint_sha256": checkpoint.sha256 if checkpoint else None,
             "checkpoint_artifact": (
                 f"{tracking.CHECKPOINT_ARTIFACT_DIR}/{checkpoint.path.name}" if checkpoint else None
