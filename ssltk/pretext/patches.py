@@ -131,24 +131,29 @@ class PatchTask(PretextTask):
             "preprocessing": config.pretext.preprocessing,
         }
 
-    def sample_patches(self, images: Images, keys: torch.Tensor, *, train: bool) -> torch.Tensor:
-        """uint8 ``[B, 3, H, W]`` (or an :class:`ImageList` of whole original images, each resized
-        on its own) → standardised float32 patches ``[B, grid², 3, patch, patch]``."""
-        layout = self.layout
-        device = images.device
-        batch = len(images)
+    def resize_whole(self, images: Images, keys: torch.Tensor, *, train: bool) -> torch.Tensor:
+        """Each whole image bilinearly resized to ``resize``² (aspect ignored), float32 in the
+        input's range: the square the patch grid is cut from. An :class:`ImageList` (the
+        original images of files storage) is resized image by image."""
         grid = resize_grid(self.preprocessing)
         # A random sub-pixel phase per image (symmetric mode): otherwise each slot sees its own
         # mix of interpolation phases, and a patch's sharpness tells where it came from.
         shift = None
         if train and grid == "half_pixel":
             shift = rng.uniform(keys, rng.Stream.PATCH_PHASE, 2).to(torch.float32) - 0.5
-        if isinstance(images, ImageList):  # the whole image to resize², aspect ignored
+        size = (self.layout.resize, self.layout.resize)
+        if isinstance(images, ImageList):
             whole = torch.tensor([[0, 0, h, w] for h, w in image_sizes(images)]).view(-1, 4)
-            size = (layout.resize, layout.resize)
-            resized = crop_and_resize_each(images, whole, size, grid=grid, shift=shift)
-        else:
-            resized = resize_bilinear(images, layout.resize, grid=grid, shift=shift)
+            return crop_and_resize_each(images, whole, size, grid=grid, shift=shift)
+        return resize_bilinear(images, size, grid=grid, shift=shift)
+
+    def sample_patches(self, images: Images, keys: torch.Tensor, *, train: bool) -> torch.Tensor:
+        """uint8 ``[B, 3, H, W]`` (or an :class:`ImageList`) → standardised float32 patches
+        ``[B, grid², 3, patch, patch]`` cut from :meth:`resize_whole`."""
+        layout = self.layout
+        device = images.device
+        batch = len(images)
+        resized = self.resize_whole(images, keys, train=train)
         square = (layout.resize, layout.resize)
         gray = grayscale_mask(keys, rng.Stream.PATCH_GRAY, self.grayscale_p)
         if train:
