@@ -13,7 +13,16 @@ from PIL import Image
 
 from ssltk.config import Config, load_config
 from ssltk.data import rng
-from ssltk.data.augment import inception_crop_boxes_each, resize_bilinear, resize_grid
+from ssltk.data.augment import (
+    center_crop_offsets,
+    crop,
+    inception_crop_boxes_each,
+    random_crop_offsets,
+    resize_bilinear,
+    resize_grid,
+    resize_small,
+    small_side_crops,
+)
 from ssltk.data.dataset import PreparedDataset
 from ssltk.data.image_list import ImageList
 from ssltk.data.loader import DeterministicLoader
@@ -96,8 +105,8 @@ def test_a_list_of_equal_images_is_preprocessed_as_the_batch_tensor(
 ) -> None:
     """Per-image cropping changes no pixel: the arrays path's output, bit for bit (also tf1)."""
     task = task_for(name, 32, preprocessing)
-    images = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)
-    keys, batch_key = rng.sample_keys(3, 0, torch.arange(4)), rng.batch_key(3, 0, 0)
+    images = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    keys, batch_key = rng.sample_keys(3, 0, torch.arange(2)), rng.batch_key(3, 0, 0)
     for train in (True, False):
         tensor = task.prepare_batch(images, keys, batch_key, train=train)
         listed = task.prepare_batch(ImageList(images), keys, batch_key, train=train)
@@ -127,11 +136,23 @@ def test_each_image_of_a_mixed_batch_is_cropped_as_if_alone(name: str, preproces
             assert torch.equal(
                 squares[i], task.resize_whole(image[None], keys[i : i + 1], train=True)[0]
             )
-    features = task.representation(ImageList(images), ["logits"])["logits"]
+
+
+@pytest.mark.parametrize("random", [False, True])
+def test_evaluation_crop_of_each_original_is_the_released_resize_small_and_crop(random):
+    """Shorter side to 36 (area, aspect kept), then a 32² crop: centred, or drawn from the key."""
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((48, 64), (50, 37))]
+    keys = rng.sample_keys(5, 0, torch.arange(2)) if random else None
+    crops = small_side_crops(ImageList(images), 36, 32, keys, stream=11)
     for i, image in enumerate(images):
-        assert torch.allclose(
-            features[i], task.representation(image[None], ["logits"])["logits"][0]
-        )
+        resized = resize_small(image[None], 36)
+        in_hw = tuple(resized.shape[-2:])
+        assert min(in_hw) == 36 and max(in_hw) in (48, 49)
+        if random:
+            offsets = random_crop_offsets(keys[i : i + 1], 11, in_hw, 32)
+        else:
+            offsets = center_crop_offsets(in_hw, 32, 1)
+        assert torch.equal(crops[i], crop(resized, offsets, 32)[0])
 
 
 def test_workers_pass_original_images_through_unchanged(files_storage: PreparedDataset) -> None:
