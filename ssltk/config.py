@@ -112,8 +112,9 @@ class DataConfig(Section):
     )
     image_size: PositiveInt = Field(
         32,
-        description="side of the stored square images; imagefolder decodes shorter side to this "
-        "and centre-crops (demo/cifar10 are 32, stl10 is 96 natively)",
+        description="side of the stored square images (arrays storage): shorter side resized to "
+        "this, then centre-cropped (demo/cifar10 are 32, stl10 is 96 natively); files storage "
+        "keeps the original images and only checks them at this size",
     )
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.1, description="fraction of train held out (per class, deterministically) for tuning"

@@ -14,7 +14,9 @@ from PIL import Image
 from ssltk.config import Config
 from ssltk.data.dataset import ArrayBackedSplit, FileBackedSplit, PreparedDataset
 from ssltk.data.errors import BadImageError, DatasetNotFoundError, PreparedDataError
+from ssltk.data.image_list import ImageList
 from ssltk.data.prepare import held_out_mask, prepare
+from ssltk.data.sources import resize_and_center_crop
 from ssltk.errors import UserError
 
 
@@ -157,12 +159,12 @@ def test_skip_policy_leaves_bad_images_out_and_counts_them(tmp_path: Path, limit
     assert stored["skipped_images"] == 1
     test = PreparedDataset.open(tmp_path / "p").split("test")
     assert test.labels.tolist() == [1]
-    assert test.images([0])[0, 0, 0, 0].item() == 100  # the good "bee" image, resized to 8×8
+    assert test.images([0])[0][0, 0, 0].item() == 100  # the good "bee" image
 
 
-def test_file_list_storage_decodes_the_same_pixels_as_arrays(
-    cifar_demo: Path, tmp_path: Path
-) -> None:
+def test_file_list_storage_keeps_the_original_images(cifar_demo: Path, tmp_path: Path) -> None:
+    """Files storage decodes each file whole; brought to the stored size as ``prepare`` does, it
+    gives the arrays' pixels."""
     small = make_config(tmp_path / "a", source="imagefolder", root=str(cifar_demo))
     large = make_config(tmp_path / "f", source="imagefolder", root=str(cifar_demo))
     large.data.max_in_memory_images = 100
@@ -177,9 +179,17 @@ def test_file_list_storage_decodes_the_same_pixels_as_arrays(
     assert isinstance(files.split("val"), FileBackedSplit)
     pick = np.array([0, 499, 17, 250])
     for name in ("val", "test"):
-        got = files.split(name).images(pick)
-        assert got.shape == (4, 3, 24, 24)
-        assert (got == arrays.split(name).images(pick)).all()
+        split = files.split(name)
+        got = split.images(pick)
+        assert isinstance(got, ImageList) and len(got) == 4
+        stored = arrays.split(name).images(pick)
+        for row, index in enumerate(pick):
+            image = got[row]
+            assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)  # not 24²
+            with Image.open(split.root / split.files[index]) as original:
+                rgb = np.asarray(original.convert("RGB")).transpose(2, 0, 1)
+                assert (image.numpy() == rgb).all()
+                assert (resize_and_center_crop(original, 24) == stored[row].numpy()).all()
         assert (files.split(name).labels == arrays.split(name).labels).all()
     assert prepare(large, progress=False)["content_hash"] == f["content_hash"]
 

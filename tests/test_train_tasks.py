@@ -129,6 +129,18 @@ def test_runs_repeat_and_resume_bit_for_bit(params, recorded, tmp_path, device, 
     assert [r.status for r in recorded] == ["FINISHED"] * 4
 
 
+@pytest.mark.parametrize("task", ["rotation", "jigsaw"])
+def test_files_storage_runs_repeat_and_resume_bit_for_bit(params, recorded, tmp_path, task):
+    """The original images (an ImageList per batch) through the engine, as ImageNet is fed."""
+    files = [f"data.prepared_dir={tmp_path / 'files'}", "data.max_in_memory_images=1"]
+    assert prepare(load_config(params, files), progress=False)["storage"] == "files"
+    cell = [*files, f"pretext.task={task}", "model.arch=resnet50_v1", "pretrain.max_steps=4"]
+    first = run(params, tmp_path / "a", *cell)
+    assert digest(first) == digest(run(params, tmp_path / "b", *cell))
+    run(params, tmp_path / "c", *cell[:-1], "pretrain.max_steps=2")
+    assert digest(run(params, tmp_path / "c", *cell)) == digest(first)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_autocast_trains_close_to_fp32(params, recorded, tmp_path):

@@ -21,6 +21,11 @@ geometry bit for bit: TF1's corner-anchored resize grid, aspect uniform in [0.75
 crops more often than taller ones), and the last offset excluded. It lets Rotation be solved on
 pure noise; it is kept for parity with the released code.
 
+Images of different sizes (files storage keeps the original images, see
+:mod:`ssltk.data.image_list`) come as an :class:`ImageList`: each image is cropped (and resized) to
+the fixed output size on its own, with the same draws from its key as in a batch tensor, and the
+batch is formed after the crop.
+
 Value ranges: images arrive as uint8 in [0, 255]. :func:`to_float` keeps that range (as the
 released ``resize``/``crop``/``standardization`` chain does); :func:`inception_preprocess` works in
 [0, 1] and returns [-1, 1].
@@ -36,9 +41,11 @@ import torch
 
 from ssltk.data import rng
 from ssltk.data._checks import check_float, check_images, check_per_image, pair
+from ssltk.data.image_list import ImageList, Images, by_size, image_sizes
 from ssltk.data.resize import (
     ResizeGrid,
     crop_and_resize,
+    crop_and_resize_each,
     resize_area,
     resize_bilinear,
     resize_small,
@@ -47,6 +54,8 @@ from ssltk.data.resize import (
 
 __all__ = [
     "PREPROCESSING",
+    "ImageList",
+    "Images",
     "InceptionParams",
     "Preprocessing",
     "adjust_saturation_",
@@ -56,6 +65,7 @@ __all__ = [
     "central_crop_boxes",
     "crop",
     "crop_and_resize",
+    "crop_and_resize_each",
     "flip_mask",
     "grayscale_mask",
     "inception_crop_boxes",
@@ -67,6 +77,7 @@ __all__ = [
     "resize_small",
     "sample_inception_params",
     "saturation_factors",
+    "small_side_crops",
     "small_side_size",
     "standardize",
     "substream",
@@ -287,12 +298,15 @@ def grayscale_mask(keys: torch.Tensor, stream: int, p: float) -> torch.Tensor:
     return _uniforms(keys, stream, 1, "grayscale_mask")[:, 0] < p
 
 
-def to_gray(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def to_gray(x: Images, mask: torch.Tensor) -> Images:
     """Replace the masked images by the plain mean of R, G, B copied to 3 channels.
 
     Integer input gets the truncated integer mean ``(r + g + b) // 3`` and keeps its dtype; float
     input the exact mean.
     """
+    if isinstance(x, ImageList):
+        check_per_image(mask, len(x), "to_gray", "mask")
+        return ImageList(to_gray(image[None], mask[i : i + 1])[0] for i, image in enumerate(x))
     check_images(x, "to_gray", channels=3)
     flag = _per_image(mask, x, "to_gray", "mask").bool()
     if x.is_floating_point():
@@ -399,6 +413,17 @@ def inception_crop_boxes(
     return torch.from_numpy(chosen).to(keys.device)
 
 
+def inception_crop_boxes_each(
+    keys: torch.Tensor, stream: int, sizes: list[tuple[int, int]], **options
+) -> torch.Tensor:
+    """:func:`inception_crop_boxes` of images of different ``sizes`` (``(height, width)`` each);
+    image ``i``'s box is the one it would get in a batch of its own size."""
+    boxes = torch.empty((len(sizes), 4), dtype=torch.int64)
+    for size, rows in by_size(sizes).items():
+        boxes[rows] = inception_crop_boxes(keys.cpu()[rows], stream, size, **options)
+    return boxes
+
+
 def central_crop_boxes(in_hw: tuple[int, int], fraction: float, batch: int) -> torch.Tensor:
     """``[batch, 4]`` boxes of ``tf.image.central_crop``: start ``int((d - d * fraction) / 2)`` and
     size ``d - 2 * start`` on each side."""
@@ -426,15 +451,21 @@ class InceptionParams(NamedTuple):
 def sample_inception_params(
     keys: torch.Tensor,
     stream: int,
-    in_hw: tuple[int, int],
+    in_hw: tuple[int, int] | list[tuple[int, int]],
     *,
     preprocessing: Preprocessing = "symmetric",
 ) -> InceptionParams:
-    """Draw crop box, flip, brightness and saturation from substreams 0..3 of ``stream``."""
+    """Draw crop box, flip, brightness and saturation from substreams 0..3 of ``stream``.
+
+    ``in_hw`` is the batch's image size, or a list of each image's size (boxes then on the CPU).
+    """
+    box_stream = substream(stream, 0)
+    if isinstance(in_hw, list):
+        boxes = inception_crop_boxes_each(keys, box_stream, in_hw, preprocessing=preprocessing)
+    else:
+        boxes = inception_crop_boxes(keys, box_stream, in_hw, preprocessing=preprocessing)
     return InceptionParams(
-        boxes=inception_crop_boxes(
-            keys, substream(stream, 0), in_hw, preprocessing=preprocessing
-        ),
+        boxes=boxes,
         flip=flip_mask(keys, substream(stream, 1), 0.5),
         brightness=brightness_deltas(keys, substream(stream, 2), 32.0 / 255.0),
         saturation=saturation_factors(keys, substream(stream, 3), 0.5, 1.5),
@@ -449,8 +480,27 @@ def _unit_range(images: torch.Tensor, fn: str) -> torch.Tensor:
     return images.to(torch.float32) * (1.0 / 255.0)
 
 
+def _crop_unit_range(
+    images: Images,
+    boxes: torch.Tensor,
+    size: tuple[int, int],
+    fn: str,
+    *,
+    flip: torch.Tensor | None = None,
+    grid: ResizeGrid,
+) -> torch.Tensor:
+    """[0, 1] floats of each box resized to ``size``: the batch at once, or image by image."""
+    if isinstance(images, ImageList):
+
+        def unit(region: torch.Tensor) -> torch.Tensor:
+            return _unit_range(region, fn)
+
+        return crop_and_resize_each(images, boxes, size, flip=flip, grid=grid, convert=unit)
+    return crop_and_resize(_unit_range(images, fn), boxes, size, flip=flip, grid=grid)
+
+
 def apply_inception(
-    images: torch.Tensor,
+    images: Images,
     params: InceptionParams,
     out_size: int | tuple[int, int] = 224,
     *,
@@ -461,16 +511,15 @@ def apply_inception(
     [0, 1] float → box crop → bilinear resize on ``grid`` to ``out_size`` (aspect ignored) → flip
     → brightness → saturation → clip to [0, 1] → ``(x - 0.5) * 2``.
     """
-    x = _unit_range(images, "apply_inception")
     size = pair(out_size, "apply_inception", "out_size")
-    x = crop_and_resize(x, params.boxes, size, flip=params.flip, grid=grid)
+    x = _crop_unit_range(images, params.boxes, size, "apply_inception", flip=params.flip, grid=grid)
     x += _per_image(params.brightness, x, "apply_inception", "brightness").to(x.dtype)
     x = adjust_saturation_(x, params.saturation)
     return x.clamp_(0.0, 1.0).sub_(0.5).mul_(2.0)
 
 
 def inception_preprocess(
-    images: torch.Tensor,
+    images: Images,
     keys: torch.Tensor | None,
     stream: int,
     out_size: int | tuple[int, int] = 224,
@@ -483,17 +532,47 @@ def inception_preprocess(
     Training draws every random choice from ``keys`` and ``stream`` (see
     :func:`sample_inception_params`). Eval is deterministic (``keys`` may be ``None``): centre crop
     of 87.5% of each side, bilinear resize to ``out_size``, map to [-1, 1]. ``preprocessing``
-    picks the geometry (see the module docstring).
+    picks the geometry (see the module docstring). An :class:`ImageList` (files storage) is
+    cropped image by image: the box is sampled over, or centred in, each whole original image.
     """
-    check_images(images, "inception_preprocess", name="images", channels=3)
-    in_hw = (images.shape[2], images.shape[3])
+    ragged = isinstance(images, ImageList)
+    if not ragged:
+        check_images(images, "inception_preprocess", name="images", channels=3)
+    in_hw = image_sizes(images) if ragged else (images.shape[2], images.shape[3])
     grid = resize_grid(preprocessing)
     if train:
         if keys is None:
             raise ValueError("inception_preprocess: keys are required when train=True")
         params = sample_inception_params(keys, stream, in_hw, preprocessing=preprocessing)
         return apply_inception(images, params, out_size, grid=grid)
-    x = _unit_range(images, "inception_preprocess")
-    boxes = central_crop_boxes(in_hw, 0.875, images.shape[0])
-    x = crop_and_resize(x, boxes, pair(out_size, "inception_preprocess", "out_size"), grid=grid)
+    if ragged:
+        boxes = torch.cat([central_crop_boxes(hw, 0.875, 1) for hw in in_hw])
+    else:
+        boxes = central_crop_boxes(in_hw, 0.875, images.shape[0])
+    size = pair(out_size, "inception_preprocess", "out_size")
+    x = _crop_unit_range(images, boxes, size, "inception_preprocess", grid=grid)
     return x.sub_(0.5).mul_(2.0)
+
+
+def small_side_crops(
+    images: ImageList,
+    smaller_size: int,
+    crop_size: int,
+    keys: torch.Tensor | None = None,
+    stream: int = 0,
+) -> torch.Tensor:
+    """The released evaluation crop of images of different sizes: per image :func:`resize_small`
+    to ``smaller_size`` (area, aspect kept), then a ``crop_size``² crop, centred
+    (:func:`center_crop_offsets`) or random from ``keys``; float32 ``[B, 3, crop, crop]``."""
+    sizes = [small_side_size(hw, smaller_size) for hw in image_sizes(images)]
+    offsets = torch.empty((len(images), 2), dtype=torch.int64)
+    for size, rows in by_size(sizes).items():
+        if keys is None:
+            offsets[rows] = center_crop_offsets(size, crop_size, len(rows))
+        else:
+            offsets[rows] = random_crop_offsets(keys.cpu()[rows], stream, size, crop_size)
+    crops = [
+        crop(resize_area(image[None], size), offsets[i : i + 1], crop_size)
+        for i, (image, size) in enumerate(zip(images, sizes))
+    ]
+    return torch.cat(crops)

@@ -1,8 +1,10 @@
 """Read a prepared dataset directory (written by :func:`ssltk.data.prepare.prepare`).
 
 ``PreparedDataset.open(dir).split("train")`` gives an indexable split: ``images(indices)`` returns
-uint8 ``[n, 3, S, S]`` gathered from a memory-mapped array, or decoded from the original files for
-datasets prepared as a file list. Splits can be joined with ``+`` (``"train+val"``,
+uint8 ``[n, 3, S, S]`` gathered from a memory-mapped array, or, for datasets prepared as a file
+list, an :class:`~ssltk.data.image_list.ImageList` of the original images decoded from their files
+at their own size (the pretext and evaluation crops are taken from the whole image, as the released
+code does). Splits can be joined with ``+`` (``"train+val"``,
 ``"train+unlabeled"``). Split objects pickle by path, so DataLoader workers reopen them cheaply.
 
 ``PreparedDataset.for_config(config)`` also checks that the directory was prepared from the
@@ -23,8 +25,9 @@ import torch
 
 from ssltk.config import Config, read_utf8
 from ssltk.data.errors import BadImageError, PreparedDataError
+from ssltk.data.image_list import ImageList, Images
 from ssltk.data.prepare import FORMAT, MANIFEST, data_settings
-from ssltk.data.sources import decode_image
+from ssltk.data.sources import decode_original
 
 IndexLike = torch.Tensor | np.ndarray | Sequence[int]
 
@@ -68,12 +71,13 @@ class PreparedSplit(ABC):
             )
         return idx.astype(np.int64, copy=False)
 
-    def images(self, indices: IndexLike) -> torch.Tensor:
-        """uint8 ``[len(indices), 3, S, S]`` for the given item indices, in their order."""
+    def images(self, indices: IndexLike) -> Images:
+        """The given items in their order: uint8 ``[len(indices), 3, S, S]``, or an
+        :class:`ImageList` of the original images (files storage)."""
         return self._gather(self._check(indices))
 
     @abstractmethod
-    def _gather(self, indices: np.ndarray) -> torch.Tensor: ...
+    def _gather(self, indices: np.ndarray) -> Images: ...
 
 
 class ArrayBackedSplit(PreparedSplit):
@@ -97,7 +101,8 @@ class ArrayBackedSplit(PreparedSplit):
 
 
 class FileBackedSplit(PreparedSplit):
-    """Images listed in ``<split>_files.txt``, decoded (resized, centre-cropped) when requested."""
+    """Images listed in ``<split>_files.txt``, decoded whole (RGB, original size) when requested;
+    ``image_size`` is the size ``ssltk prepare`` checked them at, not the size they come at."""
 
     def __init__(
         self,
@@ -112,18 +117,15 @@ class FileBackedSplit(PreparedSplit):
         self.files = files
         super().__init__(name, class_names, image_size, labels)
 
-    def _decode(self, index: int) -> np.ndarray:
+    def _decode(self, index: int) -> torch.Tensor:
         path = self.root / self.files[index]
         try:
-            return decode_image(path, self.image_size)
+            return torch.from_numpy(decode_original(path))
         except Exception as err:  # the file changed or vanished since prepare checked it
             raise BadImageError(str(path), f"{type(err).__name__}: {err}") from None
 
-    def _gather(self, indices: np.ndarray) -> torch.Tensor:
-        out = np.empty((len(indices), 3, self.image_size, self.image_size), dtype=np.uint8)
-        for row, index in enumerate(indices):
-            out[row] = self._decode(int(index))
-        return torch.from_numpy(out)
+    def _gather(self, indices: np.ndarray) -> ImageList:
+        return ImageList(self._decode(int(index)) for index in indices)
 
 
 class ConcatSplit(PreparedSplit):
@@ -136,9 +138,18 @@ class ConcatSplit(PreparedSplit):
         name = "+".join(p.name for p in parts)
         super().__init__(name, parts[0].class_names, parts[0].image_size, labels)
 
-    def _gather(self, indices: np.ndarray) -> torch.Tensor:
-        out = torch.empty((len(indices), 3, self.image_size, self.image_size), dtype=torch.uint8)
+    def _gather(self, indices: np.ndarray) -> Images:
         part_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        if any(isinstance(part, FileBackedSplit) for part in self.parts):
+            images: list[torch.Tensor] = [torch.empty(0)] * len(indices)
+            for number, part in enumerate(self.parts):
+                rows = np.flatnonzero(part_of == number)
+                if rows.size:
+                    got = part._gather(indices[rows] - self.offsets[number])
+                    for row, image in zip(rows, got, strict=True):
+                        images[row] = image
+            return ImageList(images)
+        out = torch.empty((len(indices), 3, self.image_size, self.image_size), dtype=torch.uint8)
         for number, part in enumerate(self.parts):
             rows = np.flatnonzero(part_of == number)
             if rows.size:

@@ -6,7 +6,8 @@ Layout of ``data.prepared_dir``::
                                   names, image size, hashes, skipped images
     <split>_labels.npy            int64 [N] (-1 for unlabeled)
     <split>_images.npy            uint8 [N, 3, S, S]        storage "arrays" (read memory-mapped)
-    <split>_files.txt             relative paths under root storage "files" (decoded lazily)
+    <split>_files.txt             relative paths under root storage "files" (decoded whole, at
+                                  their own size, when loaded)
 
     skipped.txt                   the unreadable images left out (data.on_bad_image: skip)
 

@@ -27,6 +27,7 @@ Outputs are float32 in the input's value range (uint8 inputs are not rescaled).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -39,6 +40,7 @@ __all__ = [
     "RESIZE_GRIDS",
     "ResizeGrid",
     "crop_and_resize",
+    "crop_and_resize_each",
     "resize_area",
     "resize_bilinear",
     "resize_small",
@@ -149,6 +151,52 @@ def crop_and_resize(
     lower = lower.view(batch, channels, out_h, out_w)
     upper += lower.sub_(upper).mul_(wy[:, None, :, None])
     return upper
+
+
+def crop_and_resize_each(
+    images: Sequence[torch.Tensor],
+    boxes: torch.Tensor,
+    out_hw: int | tuple[int, int],
+    *,
+    flip: torch.Tensor | None = None,
+    grid: ResizeGrid = "half_pixel",
+    shift: torch.Tensor | None = None,
+    convert: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """:func:`crop_and_resize` of images of different sizes (``[C, H_i, W_i]`` each), one by one.
+
+    Each box is cut out first and passed through ``convert`` (e.g. to [0, 1] floats), so only the
+    box is converted; neighbours never leave the box, so row ``i`` equals :func:`crop_and_resize`
+    of image ``i`` alone bit for bit. Returns float32 ``[B, C, *out_hw]``.
+    """
+    if not isinstance(boxes, torch.Tensor) or boxes.shape != (len(images), 4):
+        got = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
+        raise ValueError(f"crop_and_resize_each: boxes must be ({len(images)}, 4), got {got}")
+    out_h, out_w = pair(out_hw, "crop_and_resize_each", "out_hw")
+    rows = []
+    for i, (image, (top, left, height, width)) in enumerate(zip(images, boxes.tolist())):
+        check_images(image[None], "crop_and_resize_each")
+        if top < 0 or left < 0 or top + height > image.shape[1] or left + width > image.shape[2]:
+            raise ValueError(
+                f"crop_and_resize_each: box (top, left, height, width)="
+                f"{[top, left, height, width]} is outside the {tuple(image.shape[1:])} image"
+            )
+        region = image[None, :, top : top + height, left : left + width]
+        region = convert(region) if convert is not None else region
+        whole = torch.tensor([[0, 0, height, width]], device=image.device)
+        rows.append(
+            crop_and_resize(
+                region,
+                whole,
+                (out_h, out_w),
+                flip=None if flip is None else flip[i : i + 1],
+                grid=grid,
+                shift=None if shift is None else shift[i : i + 1],
+            )
+        )
+    if not rows:
+        raise ValueError("crop_and_resize_each: no images")
+    return torch.cat(rows)
 
 
 def resize_bilinear(

@@ -102,7 +102,8 @@ class PretextTask(nn.Module, ABC):
     def prepare_batch(
         self, images: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
     ) -> PretextInputs:
-        """uint8 ``[B, 3, H, W]`` images and int64 ``[B]`` keys → inputs on the images' device."""
+        """uint8 ``[B, 3, H, W]`` images (or an :class:`~ssltk.data.image_list.ImageList` of
+        original images of different sizes) and int64 ``[B]`` keys → inputs on their device."""
 
     @abstractmethod
     def forward(self, batch: PretextInputs) -> TaskOutput:

@@ -17,6 +17,7 @@ import torch
 from ssltk.config import Config
 from ssltk.data import rng
 from ssltk.data.augment import (
+    ImageList,
     Preprocessing,
     grayscale_mask,
     inception_preprocess,
@@ -91,7 +92,7 @@ class Exemplar(FullImageTask):
     def prepare_batch(
         self, images: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor, *, train: bool
     ) -> PretextInputs:
-        batch, copies = images.shape[0], self.copies
+        batch, copies = len(images), self.copies
         if batch < self.min_batch_size:
             raise ValueError(
                 f"{self.name} needs at least {self.min_batch_size} images per batch, got {batch}"
@@ -100,8 +101,12 @@ class Exemplar(FullImageTask):
         images = to_gray(images, gray)
         # One derived key per copy, so every copy is an independent draw of the same primitive.
         copy_keys = rng.bits(keys, rng.Stream.EXEMPLAR_COPY_KEYS, copies).reshape(-1)
+        if isinstance(images, ImageList):
+            repeated = ImageList(image for image in images for _ in range(copies))
+        else:
+            repeated = images.repeat_interleave(copies, dim=0)
         x = inception_preprocess(
-            images.repeat_interleave(copies, dim=0),
+            repeated,
             copy_keys,
             rng.Stream.EXEMPLAR_INCEPTION,
             self.input_size,

@@ -7,10 +7,13 @@ import torch
 from ssltk.config import Config
 from ssltk.data import rng
 from ssltk.data.augment import (
+    ImageList,
+    Images,
     center_crop_offsets,
     crop,
     random_crop_offsets,
     resize_small,
+    small_side_crops,
     to_minus1_1,
 )
 from ssltk.pretext.base import Pool, PretextTask, backbone_from_config, select_endpoints
@@ -45,7 +48,7 @@ class FullImageTask(PretextTask):
     @torch.no_grad()
     def representation(
         self,
-        images: torch.Tensor,
+        images: Images,
         layers: list[str] | None,
         *,
         pool: Pool | None = None,
@@ -54,16 +57,21 @@ class FullImageTask(PretextTask):
         """The released linear evaluation: shorter side ``eval_resize`` (area), an
         ``input_size`` crop (centred, or random from ``keys``), [-1, 1] scaling (no
         standardisation, also for Exemplar), then the backbone's endpoints ``layers``, each
-        passed through ``pool`` if given.
+        passed through ``pool`` if given. Original images of different sizes (an
+        :class:`ImageList`) are resized and cropped one by one.
         """
         size = self.input_size
-        resized = resize_small(images, self.eval_resize)
-        in_hw = tuple(resized.shape[-2:])
-        if keys is None:
-            offsets = center_crop_offsets(in_hw, size, images.shape[0])
+        stream = rng.Stream.FULL_IMAGE_EVAL_CROP
+        if isinstance(images, ImageList):
+            x = to_minus1_1(small_side_crops(images, self.eval_resize, size, keys, stream))
         else:
-            offsets = random_crop_offsets(keys, rng.Stream.FULL_IMAGE_EVAL_CROP, in_hw, size)
-        x = to_minus1_1(crop(resized, offsets, size))
+            resized = resize_small(images, self.eval_resize)
+            in_hw = tuple(resized.shape[-2:])
+            if keys is None:
+                offsets = center_crop_offsets(in_hw, size, images.shape[0])
+            else:
+                offsets = random_crop_offsets(keys, stream, in_hw, size)
+            x = to_minus1_1(crop(resized, offsets, size))
         endpoints = select_endpoints(self.backbone(x), layers)
         if pool is None:
             return endpoints

@@ -17,14 +17,19 @@ from torch import nn
 from ssltk.config import Config
 from ssltk.data import rng
 from ssltk.data.augment import (
+    ImageList,
+    Images,
     Preprocessing,
     center_crop_offsets,
+    crop_and_resize_each,
     grayscale_mask,
     random_crop_offsets,
     resize_bilinear,
     resize_grid,
     resize_small,
+    small_side_crops,
 )
+from ssltk.data.image_list import image_sizes
 from ssltk.kernels.patch_extraction import extract_patches
 from ssltk.pretext.base import (
     Pool,
@@ -126,20 +131,29 @@ class PatchTask(PretextTask):
             "preprocessing": config.pretext.preprocessing,
         }
 
-    def sample_patches(
-        self, images: torch.Tensor, keys: torch.Tensor, *, train: bool
-    ) -> torch.Tensor:
-        """uint8 ``[B, 3, H, W]`` → standardised float32 patches ``[B, grid², 3, patch, patch]``."""
-        layout = self.layout
-        device = images.device
-        batch = images.shape[0]
+    def resize_whole(self, images: Images, keys: torch.Tensor, *, train: bool) -> torch.Tensor:
+        """Each whole image bilinearly resized to ``resize``² (aspect ignored), float32 in the
+        input's range: the square the patch grid is cut from. An :class:`ImageList` (the
+        original images of files storage) is resized image by image."""
         grid = resize_grid(self.preprocessing)
         # A random sub-pixel phase per image (symmetric mode): otherwise each slot sees its own
         # mix of interpolation phases, and a patch's sharpness tells where it came from.
         shift = None
         if train and grid == "half_pixel":
             shift = rng.uniform(keys, rng.Stream.PATCH_PHASE, 2).to(torch.float32) - 0.5
-        resized = resize_bilinear(images, layout.resize, grid=grid, shift=shift)
+        size = (self.layout.resize, self.layout.resize)
+        if isinstance(images, ImageList):
+            whole = torch.tensor([[0, 0, h, w] for h, w in image_sizes(images)]).view(-1, 4)
+            return crop_and_resize_each(images, whole, size, grid=grid, shift=shift)
+        return resize_bilinear(images, size, grid=grid, shift=shift)
+
+    def sample_patches(self, images: Images, keys: torch.Tensor, *, train: bool) -> torch.Tensor:
+        """uint8 ``[B, 3, H, W]`` (or an :class:`ImageList`) → standardised float32 patches
+        ``[B, grid², 3, patch, patch]`` cut from :meth:`resize_whole`."""
+        layout = self.layout
+        device = images.device
+        batch = len(images)
+        resized = self.resize_whole(images, keys, train=train)
         square = (layout.resize, layout.resize)
         gray = grayscale_mask(keys, rng.Stream.PATCH_GRAY, self.grayscale_p)
         if train:
@@ -167,7 +181,7 @@ class PatchTask(PretextTask):
     @torch.no_grad()
     def representation(
         self,
-        images: torch.Tensor,
+        images: Images,
         layers: list[str] | None,
         *,
         pool: Pool | None = None,
@@ -177,16 +191,22 @@ class PatchTask(PretextTask):
         ``grid·patch`` crop (centred, or random from ``keys``), unjittered grid, per-patch
         standardisation, no grayscale; each endpoint is computed per patch, passed through ``pool``
         if given (the per-patch pooling to at most ``eval.max_features``) and averaged over the
-        patches.
+        patches. Original images of different sizes (an :class:`ImageList`) are resized and
+        cropped one by one.
         """
         layout = self.layout
-        batch = images.shape[0]
-        resized = resize_small(images, layout.eval_resize)
-        in_hw = tuple(resized.shape[-2:])
-        if keys is None:
-            corner = center_crop_offsets(in_hw, layout.eval_crop, batch)
+        batch = len(images)
+        stream = rng.Stream.PATCH_EVAL_CROP
+        if isinstance(images, ImageList):
+            resized = small_side_crops(images, layout.eval_resize, layout.eval_crop, keys, stream)
+            corner = torch.zeros((batch, 2), dtype=torch.int64)
         else:
-            corner = random_crop_offsets(keys, rng.Stream.PATCH_EVAL_CROP, in_hw, layout.eval_crop)
+            resized = resize_small(images, layout.eval_resize)
+            in_hw = tuple(resized.shape[-2:])
+            if keys is None:
+                corner = center_crop_offsets(in_hw, layout.eval_crop, batch)
+            else:
+                corner = random_crop_offsets(keys, stream, in_hw, layout.eval_crop)
         cells = grid_offsets(layout.grid, layout.patch, images.device)
         offsets = corner.to(images.device)[:, None, :] + cells[None]
         gray = torch.zeros(batch, dtype=torch.bool, device=images.device)

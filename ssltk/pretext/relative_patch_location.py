@@ -60,7 +60,7 @@ class RelativePatchLocation(PatchTask):
     ) -> PretextInputs:
         patches = self.sample_patches(images, keys, train=train)
         num_neighbours = self.layout.grid**2 - 1
-        labels = torch.arange(num_neighbours, device=images.device).repeat(images.shape[0])
+        labels = torch.arange(num_neighbours, device=images.device).repeat(len(images))
         return PretextInputs(patches, labels)
 
     def forward(self, batch: PretextInputs) -> TaskOutput:

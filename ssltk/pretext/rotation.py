@@ -80,7 +80,7 @@ class Rotation(FullImageTask):
             train=augment,
             preprocessing=self.preprocessing,
         )
-        labels = torch.arange(NUM_ROTATIONS, device=images.device).repeat(images.shape[0])
+        labels = torch.arange(NUM_ROTATIONS, device=images.device).repeat(len(images))
         return PretextInputs(rotate_all(x), labels)
 
     def forward(self, batch: PretextInputs) -> TaskOutput:

@@ -33,6 +33,7 @@ __all__ = [
     "Source",
     "SourceSplit",
     "decode_image",
+    "decode_original",
     "open_source",
     "register_source",
     "resize_and_center_crop",
@@ -77,6 +78,14 @@ def decode_image(data: bytes | Path, size: int) -> np.ndarray:
     with _open_image(data) as image:
         image.load()
         return resize_and_center_crop(image, size)
+
+
+def decode_original(data: bytes | Path) -> np.ndarray:
+    """Decode an encoded image whole, at its own size: RGB ``[3, H, W]`` uint8."""
+    with _open_image(data) as image:
+        image.load()
+        pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def check_image(path: Path, size: int) -> None:
