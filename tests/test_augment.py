@@ -441,12 +441,16 @@ def test_inception_boxes_fall_back_to_the_whole_image():
     # Every crop of a 2x2 image covers at least 1/4 of it, above the 0.2 maximum area.
     boxes = inception_crop_boxes(keys_for(20), 0, (2, 2), area=(0.05, 0.2))
     assert boxes.tolist() == [[0, 0, 2, 2]] * 20
-    # Full coverage required but at most half the area allowed: impossible.
-    boxes = inception_crop_boxes(keys_for(20), 0, (50, 60), area=(0.05, 0.5), min_object_covered=1)
+    # Full coverage required but at most half the area allowed: impossible. The released code
+    # falls back to the whole image; symmetric to the central square (no squeeze, see its doc).
+    impossible = {"area": (0.05, 0.5), "min_object_covered": 1}
+    boxes = inception_crop_boxes(keys_for(20), 0, (50, 60), **impossible, preprocessing="tf1")
     assert boxes.tolist() == [[0, 0, 50, 60]] * 20
+    boxes = inception_crop_boxes(keys_for(20), 0, (50, 60), **impossible)
+    assert boxes.tolist() == [[0, 5, 50, 50]] * 20
     # With a single attempt some images fail and fall back while others keep their crop.
     boxes = inception_crop_boxes(keys_for(400), 0, (50, 60), min_object_covered=0.6, attempts=1)
-    whole = (boxes == torch.tensor([0, 0, 50, 60])).all(1)
+    whole = (boxes == torch.tensor([0, 5, 50, 50])).all(1)
     assert 0 < whole.sum() < 400
     assert ((boxes[:, 2] * boxes[:, 3])[~whole] >= 0.6 * 3000).all()
 

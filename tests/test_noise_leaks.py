@@ -65,18 +65,18 @@ def config_for(size: int, *sets: str):
     return load_config(None, [*sizes, "model.widening=1", *sets])
 
 
-def batches(size: int, count: int, batch: int = 128, *, ragged: bool = False):
-    """``count`` noise images in batches, with their per-sample keys. ``ragged``: square images
-    of sides ``size``, ``size + 8`` and ``size + 16`` in turn, as an :class:`ImageList` (the
-    files-storage path, which crops and resizes each image on its own)."""
+def batches(size: int, count: int, batch: int = 128, *, ragged: bool = False, aspect: float = 1.0):
+    """``count`` noise images in batches, with their per-sample keys. ``ragged``: images of
+    heights ``size``, ``size + 8`` and ``size + 16`` in turn and widths ``aspect`` × height, as an
+    :class:`ImageList` (the files-storage path, which crops and resizes each image on its own)."""
     for start in range(0, count, batch):
         n = min(batch, count - start)
         generator = torch.Generator().manual_seed(start)
         if ragged:
-            sides = [size + 8 * (i % 3) for i in range(n)]
+            sides = [(size + 8 * (i % 3), round(aspect * (size + 8 * (i % 3)))) for i in range(n)]
             images = ImageList(
-                torch.randint(0, 256, (3, s, s), generator=generator, dtype=torch.uint8)
-                for s in sides
+                torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8)
+                for h, w in sides
             )
         else:
             shape = (n, 3, size, size)
@@ -85,14 +85,14 @@ def batches(size: int, count: int, batch: int = 128, *, ragged: bool = False):
 
 
 def rotation_invariance_t(
-    size: int, crop: str, count: int, *sets: str, ragged: bool = False
+    size: int, crop: str, count: int, *sets: str, ragged: bool = False, aspect: float = 1.0
 ) -> float:
     """Largest |t| of the equalities ``rot90`` invariance implies for the sharpness profiles of
     Rotation's preprocessed (unrotated) images, relative to its Bonferroni threshold."""
     config = config_for(size, f"pretext.rotation.crop={crop}", *sets)
     task = build_task(config)
     moments, aniso = Moments(), Moments()
-    for images, keys in batches(size, count, ragged=ragged):
+    for images, keys in batches(size, count, ragged=ragged, aspect=aspect):
         inputs = task.prepare_batch(images, keys, rng.batch_key(7, 0, 0), train=True).inputs
         x = inputs.view(len(images), 4, 3, size, size)[:, 0]
         s = sharpness(x)
@@ -151,6 +151,13 @@ def test_patch_statistics_of_noise_do_not_depend_on_the_slot(task_name, size):
 def test_original_images_of_noise_are_invariant_under_rot90(crop):
     # Files storage crops each image of its own size: square noise must still leak nothing.
     assert rotation_invariance_t(32, crop, images_for(32), ragged=True) < 1
+
+
+@pytest.mark.parametrize("crop", ["center", "inception"])
+def test_landscape_originals_of_noise_are_invariant_under_rot90(crop):
+    # A 4:3 original squeezed into a square tells which way is up (the released code's boxes and
+    # centre crop squeeze it); symmetric boxes are bounded by the shorter side.
+    assert rotation_invariance_t(32, crop, images_for(32), ragged=True, aspect=4 / 3) < 1
 
 
 @pytest.mark.parametrize("task_name", ["jigsaw", "relative_patch_location"])

@@ -344,11 +344,16 @@ def inception_crop_boxes(
     ``(0.75, 1.33)``) and offsets in ``[0, H - height)`` (the last position excluded unless the
     crop spans the image). ``"symmetric"`` draws the aspect log-uniformly in ``ratio`` (default
     ``(3/4, 4/3)``) and every offset in ``[0, H - height]``, so a box and its transpose, and a box
-    and its mirror image, are equally likely.
+    and its mirror image, are equally likely. On a non-square image it also bounds both sides of
+    the box by the shorter side of the image and falls back to the central square (areas stay
+    fractions of the whole image): else wide boxes of a landscape image fit more often than tall
+    ones, and the squeeze of the resize to a square tells a network which way is up.
     """
     fn = "inception_crop_boxes"
     height, width = pair(in_hw, fn, "in_hw")
     symmetric = resize_grid(preprocessing) == "half_pixel"
+    # The longest sides a box may have: symmetric bounds both by the shorter side of the image.
+    side_h, side_w = (min(height, width),) * 2 if symmetric else (height, width)
     if ratio is None:
         ratio = (3 / 4, 4 / 3) if symmetric else (0.75, 1.33)
     if not 0 < area[0] <= area[1] <= 1:
@@ -385,10 +390,10 @@ def inception_crop_boxes(
     max_h = rint(np.sqrt(max_area / aspect))
     # Largest height whose rounded width still fits (TF's repair for wide aspect ratios).
     eps = float(f32(1e-7))
-    fitted = np.floor((width + 0.5 - eps) / aspect.astype(np.float64)).astype(np.int64)
-    fitted -= width_of(fitted) > width
-    max_h = np.where(width_of(max_h) > width, fitted, max_h)
-    max_h = np.minimum(max_h, height)
+    fitted = np.floor((side_w + 0.5 - eps) / aspect.astype(np.float64)).astype(np.int64)
+    fitted -= width_of(fitted) > side_w
+    max_h = np.where(width_of(max_h) > side_w, fitted, max_h)
+    max_h = np.minimum(max_h, side_h)
     crop_h = np.minimum(crop_h, max_h)
     crop_h = crop_h + uniform_below(u[..., 1], max_h - crop_h + 1)
     crop_w = width_of(crop_h)
@@ -399,7 +404,7 @@ def inception_crop_boxes(
     crop_area = crop_w * crop_h
 
     fits = (crop_area >= min_area) & (crop_area <= max_area)
-    fits &= (crop_w <= width) & (crop_h <= height) & (crop_w > 0) & (crop_h > 0)
+    fits &= (crop_w <= side_w) & (crop_h <= side_h) & (crop_w > 0) & (crop_h > 0)
     fits &= crop_area.astype(f32) / f32(width * height) >= f32(min_object_covered)
     last = 1 if symmetric else 0  # TF never draws the last offset
     top = uniform_below(u[..., 2], height - crop_h + last)
@@ -408,7 +413,8 @@ def inception_crop_boxes(
     boxes = np.stack([top, left, crop_h, crop_w], axis=-1)
     first = fits.argmax(axis=1)
     chosen = boxes[np.arange(len(boxes)), first]
-    whole = np.array([0, 0, height, width], dtype=np.int64)
+    corner = ((height - side_h) // 2, (width - side_w) // 2)  # the whole image, or its centre
+    whole = np.array([*corner, side_h, side_w], dtype=np.int64)
     chosen = np.where(fits.any(axis=1)[:, None], chosen, whole)
     return torch.from_numpy(chosen).to(keys.device)
 
@@ -422,6 +428,18 @@ def inception_crop_boxes_each(
     for size, rows in by_size(sizes).items():
         boxes[rows] = inception_crop_boxes(keys.cpu()[rows], stream, size, **options)
     return boxes
+
+
+def central_square_boxes(in_hw: tuple[int, int], fraction: float) -> torch.Tensor:
+    """``[1, 4]``: :func:`central_crop_boxes` of the image's central square (the shorter side),
+    so that a resize to a square does not squeeze a non-square image (see
+    :func:`inception_crop_boxes`)."""
+    height, width = pair(in_hw, "central_square_boxes", "in_hw")
+    side = min(height, width)
+    box = central_crop_boxes((side, side), fraction, 1)
+    box[:, 0] += (height - side) // 2
+    box[:, 1] += (width - side) // 2
+    return box
 
 
 def central_crop_boxes(in_hw: tuple[int, int], fraction: float, batch: int) -> torch.Tensor:
@@ -533,7 +551,9 @@ def inception_preprocess(
     :func:`sample_inception_params`). Eval is deterministic (``keys`` may be ``None``): centre crop
     of 87.5% of each side, bilinear resize to ``out_size``, map to [-1, 1]. ``preprocessing``
     picks the geometry (see the module docstring). An :class:`ImageList` (files storage) is
-    cropped image by image: the box is sampled over, or centred in, each whole original image.
+    cropped image by image: the box is sampled over, or centred in, each whole original image
+    (``symmetric``: with both sides at most the image's shorter side, see
+    :func:`inception_crop_boxes`, so that the resize does not squeeze it).
     """
     ragged = isinstance(images, ImageList)
     if not ragged:
@@ -546,7 +566,13 @@ def inception_preprocess(
         params = sample_inception_params(keys, stream, in_hw, preprocessing=preprocessing)
         return apply_inception(images, params, out_size, grid=grid)
     if ragged:
-        boxes = torch.cat([central_crop_boxes(hw, 0.875, 1) for hw in in_hw])
+        square = grid == "half_pixel"  # symmetric: a non-square original is not squeezed
+        boxes = torch.cat(
+            [
+                central_square_boxes(hw, 0.875) if square else central_crop_boxes(hw, 0.875, 1)
+                for hw in in_hw
+            ]
+        )
     else:
         boxes = central_crop_boxes(in_hw, 0.875, images.shape[0])
     size = pair(out_size, "inception_preprocess", "out_size")
