@@ -41,6 +41,11 @@ PLAN = [
     (224, "rotation", "inception", None, 40, 8),
     (224, "jigsaw", None, None, 40, 8),
     (224, "relative_patch_location", None, None, 40, 8),
+    # The bar (300 steps of 64) at 64 px, where Rotation's tf1 leak is strongest.
+    (64, "rotation", "center", None, 300, 64),
+    (64, "jigsaw", None, None, 300, 64),
+    (64, "relative_patch_location", None, None, 300, 64),
+    (64, "rotation", "inception", None, 300, 64),
 ]
 TASK_ORDER = ("rotation", "jigsaw", "relative_patch_location", "exemplar")
 GEOMETRIES = ("tf1", "symmetric")
@@ -109,9 +114,10 @@ def render(jsonl: Path) -> str:
         "params.yaml (resnet50_v2, widening 1, the study's optimiser settings compressed into "
         "the control's steps). `tf1`: the released code's TensorFlow 1 crop and resize "
         "geometry; `symmetric`: ssltk's default. Steps and batch shrink with the image size so "
-        "that the plan fits a 2-core CPU: 300 × 64 where it allowed, fewer (the steps × batch "
-        "column) at 64 px and above; `not run` rows did not fit the session that made this "
-        "file. Produced by `python scripts/noise_controls.py` (a rerun continues it).\n",
+        "that the plan fits a 2-core CPU: 300 × 64 at 32 px and for the main rows at 64 px, "
+        "fewer (the steps × batch column) at 96 and 224 px; `not run` rows did not fit the "
+        "session that made this file. Produced by `python scripts/noise_controls.py` (a rerun "
+        "continues it).\n",
         "| px | task | rotation crop | noise | steps × batch | held-out images | chance | tf1 "
         "| symmetric |",
         "|---|---|---|---|---|---|---|---|---|",
