@@ -118,15 +118,14 @@ def browser_page(executable: str):
 COLLAPSED_PARENT = 'button[data-component-id*="runnamecellrenderer"]:has(path[d^="M7.25 7.25V4.5"])'
 
 
-def expand_nested_runs(page, depth: int = 3) -> None:
-    """Open every parent row of the runs table, ``depth`` levels down."""
-    for _ in range(depth):
-        buttons = page.locator(COLLAPSED_PARENT).all()
-        if not buttons:
+def expand_nested_runs(page, most: int = 100) -> None:
+    """Open every parent row of the runs table (rows appear below each one opened)."""
+    for _ in range(most):
+        collapsed = page.locator(COLLAPSED_PARENT)
+        if collapsed.count() == 0:
             return
-        for button in buttons:
-            button.click()
-        page.wait_for_timeout(1000)
+        collapsed.first.click()
+        page.wait_for_timeout(500)
 
 
 def choose_in_compare_view(page, params: list[str], metrics: list[str]) -> None:
@@ -188,7 +187,8 @@ def mlflow_pages(page, params: Path, out: Path) -> None:
 
 def dvc_plots_page(page, out: Path) -> None:
     with tempfile.TemporaryDirectory() as folder:
-        subprocess.run(["dvc", "plots", "show", "--out", folder], check=True, capture_output=True)
+        dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
+        subprocess.run([dvc, "plots", "show", "--out", folder], check=True, capture_output=True)
         index = Path(folder) / "index.html"
         screenshot(page, index.as_uri(), out / "dvc_plots.png")
 
