@@ -309,6 +309,19 @@ def test_figures_measured_otherwise_are_left_out_and_named(tmp_path: Path):
     assert "35.4" not in text and "probe/lbfgs/top1/pre_logits`: split 'val'" in text
 
 
+def test_an_eval_runs_own_figures_are_not_named_as_measured_otherwise(tmp_path: Path):
+    """A baseline (or eval) run also logs figures a report never reads, e.g. the chosen l2: they
+    are not in its written-back record and must not be listed as left out."""
+    study = Study(tmp_path)
+    studied = study.logged(tracking.KIND_PRETRAIN, 1_000, "FINISHED", 0.3)
+    baseline = study.logged(tracking.KIND_BASELINE, 1_500, "FINISHED", 0.2)
+    study.client.log_metric(baseline, tracking.probe_metric("lbfgs", "l2", "pre_logits"), 0.01)
+    study.workspace(studied, baseline)
+    (cell,) = collect(study.config, study.runs)
+    assert cell.excluded == {"run": {}, "baseline": {}}
+    assert cell.probes("baseline") == {("lbfgs", 1, "pre_logits"): 0.2}
+
+
 def test_a_report_without_probe_figures_plots_without_a_warning(tmp_path: Path, recwarn):
     """Issue 20.10: finished runs that were never evaluated: plots with a note, no warnings."""
     study = Study(tmp_path)

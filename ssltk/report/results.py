@@ -154,12 +154,18 @@ def _measured_otherwise(run: Any, config: Config, checkpoint_sha256: str | None)
     out = {}
     for name in run.data.metrics:
         metric = tracking.parse_probe_metric(name)
-        if metric is None:
+        if metric is None or not _reported(metric):
             continue
         why = _difference(run.data.tags, metric, config, checkpoint_sha256)
         if why is not None:
             out[name] = why
     return out
+
+
+def _reported(metric: tracking.ProbeMetric) -> bool:
+    """Whether a report reads the figure: top-k on the reported split, or val top-1 (the best
+    layer); an eval run's own figures such as the chosen ``l2`` are not written back."""
+    return metric.top_k is not None or metric.figure == "val_top1"
 
 
 def _difference(
