@@ -28,14 +28,16 @@ import platform
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ssltk import fsutil
 from ssltk.config import PROJECT_ROOT, Config, EvalConfig, dump_config
 from ssltk.errors import UserError
-from ssltk.store import client, ensure_experiment, find_run
+from ssltk.store import client, ensure_experiment, find_run, sqlite_path
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -275,22 +277,28 @@ def dataset_inputs(config: Config, data_hash: str, splits: Iterable[str]) -> lis
     ]
 
 
-def study_run_id(mlflow_client: MlflowClient, experiment_id: str, name: str) -> str:
+def study_run_id(mlflow_client: MlflowClient, experiment_id: str, name: str, uri: str) -> str:
     """The study run of experiment ``experiment_id`` (one experiment per study), created on
-    first use: the parent of its pretraining and baseline runs, holding the report."""
-    found = mlflow_client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TAG_KIND}` = '{KIND_STUDY}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=1,
+    first use: the parent of its pretraining and baseline runs, holding the report. First runs
+    racing on one SQLite store (``uri``) create it once, under a lock beside the store."""
+    db = sqlite_path(uri)
+    lock = (
+        fsutil.locked(db.parent / f".{db.name}.study.lock", wait=True, remove=True) if db else None
     )
-    if found:  # the oldest, should two first runs have raced
-        return found[0].info.run_id
-    created = mlflow_client.create_run(
-        experiment_id, tags={TAG_KIND: KIND_STUDY}, run_name=f"study-{name}"
-    )
-    mlflow_client.set_terminated(created.info.run_id, "FINISHED")
-    return created.info.run_id
+    with lock or nullcontext():
+        found = mlflow_client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{TAG_KIND}` = '{KIND_STUDY}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1,
+        )
+        if found:  # the oldest, should first runs on a remote store have raced
+            return found[0].info.run_id
+        created = mlflow_client.create_run(
+            experiment_id, tags={TAG_KIND: KIND_STUDY}, run_name=f"study-{name}"
+        )
+        mlflow_client.set_terminated(created.info.run_id, "FINISHED")
+        return created.info.run_id
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -397,7 +405,9 @@ def start_pretrain_run(
         data_settings=data_settings,
     )
 
-    tags[MLFLOW_PARENT_RUN] = study_run_id(mlflow_client, experiment_id, config.tracking.experiment)
+    tags[MLFLOW_PARENT_RUN] = study_run_id(
+        mlflow_client, experiment_id, config.tracking.experiment, uri
+    )
     datasets = dataset_inputs(config, data_hash, [config.data.pretrain_split])
 
     existing = find_run(mlflow_client, resume_run_id) if resume_run_id else None
@@ -489,7 +499,9 @@ def start_baseline_run(
         TAG_WIDENING: str(config.model.widening),
         TAG_DATA_HASH: data_hash,
         "mlflow.runName": f"baseline-{run_name(config)}",
-        MLFLOW_PARENT_RUN: study_run_id(mlflow_client, experiment_id, config.tracking.experiment),
+        MLFLOW_PARENT_RUN: study_run_id(
+            mlflow_client, experiment_id, config.tracking.experiment, uri
+        ),
         **(extra_tags or {}),
     }
     datasets = dataset_inputs(config, data_hash, splits)

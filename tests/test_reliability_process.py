@@ -270,6 +270,10 @@ def test_twenty_interrupts_of_a_first_start_up_leave_a_usable_store_and_exact_re
     assert (out / "curve.csv").read_text() == (reference / "curve.csv").read_text()
 
 
+PRETRAIN_RUNS = "tags.`ssltk.kind` = 'pretrain'"
+STUDY_RUNS = "tags.`ssltk.kind` = 'study'"  # the parent of every pretraining run (ssltk.tracking)
+
+
 def test_four_first_runs_on_one_fresh_store_all_finish_complete(ws, forker, tmp_path):
     store = tmp_path / "store" / "mlflow.db"
     procs = [forker.start(*pretrain_argv(ws, tmp_path / f"run{i}", store=store)) for i in range(4)]
@@ -278,8 +282,10 @@ def test_four_first_runs_on_one_fresh_store_all_finish_complete(ws, forker, tmp_
         assert "Traceback" not in proc.output, proc.output
     mlflow = client(store)
     experiment = mlflow.get_experiment_by_name("rely")
-    runs = mlflow.search_runs([experiment.experiment_id])
+    runs = mlflow.search_runs([experiment.experiment_id], filter_string=PRETRAIN_RUNS)
     assert len(runs) == 4
+    (study,) = mlflow.search_runs([experiment.experiment_id], filter_string=STUDY_RUNS)
+    assert {run.data.tags["mlflow.parentRunId"] for run in runs} == {study.info.run_id}
     for run in runs:
         assert run.info.status == "FINISHED" and run.data.params["pretrain.max_steps"] == "2"
         history = mlflow.get_metric_history(run.info.run_id, "train/loss")
@@ -309,7 +315,8 @@ def test_a_second_run_on_a_run_directory_refuses_at_once_naming_the_holder(ws, f
     run_id = json.loads((out / "run.json").read_text())["run_id"]
     history = client(store).get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]
-    assert len(client(store).search_runs([client(store).get_run(run_id).info.experiment_id])) == 1
+    experiment_id = client(store).get_run(run_id).info.experiment_id
+    assert len(client(store).search_runs([experiment_id], filter_string=PRETRAIN_RUNS)) == 1
 
 
 def test_a_killed_run_resumes_without_logging_a_step_twice(ws, forker, tmp_path):

@@ -43,7 +43,7 @@ def log_report(config: Config, cells: list[Cell], files: list[Path]) -> str:
     uri = config.tracking.resolved_uri()
     client = store.client(uri)
     experiment_id = store.ensure_experiment(client, config.tracking.experiment, uri)
-    study = tracking.study_run_id(client, experiment_id, config.tracking.experiment)
+    study = tracking.study_run_id(client, experiment_id, config.tracking.experiment, uri)
     client.log_batch(
         study,
         tags=[RunTag(k, v) for k, v in tracking.source_tags("report").items()],
