@@ -32,7 +32,6 @@ and evaluation refuse prepared data whose settings differ from their config's.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -87,19 +86,9 @@ def settings_fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _reserve(path: Path) -> None:
-    """Allocate every block of ``path`` now, so a full disk is an error here, not a SIGBUS later."""
-    with open(path, "r+b") as f:
-        try:
-            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-        except OSError as err:
-            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-
-
 def _open_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
     array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-    _reserve(path)
+    fsutil.reserve(path)
     return array
 
 
