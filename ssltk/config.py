@@ -348,7 +348,14 @@ class ControlConfig(Section):
     noise_size: PositiveInt | None = Field(
         None,
         description="side the noise is drawn at before it is brought to data.image_size as "
-        "ssltk prepare stores images (None: drawn at data.image_size)",
+        "ssltk prepare stores images (None: drawn at data.image_size); with noise_aspect, "
+        "the originals' shorter side",
+    )
+    noise_aspect: Annotated[float, Field(gt=0.2, lt=5)] | None = Field(
+        None,
+        description="width/height of noise originals, e.g. 1.333 for 4:3 photos: each image is "
+        "kept whole and cropped by the task as files storage crops a file (None: squares "
+        "stored as arrays storage stores them)",
     )
 
 

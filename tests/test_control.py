@@ -16,7 +16,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from ssltk.cli import app
-from ssltk.config import Config
+from ssltk.config import Config, load_config
 from ssltk.control.result import (
     ControlResult,
     controls_markdown,
@@ -24,8 +24,9 @@ from ssltk.control.result import (
     verdict_of,
     write_control,
 )
-from ssltk.control.run import noise_images
+from ssltk.control.run import noise_images, noise_originals, run_control
 from ssltk.data.augment import central_crop_boxes, crop_and_resize, resize_grid
+from ssltk.data.image_list import ImageList
 from ssltk.data.sources import resize_and_center_crop
 from ssltk.errors import UserError
 from ssltk.models import ArchConfig, register_arch, unregister_arch
@@ -185,3 +186,44 @@ def test_the_control_catches_a_resize_leak_and_passes_its_fix(tmp_path: Path, to
     assert found["settings"]["preprocessing"] == "symmetric"
     assert found["held_out_images"] == 8 * 64 and found["steps"] == 60
     assert len(found["curve"]) == 6  # one point per 10 steps
+
+
+def test_noise_originals_are_whole_images_of_the_configured_aspect():
+    landscape = noise_originals(3, 0, range(4), 12, 4 / 3)
+    assert isinstance(landscape, ImageList) and len(landscape) == 4
+    assert all(image.shape == (3, 12, 16) and image.dtype == torch.uint8 for image in landscape)
+    portrait = noise_originals(3, 0, range(4), 12, 3 / 4)
+    assert all(image.shape == (3, 16, 12) for image in portrait)
+    # The same seeds as square noise: image i depends on (seed, namespace, i) only.
+    assert torch.equal(noise_originals(3, 0, range(2, 4), 12, 4 / 3)[0], landscape[2])
+    assert not torch.equal(noise_originals(3, 1, range(1), 12, 4 / 3)[0], landscape[0])
+
+
+@pytest.fixture
+def toy_arch() -> Iterator[None]:
+    register_arch(ARCH)(LocalEnergy)
+    try:
+        yield
+    finally:
+        unregister_arch(ARCH)
+
+
+def test_the_control_on_landscape_originals_sees_the_released_boxes_squeeze(tmp_path, toy_arch):
+    """Rotation's own files-storage crop of 4:3 noise: the released centre box squeezes the
+    original into the square input, which rot90 turns sideways (fixed under ``symmetric``)."""
+    sets = [
+        f"model.arch={ARCH}",
+        "pretext.task=rotation",
+        "pretext.rotation.crop=center",
+        "control.noise_aspect=1.333",
+        "control.steps=60",
+        "control.held_out_batches=4",
+    ]
+    verdicts = {}
+    for geometry in ("tf1", "symmetric"):
+        config = load_config(ROOT / "params.yaml", [*sets, f"pretext.preprocessing={geometry}"])
+        found = run_control(config)
+        verdicts[geometry] = (found.verdict, round(found.score, 3))
+        assert found.settings["noise originals"] == "32×43 px (aspect 1.333)"
+    assert verdicts["tf1"][0] == "leaks", verdicts
+    assert verdicts["symmetric"][0] == "clean", verdicts

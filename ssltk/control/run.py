@@ -22,6 +22,7 @@ from PIL import Image
 from ssltk.config import Config
 from ssltk.control.result import ControlResult, verdict_of
 from ssltk.data import rng
+from ssltk.data.image_list import ImageList
 from ssltk.data.sources import resize_and_center_crop
 from ssltk.errors import UserError
 from ssltk.pretext import PretextInputs, PretextTask, build_task
@@ -30,7 +31,7 @@ from ssltk.train.distributed import resolve_device
 from ssltk.train.engine import Trainer, build_optimizer
 from ssltk.train.schedule import build_schedule
 
-__all__ = ["noise_images", "run_control"]
+__all__ = ["noise_images", "noise_originals", "run_control"]
 
 _TRAIN, _HELD_OUT = 0, 1
 _MASK64 = (1 << 64) - 1
@@ -66,6 +67,29 @@ def noise_images(
     return out
 
 
+def original_shape(short_side: int, aspect: float) -> tuple[int, int]:
+    """``(height, width)`` of an original whose shorter side is ``short_side`` and whose
+    width/height is ``aspect`` (rounded)."""
+    long_side = round(short_side * max(aspect, 1 / aspect))
+    return (short_side, long_side) if aspect >= 1 else (long_side, short_side)
+
+
+def noise_originals(
+    seed: int, namespace: int, indices: range, short_side: int, aspect: float
+) -> ImageList:
+    """i.i.d. uniform noise originals of width/height ``aspect``, each kept whole, as files
+    storage gives a batch (image ``i`` a function of ``(seed, namespace, i)`` only)."""
+    height, width = original_shape(short_side, aspect)
+    generator = torch.Generator()
+    images = []
+    for index in indices:
+        generator.manual_seed(_image_seed(seed, namespace, index))
+        images.append(
+            torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8)
+        )
+    return ImageList(images)
+
+
 def _settings(config: Config) -> dict[str, str]:
     """The preprocessing settings a control's verdict depends on, for its table row."""
     pretext = config.pretext
@@ -73,8 +97,14 @@ def _settings(config: Config) -> dict[str, str]:
     crop = getattr(getattr(pretext, pretext.task, None), "crop", None)
     if crop is not None:
         shown["crop"] = str(crop)
-    if config.control.noise_size is not None:
-        shown["noise drawn at"] = f"{config.control.noise_size} px"
+    control = config.control
+    if control.noise_aspect is not None:
+        height, width = original_shape(
+            control.noise_size or config.data.image_size, control.noise_aspect
+        )
+        shown["noise originals"] = f"{height}×{width} px (aspect {control.noise_aspect:g})"
+    elif control.noise_size is not None:
+        shown["noise drawn at"] = f"{control.noise_size} px"
     return shown
 
 
@@ -84,9 +114,15 @@ def _noise_batch(
     """Batch ``number`` of ``namespace`` (training or held-out noise), prepared for training."""
     batch = config.pretrain.batch_size
     indices = range(number * batch, (number + 1) * batch)
-    images = noise_images(
-        config.seed, namespace, indices, config.data.image_size, config.control.noise_size
-    )
+    control = config.control
+    images: torch.Tensor | ImageList
+    if control.noise_aspect is not None:
+        short_side = control.noise_size or config.data.image_size
+        images = noise_originals(config.seed, namespace, indices, short_side, control.noise_aspect)
+    else:
+        images = noise_images(
+            config.seed, namespace, indices, config.data.image_size, control.noise_size
+        )
     keys = rng.sample_keys(config.seed, namespace, torch.arange(indices.start, indices.stop))
     with torch.no_grad():
         return task.prepare_batch(
