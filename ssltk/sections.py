@@ -73,6 +73,11 @@ class KnnProbeConfig(Section):
     ks: list[PositiveInt] = Field([10, 20, 100, 200], min_length=1)
     temperature: Annotated[float, Field(gt=0)] = 0.07
     batch_size: PositiveInt = Field(1024, description="query rows per similarity block")
+    layers: list[str] | None = Field(
+        None,
+        description="the eval.layers it reads (null: all of them); its cost is a matmul of "
+        "every query row with every training row, per layer",
+    )
 
 
 class SgdProbeConfig(Section):

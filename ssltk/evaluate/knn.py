@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssltk.errors import UserError
 from ssltk.evaluate.finite import require_finite
 from ssltk.evaluate.lbfgs import topk_accuracy
 from ssltk.evaluate.probe import Figures, ProbeInputs, register_probe
@@ -106,7 +107,13 @@ def fit_knn(inputs: ProbeInputs) -> Figures:
     labels = inputs.features[split].labels
     ks: Sequence[int] = sorted(set(section.ks))
     figures: Figures = {}
-    for layer in inputs.layers:
+    wanted = inputs.layers if section.layers is None else section.layers
+    for layer in wanted:
+        if layer not in inputs.layers:
+            raise UserError(
+                f"eval.knn.layers: {layer!r} is not among eval.layers ({', '.join(inputs.layers)})"
+            )
+    for layer in (name for name in inputs.layers if name in wanted):
         clock = time.perf_counter()
         k, chosen = ks[0], {}
         if "val" in inputs.features and len(ks) > 1:
