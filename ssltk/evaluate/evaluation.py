@@ -171,8 +171,9 @@ def _evaluate(
                 for method in dict.fromkeys(ev.also)
                 if method != ev.method
             }
-        result = EvalResult(run.run_id, ev.method, ev.report_split, figures, dataset=data.key)
-        result.also = also
+        result = EvalResult(
+            run.run_id, ev.method, ev.report_split, figures, dataset=data.key, also=also
+        )
         result.seconds = time.perf_counter() - started
         _record(target, run, result, out_dir, data)
     except BaseException as err:

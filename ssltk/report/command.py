@@ -48,7 +48,7 @@ def write_report(config: Config, out_dir: Path, runs_dir: Path = Path("runs")) -
     write_csv(written[1], rows(cells))
     written += plots.write_plots(cells, config, method, out_dir)
     written.append(sizes.plot(sized, method, out_dir / sizes.PLOT))
-    study_run.log_report(config, cells, written)
+    study_run.log_report(config, [*cells, *sized], written)
     return written
 
 
