@@ -108,7 +108,9 @@ class DataConfig(Section):
     source: Source = "demo"
     root: Path | None = Field(None, description="dataset root (not used by demo)")
     file_list: Path | None = Field(
-        None, description="imagefolder only: a text file of '<relative path> <label>' lines"
+        None,
+        description="imagefolder: a text file of '<train|val|test>/<path> <label>' lines; "
+        "places205: the folder of train_places205.csv and val_places205.csv",
     )
     image_size: PositiveInt = Field(
         32,
@@ -287,6 +289,14 @@ class EvalConfig(Section):
     cache_dir: Path | None = Field(
         None, description="feature cache (default: <out>/features of each evaluation)"
     )
+    also: list[Probe] = Field(
+        [], description="more probes run on the same cached features, reported beside method"
+    )
+    data: DataConfig | None = Field(
+        None,
+        description="the prepared dataset to evaluate on, keys as in data (those not given are "
+        "the run's own data.*); null: the run's own data. The pretext preprocessing is the run's",
+    )
 
     @model_validator(mode="after")
     def _probe_sections(self) -> EvalConfig:
@@ -336,6 +346,17 @@ class StudyConfig(Section):
     tasks: list[Task] = Field(default_factory=lambda: list(task_names()), min_length=1)
     archs: list[Arch] = Field(default_factory=lambda: list(arch_names()), min_length=1)
     widenings: list[PositiveInt] = Field([4], min_length=1)
+    representation_sizes: list[PositiveInt] = Field(
+        [],
+        description="the width × representation-size study (paper section 3.9): cells of their "
+        "own (runs/<cell>-r<size>) with model.representation_size set to each of these, beside "
+        "the study's cells (which keep model.representation_size); empty: none",
+    )
+    transfer: dict[str, DataConfig] = Field(
+        {},
+        description="further datasets every cell (and its baseline) is evaluated on, by name "
+        "(e.g. places205); each is prepared into its own prepared_dir",
+    )
 
 
 class ControlConfig(Section):

@@ -176,6 +176,12 @@ PROBES.declare(
     needs_val=lambda section: len(section.l2) > 1,  # the L2 strength is chosen on val
     section=sections.LbfgsConfig,
 )
+PROBES.declare(
+    "knn",
+    "ssltk.evaluate.knn",
+    needs_val=lambda section: len(section.ks) > 1,  # k is chosen on val
+    section=sections.KnnProbeConfig,
+)
 PROBES.declare("sgd", "ssltk.evaluate.sgd", section=sections.SgdProbeConfig)
 PROBES.declare("mlp", "ssltk.evaluate.sgd", section=sections.MlpProbeConfig)
 
@@ -183,3 +189,4 @@ SOURCES.declare("demo", "ssltk.data.sources.demo", needs_root=False)
 SOURCES.declare("cifar10", "ssltk.data.sources.cifar10")
 SOURCES.declare("stl10", "ssltk.data.sources.stl10", has_unlabeled=True)
 SOURCES.declare("imagefolder", "ssltk.data.sources.imagefolder", reads_file_list=True)
+SOURCES.declare("places205", "ssltk.data.sources.places205", reads_file_list=True)

@@ -16,6 +16,7 @@ from ssltk.schema import NonNegFloat, PositiveInt, Probability, Section
 __all__ = [
     "ExemplarConfig",
     "JigsawConfig",
+    "KnnProbeConfig",
     "LbfgsConfig",
     "MlpProbeConfig",
     "PatchHeadConfig",
@@ -62,6 +63,21 @@ class RelativePatchLocationConfig(PatchHeadConfig):
 class LbfgsConfig(Section):
     l2: list[NonNegFloat] = Field([1e-4, 1e-3, 1e-2, 1e-1], min_length=1)
     max_iter: PositiveInt = 500
+
+
+class KnnProbeConfig(Section):
+    """Weighted k-nearest-neighbour classifier on the cached features (:mod:`ssltk.evaluate.knn`):
+    cosine similarity, votes weighted by ``exp(similarity / temperature)`` (Wu et al. 2018, as
+    DINO and solo-learn report it); ``k`` chosen on ``val`` when ``ks`` lists more than one."""
+
+    ks: list[PositiveInt] = Field([10, 20, 100, 200], min_length=1)
+    temperature: Annotated[float, Field(gt=0)] = 0.07
+    batch_size: PositiveInt = Field(1024, description="query rows per similarity block")
+    layers: list[str] | None = Field(
+        None,
+        description="the eval.layers it reads (null: all of them); its cost is a matmul of "
+        "every query row with every training row, per layer",
+    )
 
 
 class SgdProbeConfig(Section):

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ssltk import fsutil
-from ssltk.config import PROJECT_ROOT, Config, EvalConfig, dump_config
+from ssltk.config import PROJECT_ROOT, Config, DataConfig, EvalConfig, dump_config
 from ssltk.errors import UserError
 from ssltk.store import client, ensure_experiment, find_run, sqlite_path
 
@@ -46,10 +46,14 @@ TAG_KIND = "ssltk.kind"
 TAG_TASK = "ssltk.task"
 TAG_ARCH = "ssltk.arch"
 TAG_WIDENING = "ssltk.widening"
+#: On runs of a cell with an extra representation layer (``model.representation_size``) only.
+TAG_REPRESENTATION_SIZE = "ssltk.representation_size"
 TAG_GIT_COMMIT = "ssltk.git_commit"
 TAG_GIT_DIRTY = "ssltk.git_dirty"
 TAG_DATA_HASH = "ssltk.data_hash"
 TAG_DATA_SETTINGS = "ssltk.data_settings"
+#: On an eval or baseline run on another dataset than the run's own: its key (``data-<hash16>``).
+TAG_EVAL_DATA = "ssltk.eval_data"
 TAG_DEVICE = "ssltk.device"
 TAG_WORLD_SIZE = "ssltk.world_size"
 TAG_FAILURE = "ssltk.failure"
@@ -100,6 +104,8 @@ class ProbeMetric:
     method: str
     figure: str  # top1, top5, val_top1, l2, ...
     layer: str
+    #: None on the run's own data, else the evaluation dataset's key (``data-<hash16>``).
+    dataset: str | None = None
 
     @property
     def top_k(self) -> int | None:
@@ -108,34 +114,44 @@ class ProbeMetric:
         return int(digits) if self.figure.startswith("top") and digits.isdigit() else None
 
 
-def probe_metric(method: str, figure: str | int, layer: str) -> str:
+def probe_metric(method: str, figure: str | int, layer: str, dataset: str | None = None) -> str:
     """``probe/<method>/<figure>/<layer>``, e.g. ``probe/lbfgs/top1/pre_logits``; an int
-    ``figure`` ``k`` stands for ``top<k>``. :func:`parse_probe_metric` reads it back."""
+    ``figure`` ``k`` stands for ``top<k>``; figures on another dataset than the run's own end in
+    ``/<dataset key>``. :func:`parse_probe_metric` reads it back."""
     figure = f"top{figure}" if isinstance(figure, int) else figure
-    return f"probe/{method}/{figure}/{layer}"
+    return f"probe/{method}/{figure}/{layer}" + (f"/{dataset}" if dataset else "")
 
 
 def parse_probe_metric(name: str) -> ProbeMetric | None:
     """The parts of a metric named by :func:`probe_metric`; None for any other metric."""
-    parts = name.split("/", 3)
-    if len(parts) != 4 or parts[0] != "probe" or not all(parts[1:]):
+    parts = name.split("/")
+    if len(parts) not in (4, 5) or parts[0] != "probe" or not all(parts[1:]):
         return None
     return ProbeMetric(*parts[1:])
 
 
-def cell_name(task: str, arch: str, widening: int) -> str:
-    """``<task>-<arch>-w<widening>``: a study cell's run name and run directory name."""
-    return f"{task}-{arch}-w{widening}"
+def cell_name(task: str, arch: str, widening: int, representation_size: int | None = None) -> str:
+    """``<task>-<arch>-w<widening>`` (``-r<size>`` after it with a representation layer): a study
+    cell's run name and run directory name."""
+    size = f"-r{representation_size}" if representation_size is not None else ""
+    return f"{task}-{arch}-w{widening}{size}"
 
 
 def run_name(config: Config) -> str:
-    """``<task>-<arch>-w<widening>``: also the default output directory name."""
-    return cell_name(config.pretext.task, config.model.arch, config.model.widening)
+    """``<task>-<arch>-w<widening>[-r<size>]``: also the default output directory name."""
+    model = config.model
+    return cell_name(config.pretext.task, model.arch, model.widening, model.representation_size)
 
 
-def probe_tag(method: str, layer: str) -> str:
-    """``ssltk.probe.<method>.<layer>``: how the probe figures of that layer were measured."""
-    return f"{TAG_PROBE_PREFIX}{method}.{layer}"
+def _size_tag(config: Config) -> dict[str, str]:
+    size = config.model.representation_size
+    return {TAG_REPRESENTATION_SIZE: str(size)} if size is not None else {}
+
+
+def probe_tag(method: str, layer: str, dataset: str | None = None) -> str:
+    """``ssltk.probe.<method>.<layer>``: how the probe figures of that layer were measured
+    (``.<dataset key>`` after it for figures on another dataset than the run's own)."""
+    return f"{TAG_PROBE_PREFIX}{method}.{layer}" + (f".{dataset}" if dataset else "")
 
 
 def probe_measurement(ev: EvalConfig, method: str | None = None) -> dict[str, Any]:
@@ -244,6 +260,7 @@ def pretrain_tags(
         TAG_TASK: config.pretext.task,
         TAG_ARCH: config.model.arch,
         TAG_WIDENING: str(config.model.widening),
+        **_size_tag(config),
         TAG_DATA_HASH: data_hash,
         **({TAG_DATA_SETTINGS: data_settings} if data_settings else {}),
         TAG_WORLD_SIZE: str(world_size),
@@ -252,16 +269,20 @@ def pretrain_tags(
     }
 
 
-def dataset_inputs(config: Config, data_hash: str, splits: Iterable[str]) -> list[Any]:
-    """The prepared data as MLflow dataset inputs, one per split (``mlflow.data.context``)."""
+def dataset_inputs(
+    config: Config, data_hash: str, splits: Iterable[str], data: DataConfig | None = None
+) -> list[Any]:
+    """The prepared data (``data``, default ``config.data``) as MLflow dataset inputs, one per
+    split (``mlflow.data.context``)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    prepared = Path(config.data.prepared_dir)
+    data = data or config.data
+    prepared = Path(data.prepared_dir)
     if not prepared.is_absolute():
         prepared = config.tracking.project_root() / prepared
     source = json.dumps({"uri": prepared.resolve().as_uri()})
-    profile = json.dumps({"content_hash": data_hash, "image_size": config.data.image_size})
-    name = f"{config.data.source}-{config.data.image_size}px"
+    profile = json.dumps({"content_hash": data_hash, "image_size": data.image_size})
+    name = f"{data.source}-{data.image_size}px"
     return [
         DatasetInput(
             Dataset(
@@ -452,6 +473,7 @@ def start_eval_run(
     data_hash: str,
     splits: Iterable[str],
     extra_tags: Mapping[str, str] | None = None,
+    eval_data: DataConfig | None = None,
 ) -> TrackedRun:
     """An eval run in the study's experiment, tagged with the pretraining run it evaluates (whose
     task, arch, widening and data hash it copies) and nested under it; params are the ``eval.*``
@@ -462,7 +484,7 @@ def start_eval_run(
     pretrain = find_run(mlflow_client, pretrain_run_id)
     if pretrain is None:
         raise UserError(f"--run-id {pretrain_run_id}: no such run in {uri}")
-    copied = (TAG_TASK, TAG_ARCH, TAG_WIDENING, TAG_DATA_HASH)
+    copied = (TAG_TASK, TAG_ARCH, TAG_WIDENING, TAG_REPRESENTATION_SIZE, TAG_DATA_HASH)
     tags = {
         TAG_KIND: KIND_EVAL,
         TAG_PRETRAIN_RUN_ID: pretrain_run_id,
@@ -473,7 +495,7 @@ def start_eval_run(
     experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment, uri)
     if pretrain.info.experiment_id == experiment_id:  # the UI nests runs of one experiment only
         tags[MLFLOW_PARENT_RUN] = pretrain_run_id
-    datasets = dataset_inputs(config, data_hash, splits)
+    datasets = dataset_inputs(config, data_hash, splits, eval_data)
     return _start_probe_run(mlflow_client, config, tags, device, "eval", datasets)
 
 
@@ -484,6 +506,7 @@ def start_baseline_run(
     data_hash: str,
     splits: Iterable[str],
     extra_tags: Mapping[str, str] | None = None,
+    eval_data: DataConfig | None = None,
 ) -> TrackedRun:
     """A baseline run: the evaluation of a randomly initialised network of ``config``'s task,
     arch and widening, tagged like a pretraining run of that cell so reports can pair them, and
@@ -497,6 +520,7 @@ def start_baseline_run(
         TAG_TASK: config.pretext.task,
         TAG_ARCH: config.model.arch,
         TAG_WIDENING: str(config.model.widening),
+        **_size_tag(config),
         TAG_DATA_HASH: data_hash,
         "mlflow.runName": f"baseline-{run_name(config)}",
         MLFLOW_PARENT_RUN: study_run_id(
@@ -504,7 +528,7 @@ def start_baseline_run(
         ),
         **(extra_tags or {}),
     }
-    datasets = dataset_inputs(config, data_hash, splits)
+    datasets = dataset_inputs(config, data_hash, splits, eval_data)
     return _start_probe_run(mlflow_client, config, tags, device, "eval --baseline", datasets)
 
 

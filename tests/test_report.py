@@ -337,7 +337,7 @@ def test_a_report_without_probe_figures_plots_without_a_warning(tmp_path: Path, 
     study.client.set_terminated(bare, "FINISHED")
     study.workspace(bare, "0" * 32)
     written = write_report(study.config, tmp_path / "reports", study.runs)
-    assert len(written) == 6 and all(p.is_file() for p in written)
+    assert len(written) == 7 and all(p.is_file() for p in written)
     assert [str(w.message) for w in recwarn] == []
 
 

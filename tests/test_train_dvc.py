@@ -74,7 +74,7 @@ def test_dvc_repro_and_exp_run_log_to_one_store(tmp_path: Path):
     repo = project_copy(tmp_path / "repo")
     store = tmp_path / "store" / "mlflow.db"
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["study"] = {"tasks": ["rotation"], "archs": ["resnet50_v1"], "widenings": [1]}
+    params["study"].update(tasks=["rotation"], archs=["resnet50_v1"], widenings=[1])
     params["pretrain"].update({"batch_size": 8, "max_steps": 2, "checkpoint_every": 2})
     params["tracking"] = {"uri": f"sqlite:///{store}", "experiment": "dvc-test"}
     params["eval"] = {"layers": ["pre_logits"], "lbfgs": {"l2": [0.1], "max_iter": 20}}
@@ -130,7 +130,7 @@ def test_dvc_repro_runs_a_cell_with_nproc_per_node_2_under_torchrun(tmp_path: Pa
     repo = project_copy(tmp_path / "repo")
     store = tmp_path / "mlflow.db"
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["study"] = {"tasks": ["rotation"], "archs": ["resnet50_v1"], "widenings": [1]}
+    params["study"].update(tasks=["rotation"], archs=["resnet50_v1"], widenings=[1])
     params["pretrain"].update({"batch_size": 8, "max_steps": 2, "checkpoint_every": 2})
     params["pretrain"]["distributed"] = {"nproc_per_node": 2, "backend": "gloo"}
     params["tracking"] = {"uri": f"sqlite:///{store}", "experiment": "dvc-ddp"}

@@ -3,15 +3,44 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from ssltk.cliutils import ParamsOption, SetOption, progress_enabled, read_config, user_errors
+from ssltk.cliutils import (
+    ParamsOption,
+    SetOption,
+    fail,
+    progress_enabled,
+    read_config,
+    user_errors,
+)
+
+TransferOption = Annotated[
+    str | None,
+    typer.Option(
+        "--transfer",
+        help="prepare the dataset study.transfer.NAME names (its keys over data.*) instead",
+    ),
+]
 
 
-def prepare(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+def prepare(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+    transfer: TransferOption = None,
+) -> None:
     """Read ``data.*`` and write the prepared dataset under ``data.prepared_dir``."""
     config = read_config(params, set_)
+    if transfer is not None:
+        if transfer not in config.study.transfer:
+            known = ", ".join(config.study.transfer) or "none"
+            fail(f"--transfer {transfer}: study.transfer has no dataset {transfer!r} (has {known})")
+        given = config.study.transfer[transfer]
+        data = config.data.model_copy(
+            update={name: getattr(given, name) for name in given.model_fields_set}
+        )
+        config = config.model_copy(update={"data": data})
     from ssltk.data.prepare import prepare as run_prepare
 
     with user_errors():

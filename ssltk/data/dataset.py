@@ -200,7 +200,9 @@ class PreparedDataset:
         dataset.check_settings(config)
         return dataset
 
-    def check_settings(self, config: Config) -> None:
+    def check_settings(self, config: Config, section: str = "data") -> None:
+        """Refuse (one line) unless prepared from ``config.data``; messages name ``section``'s
+        keys (``eval.data`` when ``config.data`` holds an evaluation's data settings)."""
         recorded = self.manifest.get("settings")
         fix = "run `ssltk prepare` with this config (or set data.prepared_dir to data made from it)"
         if not isinstance(recorded, dict):
@@ -210,8 +212,9 @@ class PreparedDataset:
             )
         for key, wanted in data_settings(config).items():
             if recorded.get(key) != wanted:
+                name = f"{section}{key.removeprefix('data')}" if key.startswith("data.") else key
                 raise PreparedDataError(
-                    f"{key}: {self.directory} was prepared with {recorded.get(key)!r}, the config "
+                    f"{name}: {self.directory} was prepared with {recorded.get(key)!r}, the config "
                     f"says {wanted!r}; {fix}"
                 )
 

@@ -31,12 +31,21 @@ UnfinishedOption = Annotated[
         "on the eval run, tagged, and never reach the pretraining run or the report",
     ),
 ]
+TransferOption = Annotated[
+    str | None,
+    typer.Option(
+        "--transfer",
+        help="evaluate on the dataset study.transfer.NAME names (as --set eval.data.KEY=... "
+        "with each of its keys)",
+    ),
+]
 EvalOutOption = Annotated[
     Path | None,
     typer.Option(
         "--out",
         help="where metrics.json and the feature cache go (default: RUN_DIR/eval, "
-        "runs/baseline-<cell>, or runs/eval-<run id>)",
+        "runs/baseline-<cell>, or runs/eval-<run id>; with -data-<hash16> after it on another "
+        "dataset than the run's own)",
     ),
 ]
 
@@ -49,6 +58,7 @@ def evaluate(
     baseline: BaselineOption = False,
     out: EvalOutOption = None,
     unfinished: UnfinishedOption = False,
+    transfer: TransferOption = None,
 ) -> None:
     """Linear evaluation: probe every layer in eval.layers with eval.method.
 
@@ -57,6 +67,7 @@ def evaluate(
 
     A pretraining run is rebuilt from its own logged config and checkpoint; the figures
     probe/<method>/top1/<layer> (and top5) go to a new eval run and back onto the pretraining run.
+    On another dataset (eval.data, --transfer) the figures end in /data-<hash16>.
     """
     chosen = [
         name
@@ -69,8 +80,11 @@ def evaluate(
             + (f" (got {' and '.join(chosen)})" if chosen else "")
         )
     config = read_config(params, set_)
+    if transfer is not None:
+        config = _with_transfer(config, transfer)
     from ssltk import tracking
     from ssltk.evaluate.evaluation import evaluate as run_evaluation
+    from ssltk.evaluate.evaluation import evaluation_data
     from ssltk.evaluate.target import baseline_target, target_from_run_dir, target_from_run_id
 
     device = _device(config.eval.device)
@@ -84,14 +98,27 @@ def evaluate(
         else:
             target = target_from_run_id(config, run_id, Path(scratch), allow_unfinished=unfinished)
             default_out = Path("runs") / f"eval-{run_id}"
-        result = run_evaluation(target, out or default_out, device=device)
+        data = evaluation_data(target)
+        if data.key is not None:
+            default_out = default_out.with_name(f"{default_out.name}-{data.key}")
+        result = run_evaluation(target, out or default_out, device=device, data=data)
     best = max(result.layers, key=lambda layer: result.layers[layer]["top1"])
     shown = ", ".join(f"{layer} {figures['top1']:.4f}" for layer, figures in result.layers.items())
+    on = f" of {data.key} ({data.config.data.prepared_dir})" if data.key else ""
     typer.echo(
-        f"{target.kind} {target.name}: {result.method} top-1 on {result.split}: {shown} "
+        f"{target.kind} {target.name}: {result.method} top-1 on {result.split}{on}: {shown} "
         f"(best {best}); run {result.run_id}"
         + (f" ({target.unfinished}: kept off the pretraining run)" if target.unfinished else "")
     )
+
+
+def _with_transfer(config, name: str):
+    """``config`` evaluating on ``study.transfer[name]``."""
+    if name not in config.study.transfer:
+        known = ", ".join(config.study.transfer) or "none"
+        fail(f"--transfer {name}: study.transfer has no dataset {name!r} (has {known})")
+    data = config.study.transfer[name]
+    return config.model_copy(update={"eval": config.eval.model_copy(update={"data": data})})
 
 
 def _device(choice: str):

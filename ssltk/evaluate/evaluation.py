@@ -8,6 +8,10 @@ can tell them from figures of another split, pooling, probe or earlier weights. 
 that are not a finished run's final checkpoint stay on the eval run. Every stage is checked to be
 finite. ``<out>/eval.json`` names the eval run in progress, so a run whose process died is marked
 KILLED by the next evaluation in the same folder.
+
+The data evaluated on is ``eval.data`` (:mod:`ssltk.evaluate.eval_data`): on a dataset other than
+the run's own, every figure, tag and feature-cache folder is keyed by that dataset. The probes in
+``eval.also`` run on the same cached features beside ``eval.method``.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import numpy as np
 import torch
 
 from ssltk import store, tracking
-from ssltk.data.dataset import PreparedDataset, PreparedSplit
+from ssltk.data.dataset import PreparedSplit
 from ssltk.errors import UserError
+from ssltk.evaluate.eval_data import EvalData, open_eval_data
 from ssltk.evaluate.features import FeatureCache, Features, extract_features
 from ssltk.evaluate.finite import require_finite
 from ssltk.evaluate.probe import Figures, ProbeInputs, needs_val
@@ -48,12 +53,20 @@ class EvalResult:
     split: str
     layers: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    #: None on the run's own data, else the evaluation dataset's key.
+    dataset: str | None = None
+    #: Figures of the ``eval.also`` probes, by method.
+    also: dict[str, Figures] = field(default_factory=dict)
+
+    def by_method(self) -> dict[str, Figures]:
+        return {self.method: self.layers, **self.also}
 
     def metrics(self) -> dict[str, float]:
-        """``probe/<method>/<figure>/<layer>`` for MLflow."""
+        """``probe/<method>/<figure>/<layer>[/<dataset>]`` for MLflow."""
         return {
-            tracking.probe_metric(self.method, name, layer): value
-            for layer, figures in self.layers.items()
+            tracking.probe_metric(method, name, layer, self.dataset): value
+            for method, figures_of in self.by_method().items()
+            for layer, figures in figures_of.items()
             for name, value in figures.items()
         }
 
@@ -85,36 +98,55 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def evaluation_data(target: EvalTarget) -> EvalData:
+    """The prepared dataset ``target`` is evaluated on (``eval.data``), checked."""
+    return open_eval_data(target.config, target.data_hash)
+
+
 def evaluate(
-    target: EvalTarget, out_dir: Path, *, device: torch.device, progress: bool = True
+    target: EvalTarget,
+    out_dir: Path,
+    *,
+    device: torch.device,
+    progress: bool = True,
+    data: EvalData | None = None,
 ) -> EvalResult:
-    """Evaluate ``target`` with ``target.config.eval``; log it; write ``out_dir/metrics.json``."""
-    config, ev = target.config, target.config.eval
-    dataset = PreparedDataset.for_config(config)
-    val = needs_val(ev.method, getattr(ev, ev.method, None))
+    """Evaluate ``target`` with ``target.config.eval`` on ``data`` (default: what ``eval.data``
+    names); log it; write ``out_dir/metrics.json``."""
+    ev = target.config.eval
+    data = data or evaluation_data(target)
+    dataset = data.dataset
+    methods = list(dict.fromkeys([ev.method, *ev.also]))
+    val = any(needs_val(m, getattr(ev, m, None)) for m in methods)
     needed = ["train", ev.report_split] + (["val"] if val else [])
     for name in dict.fromkeys(needed):
         if name not in dataset.splits:
             raise UserError(
                 f"eval: the prepared data has no {name!r} split (has {', '.join(dataset.splits)})"
                 + (
-                    f"; eval.method={ev.method} reads it: set data.val_fraction > 0"
+                    f"; eval.method={ev.method} (or eval.also) reads it: set data.val_fraction > 0"
                     if name == "val"
                     else ""
                 )
             )
     splits = {name: dataset.split(name) for name in dict.fromkeys(needed)}
+    for name, split in splits.items():
+        if len(split) == 0:  # found now, not an hour into feature extraction
+            raise UserError(
+                f"eval: the {name!r} split of {dataset.directory} holds no images"
+                + (" (eval.report_split)" if name == ev.report_split else "")
+            )
     target.task.to(device).eval()
     layers = resolve_layers(target, splits["train"], ev.layers)
     with run_directory(out_dir):
-        return _evaluate(target, splits, layers, dataset.content_hash, out_dir, device, progress)
+        return _evaluate(target, splits, layers, data, out_dir, device, progress)
 
 
 def _evaluate(
     target: EvalTarget,
     splits: dict[str, PreparedSplit],
     layers: list[str],
-    data_hash: str,
+    data: EvalData,
     out_dir: Path,
     device: torch.device,
     progress: bool,
@@ -123,18 +155,27 @@ def _evaluate(
     started = time.perf_counter()
     _end_dead_run(target, out_dir)
     (out_dir / METRICS_JSON).unlink(missing_ok=True)  # a failed evaluation leaves no figures
-    run = _start_run(target, data_hash, device, list(splits))
+    run = _start_run(target, data, device, list(splits))
     _write_eval_record(out_dir, run, "running")
     try:
         with deterministic_mode():
-            features = _features(target, splits, layers, data_hash, out_dir, device, progress)
+            features = _features(
+                target, splits, layers, data.content_hash, out_dir, device, progress, data.key
+            )
             for name, split_features in features.items():
                 for layer in layers:
                     require_finite(split_features.layers[layer], "features", layer, name)
             figures = _probe(target, splits, layers, features, device)
-        result = EvalResult(run.run_id, ev.method, ev.report_split, figures)
+            also = {
+                method: _probe(target, splits, layers, features, device, method)
+                for method in dict.fromkeys(ev.also)
+                if method != ev.method
+            }
+        result = EvalResult(
+            run.run_id, ev.method, ev.report_split, figures, dataset=data.key, also=also
+        )
         result.seconds = time.perf_counter() - started
-        _record(target, run, result, out_dir)
+        _record(target, run, result, out_dir, data)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         run.finish(status, failure=f"{type(err).__name__}: {err}")
@@ -170,7 +211,7 @@ def _end_dead_run(target: EvalTarget, out_dir: Path) -> None:
 
 
 def _start_run(
-    target: EvalTarget, data_hash: str, device: torch.device, splits: list[str]
+    target: EvalTarget, data: EvalData, device: torch.device, splits: list[str]
 ) -> tracking.TrackedRun:
     tags = {
         tracking.TAG_WEIGHTS: target.weights,
@@ -178,14 +219,16 @@ def _start_run(
     }
     if target.checkpoint_sha256 is not None:
         tags[tracking.TAG_CHECKPOINT] = target.checkpoint_sha256
-    data = {"data_hash": data_hash, "splits": splits}
+    if data.key is not None:
+        tags[tracking.TAG_EVAL_DATA] = data.key
+    inputs = {"data_hash": data.content_hash, "splits": splits, "eval_data": data.config.data}
     if target.kind == tracking.KIND_BASELINE:
         return tracking.start_baseline_run(
-            target.config, device=str(device), extra_tags=tags, **data
+            target.config, device=str(device), extra_tags=tags, **inputs
         )
-    tags[tracking.TAG_DATA_HASH + ".eval"] = data_hash
+    tags[tracking.TAG_DATA_HASH + ".eval"] = data.content_hash
     return tracking.start_eval_run(
-        target.config, target.pretrain_run_id, device=str(device), extra_tags=tags, **data
+        target.config, target.pretrain_run_id, device=str(device), extra_tags=tags, **inputs
     )
 
 
@@ -197,6 +240,7 @@ def _features(
     out_dir: Path,
     device: torch.device,
     progress: bool,
+    dataset: str | None = None,
 ) -> dict[str, Features]:
     ev = target.config.eval
     identity: dict[str, Any] = {
@@ -207,7 +251,10 @@ def _features(
         "task": target.config.pretext.model_dump(mode="json"),
         "model": target.config.model.model_dump(mode="json"),
     }
-    cache = FeatureCache(ev.cache_dir if ev.cache_dir is not None else out_dir / "features")
+    root = ev.cache_dir if ev.cache_dir is not None else out_dir / "features"
+    if dataset is not None and ev.cache_dir is not None:  # a shared cache: a folder a dataset
+        root = root / dataset
+    cache = FeatureCache(root)
     out = {}
     for name, split in splits.items():
         out[name] = extract_features(
@@ -233,19 +280,21 @@ def _probe(
     layers: list[str],
     features: dict[str, Features],
     device: torch.device,
+    method: str | None = None,
 ) -> Figures:
     ev = target.config.eval
+    method = method or ev.method
     inputs = ProbeInputs(
         target,
         splits,
         layers,
         features,
-        getattr(ev, ev.method, None),
+        getattr(ev, method, None),
         ev.report_split,
         device,
         _log,
     )
-    return PROBES.load(ev.method).code(inputs)
+    return PROBES.load(method).code(inputs)
 
 
 #: Figures copied onto the pretraining run: what the MLflow compare view and ``ssltk report`` read
@@ -253,25 +302,36 @@ def _probe(
 _WRITTEN_BACK = ("top1", "top5", "val_top1")
 
 
-def measurement(target: EvalTarget, figures: dict[str, float]) -> dict[str, Any]:
+def measurement(
+    target: EvalTarget,
+    figures: dict[str, float],
+    method: str | None = None,
+    data: EvalData | None = None,
+) -> dict[str, Any]:
     """How one layer's ``figures`` were measured: the ``ssltk.probe.<method>.<layer>`` tag."""
     return {
-        **tracking.probe_measurement(target.config.eval),
+        **tracking.probe_measurement(target.config.eval, method),
         "weights_sha256": target.weights,
         "checkpoint_sha256": target.checkpoint_sha256,
         "figures": sorted(name for name in figures if name in _WRITTEN_BACK),
+        **({"data": data.describe(), "dataset": data.key} if data is not None else {}),
     }
 
 
 def _record(
-    target: EvalTarget, run: tracking.TrackedRun, result: EvalResult, out_dir: Path
+    target: EvalTarget,
+    run: tracking.TrackedRun,
+    result: EvalResult,
+    out_dir: Path,
+    data: EvalData | None = None,
 ) -> None:
     metrics = result.metrics()
     measured = {
-        tracking.probe_tag(result.method, layer): json.dumps(
-            measurement(target, figures), sort_keys=True, default=_plain
+        tracking.probe_tag(method, layer, result.dataset): json.dumps(
+            measurement(target, figures, method, data), sort_keys=True, default=_plain
         )
-        for layer, figures in result.layers.items()
+        for method, figures_of in result.by_method().items()
+        for layer, figures in figures_of.items()
     }
     run.log_figures(metrics, measured)
     if target.pretrain_run_id is not None and target.unfinished is None:
@@ -291,12 +351,23 @@ def _record(
         "task": target.config.pretext.task,
         "arch": target.config.model.arch,
         "widening": target.config.model.widening,
+        "representation_size": target.config.model.representation_size,
         "weights_sha256": target.weights,
         "checkpoint_sha256": target.checkpoint_sha256,
         "weights_state": target.unfinished or "final",
         "measurement": tracking.probe_measurement(target.config.eval),
         "seconds": round(result.seconds, 1),
         "layers": result.layers,
+        "also": {
+            method: {
+                "measurement": tracking.probe_measurement(target.config.eval, method),
+                "layers": figures,
+            }
+            for method, figures in result.also.items()
+        },
+        "dataset": result.dataset,
+        "data": data.describe() if data is not None else None,
+        "data_hash": data.content_hash if data is not None else None,
     }
     text = json.dumps(summary, indent=2, sort_keys=True, default=_plain) + "\n"
     write_atomic(out_dir / METRICS_JSON, text.encode())

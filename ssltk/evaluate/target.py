@@ -3,7 +3,8 @@
 A pretraining run is found in the tracking store by id (``--run-id``) or through its run
 directory's ``run.json`` (``--run-dir``). The task is rebuilt from the run's own resolved config
 (its ``config/params.yaml`` artifact), so today's params.yaml cannot change what is evaluated;
-only the ``eval`` and ``tracking`` sections and ``data.prepared_dir`` come from today's config.
+only the ``eval`` and ``tracking`` sections and ``data.prepared_dir`` come from today's config
+(``eval.data`` names another dataset to evaluate on: :mod:`ssltk.evaluate.eval_data`).
 
 Only a finished run's final checkpoint is evaluated (``FINISHED`` in the store and ``finished``
 in run.json); another state needs ``allow_unfinished`` and is recorded on the target, whose
@@ -52,6 +53,8 @@ class EvalTarget:
     checkpoint_sha256: str | None = None
     #: None for a finished run's final checkpoint (or a baseline), else what the weights are.
     unfinished: str | None = None
+    #: Content hash of the data the run was pretrained on (None for a baseline).
+    data_hash: str | None = None
 
     @property
     def name(self) -> str:
@@ -86,6 +89,8 @@ def _run_config(run_id: str, current: Config, mlflow_client) -> Config:
     if not isinstance(tree, dict):
         raise UserError(f"run {run_id}: {tracking.CONFIG_ARTIFACT} is not a mapping")
     tree["eval"] = current.eval.model_dump(mode="json")
+    if current.eval.data is not None:  # only the keys given: the others are the run's own
+        tree["eval"]["data"] = current.eval.data.model_dump(mode="json", exclude_unset=True)
     tree["tracking"] = current.tracking.model_dump(mode="json")
     tree.setdefault("data", {})["prepared_dir"] = str(current.data.prepared_dir)
     config = config_from_dict(tree, origin=f"run {run_id} {tracking.CONFIG_ARTIFACT}")
@@ -135,6 +140,7 @@ def _with_weights(
     checkpoint: Path,
     expected_sha256: str | None = None,
     unfinished: str | None = None,
+    data_hash: str | None = None,
 ) -> EvalTarget:
     try:
         state = load_checkpoint(checkpoint)
@@ -160,6 +166,7 @@ def _with_weights(
         pretrain_run_id=run_id,
         checkpoint_sha256=digest,
         unfinished=unfinished,
+        data_hash=data_hash,
     )
 
 
@@ -179,7 +186,7 @@ def target_from_run_id(
             f"--run-id {run_id}: the run has no checkpoint artifact (status "
             f"{run.info.status}; did it finish?) ({type(err).__name__})"
         ) from None
-    return _with_weights(config, run_id, checkpoint, unfinished=state)
+    return _with_weights(config, run_id, checkpoint, unfinished=state, data_hash=_data_hash(run))
 
 
 def target_from_run_dir(
@@ -197,7 +204,13 @@ def target_from_run_dir(
     config = _run_config(record.run_id, current, mlflow_client)
     if not checkpoint.is_file():
         raise UserError(f"{path}: its checkpoint {record.checkpoint} does not exist")
-    return _with_weights(config, record.run_id, checkpoint, record.checkpoint_sha256, state)
+    return _with_weights(
+        config, record.run_id, checkpoint, record.checkpoint_sha256, state, _data_hash(run)
+    )
+
+
+def _data_hash(run) -> str | None:
+    return run.data.tags.get(tracking.TAG_DATA_HASH)
 
 
 def fetch_checkpoint(mlflow_client: MlflowClient, run_id: str, destination: Path) -> Path:

@@ -22,27 +22,33 @@ def write_report(config: Config, out_dir: Path, runs_dir: Path = Path("runs")) -
     from ssltk.control.result import read_controls
     from ssltk.errors import UserError
     from ssltk.fsutil import write_atomic
-    from ssltk.report import plots, study_run
+    from ssltk.report import plots, sizes, study_run
     from ssltk.report.results import collect, provenance, rows
     from ssltk.report.tables import markdown, write_csv
 
     cells = collect(config, runs_dir)
-    if not any(c.run for c in cells):
+    sized = (
+        collect(config, runs_dir, representation_sizes=True)
+        if config.study.representation_sizes
+        else []
+    )
+    if not any(c.run for c in [*cells, *sized]):
         raise UserError(
             f"no finished pretraining run of the study under {runs_dir} in experiment "
             f"{config.tracking.experiment!r} (run the study first: dvc repro)"
         )
-    for line in (line for cell in cells for line in cell.warnings):
+    for line in (line for cell in [*cells, *sized] for line in cell.warnings):
         typer.echo(f"warning: {line}", err=True)
     method = config.eval.method
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "results.md", out_dir / "results.csv"]
     controls = read_controls(runs_dir)
-    text = markdown(cells, config, method, provenance(cells), controls)
+    text = markdown(cells, config, method, provenance([*cells, *sized]), controls, sized)
     write_atomic(written[0], text.encode())
     write_csv(written[1], rows(cells))
     written += plots.write_plots(cells, config, method, out_dir)
-    study_run.log_report(config, cells, written)
+    written.append(sizes.plot(sized, method, out_dir / sizes.PLOT))
+    study_run.log_report(config, [*cells, *sized], written)
     return written
 
 

@@ -60,28 +60,48 @@ class Cell:
     excluded: dict[str, dict[str, str]] = field(default_factory=dict)
     #: What the report could not use, one line each (a missing or unfinished run, shadowed runs).
     warnings: list[str] = field(default_factory=list)
+    #: ``{dataset key: baseline run}`` on the other evaluation datasets (:mod:`.datasets`).
+    other_baselines: dict[str, Any] = field(default_factory=dict)
+    #: The extra representation layer's width (``study.representation_sizes``), None without.
+    representation_size: int | None = None
 
     @property
     def key(self) -> tuple[str, str, int]:
         return self.task, self.arch, self.widening
 
     @property
-    def name(self) -> str:
-        return tracking.cell_name(*self.key)
+    def store_key(self) -> tuple:
+        """What its runs' tags say: the key, and the representation size where there is one."""
+        size = self.representation_size
+        return self.key if size is None else (*self.key, size)
 
-    def _probe_metrics(self, which: str) -> Iterator[tuple[tracking.ProbeMetric, float]]:
-        run = getattr(self, which)
-        left_out = self.excluded.get(which, {})
+    @property
+    def name(self) -> str:
+        return tracking.cell_name(*self.key, self.representation_size)
+
+    def _run(self, which: str, dataset: str | None) -> Any:
+        if which == "baseline" and dataset is not None:
+            return self.other_baselines.get(dataset)
+        return getattr(self, which)
+
+    def _probe_metrics(
+        self, which: str, dataset: str | None = None
+    ) -> Iterator[tuple[tracking.ProbeMetric, float]]:
+        run = self._run(which, dataset)
+        left_out = self.excluded.get(which if dataset is None else f"{which}/{dataset}", {})
         for name, value in run.data.metrics.items() if run is not None else ():
             metric = tracking.parse_probe_metric(name)
-            if metric is not None and name not in left_out:
+            if metric is not None and metric.dataset == dataset and name not in left_out:
                 yield metric, value
 
-    def probes(self, which: str = "run") -> dict[tuple[str, int, str], float]:
-        """``{(method, k, layer): value}`` of the run's (or baseline's) top-k probe metrics."""
+    def probes(
+        self, which: str = "run", dataset: str | None = None
+    ) -> dict[tuple[str, int, str], float]:
+        """``{(method, k, layer): value}`` of the run's (or baseline's) top-k probe metrics on
+        the run's own data (``dataset`` None) or on the evaluation dataset ``dataset``."""
         return {
             (m.method, m.top_k, m.layer): v
-            for m, v in self._probe_metrics(which)
+            for m, v in self._probe_metrics(which, dataset)
             if m.top_k is not None
         }
 
@@ -91,11 +111,19 @@ class Cell:
             (m.method, m.layer): v for m, v in self._probe_metrics(which) if m.figure == "val_top1"
         }
 
+    def datasets(self) -> list[str]:
+        """Keys of the other evaluation datasets the pretraining run has figures on."""
+        metrics = self.run.data.metrics if self.run is not None else {}
+        found = (tracking.parse_probe_metric(name) for name in metrics)
+        return list(dict.fromkeys(m.dataset for m in found if m is not None and m.dataset))
 
-def _cell_key(run: Any) -> tuple[str, str, int] | None:
+
+def _cell_key(run: Any) -> tuple | None:
     tags = run.data.tags
     try:
-        return tags[tracking.TAG_TASK], tags[tracking.TAG_ARCH], int(tags[tracking.TAG_WIDENING])
+        key = tags[tracking.TAG_TASK], tags[tracking.TAG_ARCH], int(tags[tracking.TAG_WIDENING])
+        size = tags.get(tracking.TAG_REPRESENTATION_SIZE)
+        return key if size is None else (*key, int(size))
     except (KeyError, ValueError):
         return None
 
@@ -172,7 +200,7 @@ def _difference(
     tags: dict[str, str], metric: tracking.ProbeMetric, config: Config, checkpoint: str | None
 ) -> str | None:
     try:
-        recorded = json.loads(tags[tracking.probe_tag(metric.method, metric.layer)])
+        recorded = json.loads(tags[tracking.probe_tag(metric.method, metric.layer, metric.dataset)])
     except (KeyError, ValueError):
         return "no record of how it was measured (evaluated by an older ssltk)"
     if not isinstance(recorded, dict):
@@ -190,8 +218,11 @@ def _difference(
     return "; ".join(differs) or None
 
 
-def collect(config: Config, runs_dir: Path = Path("runs")) -> list[Cell]:
-    """The study's cells with the workspace's pretraining and baseline runs (see the module)."""
+def collect(
+    config: Config, runs_dir: Path = Path("runs"), *, representation_sizes: bool = False
+) -> list[Cell]:
+    """The study's cells with the workspace's pretraining and baseline runs (see the module);
+    with ``representation_sizes``, the cells of ``study.representation_sizes`` instead."""
     uri = config.tracking.resolved_uri()
     client = store.client(uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
@@ -201,7 +232,7 @@ def collect(config: Config, runs_dir: Path = Path("runs")) -> list[Cell]:
             "(run the study first: dvc repro)"
         )
 
-    def search(kind: str) -> dict[tuple[str, str, int], list[str]]:
+    def search(kind: str) -> dict[tuple, list[str]]:
         found = client.search_runs(
             [experiment.experiment_id],
             filter_string=(
@@ -210,7 +241,7 @@ def collect(config: Config, runs_dir: Path = Path("runs")) -> list[Cell]:
             order_by=["attributes.start_time DESC"],
             max_results=5000,
         )
-        out: dict[tuple[str, str, int], list[str]] = {}
+        out: dict[tuple, list[str]] = {}
         for run in found:
             key = _cell_key(run)
             if key is not None:
@@ -219,11 +250,13 @@ def collect(config: Config, runs_dir: Path = Path("runs")) -> list[Cell]:
 
     in_store = {kind: search(kind) for kind in (tracking.KIND_PRETRAIN, tracking.KIND_BASELINE)}
     study = config.study
+    sizes = study.representation_sizes if representation_sizes else [None]
     cells = [
-        Cell(task, arch, widening)
+        Cell(task, arch, widening, representation_size=size)
         for task in study.tasks
         for arch in study.archs
         for widening in study.widenings
+        for size in sizes
     ]
     for cell in cells:
         _fill(cell, client, experiment.experiment_id, config, runs_dir, in_store)
@@ -236,7 +269,7 @@ def _fill(
     experiment_id: str,
     config: Config,
     runs_dir: Path,
-    in_store: dict[str, dict[tuple[str, str, int], list[str]]],
+    in_store: dict[str, dict[tuple, list[str]]],
 ) -> None:
     """Give ``cell`` its workspace runs, their usable figures and its warnings."""
     run, checkpoint, why = _pretraining_run(client, experiment_id, cell, runs_dir)
@@ -248,7 +281,7 @@ def _fill(
         cell.warnings.append(f"{cell.name}: no baseline: {base_why}")
     for kind, chosen in ((tracking.KIND_PRETRAIN, run), (tracking.KIND_BASELINE, baseline)):
         mine = chosen.info.run_id if chosen is not None else None
-        others = [r for r in in_store[kind].get(cell.key, []) if r != mine]
+        others = [r for r in in_store[kind].get(cell.store_key, []) if r != mine]
         if others:
             cell.warnings.append(
                 f"{cell.name}: the store also holds finished {kind} runs {_named(others)} of "
@@ -259,6 +292,18 @@ def _fill(
         cell.curve = loss_curve(client, cell.run.info.run_id)
     if baseline is not None:
         cell.excluded["baseline"] = _measured_otherwise(baseline, config, None)
+    if run is not None:
+        from ssltk.report.datasets import other_baselines
+
+        cell.other_baselines = other_baselines(client, experiment_id, cell, runs_dir)
+        for key, other in cell.other_baselines.items():
+            cell.excluded[f"baseline/{key}"] = _measured_otherwise(other, config, None)
+        for key in cell.datasets():
+            if key not in cell.other_baselines:
+                cell.warnings.append(
+                    f"{cell.name}: no baseline on {key} (no finished `ssltk eval --baseline` on "
+                    f"that dataset under {runs_dir})"
+                )
 
 
 #: The most points of a loss curve the report reads from the store.
@@ -276,10 +321,11 @@ def loss_curve(client: Any, run_id: str) -> list[tuple[int, float]]:
 
 
 def rows(cells: list[Cell]) -> list[dict[str, Any]]:
-    """``results.csv`` rows: one per pretraining run × layer × method."""
+    """``results.csv`` rows: one per pretraining run × evaluation dataset × layer × method."""
     out = []
-    for cell in cells:
-        mine, base = cell.probes("run"), cell.probes("baseline")
+    for cell, dataset in ((c, d) for c in cells for d in [None, *c.datasets()]):
+        mine, base = cell.probes("run", dataset), cell.probes("baseline", dataset)
+        other = cell.other_baselines.get(dataset) if dataset else cell.baseline
         for (method, k, layer), top1 in sorted(mine.items()):
             if k != 1:
                 continue
@@ -295,8 +341,9 @@ def rows(cells: list[Cell]) -> list[dict[str, Any]]:
                     "baseline_top1": baseline,
                     "delta": None if baseline is None else top1 - baseline,
                     "run_id": cell.run.info.run_id,
-                    "baseline_run_id": cell.baseline.info.run_id if cell.baseline else None,
+                    "baseline_run_id": other.info.run_id if other else None,
                     "top5": mine.get((method, 5, layer)),
+                    "eval_data": dataset,
                 }
             )
     return out

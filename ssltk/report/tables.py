@@ -11,6 +11,8 @@ from typing import Any
 from ssltk.config import Config
 from ssltk.control.result import ControlResult, control_of, controls_markdown, noise_cell
 from ssltk.fsutil import write_atomic
+from ssltk.report import sizes
+from ssltk.report.datasets import dataset_label
 from ssltk.report.results import (
     HEADLINE_LAYER,
     Cell,
@@ -34,6 +36,7 @@ CSV_COLUMNS = (
     "run_id",
     "baseline_run_id",
     "top5",
+    "eval_data",
 )
 
 
@@ -51,6 +54,7 @@ def markdown(
     method: str,
     provenance: dict[str, str],
     controls: list[ControlResult] | None = None,
+    sized: list[Cell] | None = None,
 ) -> str:
     out = io.StringIO()
     w = out.write
@@ -83,6 +87,9 @@ def markdown(
                 delta = None if mine is None or base is None else mine - base
                 row.append(f"{_pct(mine)} / {_pct(base)} ({_delta(delta)})")
         w(f"| {arch} | " + " | ".join(row) + " |\n")
+    w(by_dataset(cells, config, method))
+    w(beside(cells, config, method))
+    w(sizes.markdown(sized or [], method))
 
     w(
         "\n## Best layer per cell\n\nThe paper finds that the best layer differs by family "
@@ -159,6 +166,56 @@ def markdown(
         base_id = cell.baseline.info.run_id if cell.baseline else "(missing)"
         w(f"| {cell.task}-{cell.arch}-w{cell.widening} | `{run_id}` | `{base_id}` |\n")
     return out.getvalue()
+
+
+def _pair(cell: Cell, method: str, dataset: str | None) -> str:
+    mine = cell.probes("run", dataset).get((method, 1, HEADLINE_LAYER))
+    base = cell.probes("baseline", dataset).get((method, 1, HEADLINE_LAYER))
+    delta = None if mine is None or base is None else mine - base
+    return f"{_pct(mine)} / {_pct(base)} ({_delta(delta)})"
+
+
+def by_dataset(cells: list[Cell], config: Config, method: str) -> str:
+    """Pre-logits top-1 with one column per evaluation dataset (the paper's ImageNet and
+    Places205 columns), each beside random init measured on the same dataset; empty when the
+    runs were evaluated on their own data only."""
+    keys = list(dict.fromkeys(k for c in cells for k in c.datasets()))
+    if not keys:
+        return ""
+    groups = [f"{config.data.source} (pretraining data)"] + [dataset_label(cells, k) for k in keys]
+    lines = [
+        f"\n## Pre-logits by evaluation dataset\n\n{method}, top-1 on each dataset's "
+        f"`{config.eval.report_split}` split. Cells: pretrained / random init on the same "
+        "dataset (Δ).\n\n| task | arch | k | " + " | ".join(groups) + " |\n"
+        "|---|---|---|" + "---|" * len(groups) + "\n"
+    ]
+    for cell in cells:
+        shown = [_pair(cell, method, d) for d in [None, *keys]]
+        lines.append(
+            f"| {cell.task} | {cell.arch} | {cell.widening} | " + " | ".join(shown) + " |\n"
+        )
+    return "".join(lines)
+
+
+def beside(cells: list[Cell], config: Config, method: str) -> str:
+    """Pre-logits top-1 of ``eval.also``'s probes (e.g. kNN) beside ``method``'s, on the same
+    cached features; empty when none ran."""
+    others = [m for m in dict.fromkeys(config.eval.also) if m != method]
+    if not others:
+        return ""
+    methods = [method, *others]
+    lines = [
+        "\n## Probes side by side (pre-logits)\n\nEach probe on the same cached features, "
+        f"top-1 on `{config.eval.report_split}`. Cells: pretrained / random init (Δ).\n\n"
+        "| task | arch | k | " + " | ".join(methods) + " |\n"
+        "|---|---|---|" + "---|" * len(methods) + "\n"
+    ]
+    for cell in cells:
+        shown = [_pair(cell, m, None) for m in methods]
+        lines.append(
+            f"| {cell.task} | {cell.arch} | {cell.widening} | " + " | ".join(shown) + " |\n"
+        )
+    return "".join(lines)
 
 
 #: The gain over random init, in points of linear top-1, that counts as a representation learned.

@@ -102,7 +102,15 @@ def disk_tree(root: Path, test_dirs: Sequence[str], source: str) -> Source:
         raise DataError(f"{root}: both {' and '.join(present)}/ exist; keep one as the test split")
     dirs = {"train": root / "train", "test": root / present[0]}
     scanned = {k: _scan_class_dirs(d) for k, d in dirs.items()}
+    flat = sorted(p.name for p in dirs["test"].iterdir() if p.is_file() and _is_image(p.name))
+    if flat and not scanned["test"]:  # ImageNet's official val/: labels in a separate file
+        scanned["test"] = flat_ground_truth(root, present[0], flat)
     classes, splits = _tree_labels(scanned, str(root), {"test": present[0]})
+    if not splits["test"][0]:
+        raise DataError(
+            f"{root / present[0]}: no images (expected {present[0]}/<class>/<image>, or a flat "
+            f"{present[0]}/ with {', '.join(GROUND_TRUTH_FILES)}); the test split would be empty"
+        )
     return Source(
         name=source,
         class_names=classes,
@@ -153,6 +161,78 @@ def archive_tree(archive: Path, source: str) -> Source:
     )
 
 
+#: Label files of a flat ImageNet ``val/``, looked for in the root and in the devkit's data/.
+LOC_SOLUTION = "LOC_val_solution.csv"
+DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
+DEVKIT_META = "meta.mat"
+GROUND_TRUTH_FILES = (LOC_SOLUTION, DEVKIT_GROUND_TRUTH)
+_DEVKIT_DIRS = (".", "ILSVRC2012_devkit_t12/data", "ILSVRC2012_devkit_t12")
+
+
+def _find(root: Path, name: str) -> Path | None:
+    return next((root / d / name for d in _DEVKIT_DIRS if (root / d / name).is_file()), None)
+
+
+def flat_ground_truth(root: Path, folder: str, files: list[str]) -> dict[str, list[str]]:
+    """``{wnid: paths}`` of the images of a flat ``root/folder/``, labelled by Kaggle's
+    ``LOC_val_solution.csv`` (``ImageId,PredictionString``, the wnid first) or the devkit's
+    ``ILSVRC2012_validation_ground_truth.txt`` (one ILSVRC2012_ID a line, in file-name order)
+    with its ``meta.mat`` (ILSVRC2012_ID → wnid)."""
+    where = root / folder
+    solution, truth = _find(root, LOC_SOLUTION), _find(root, DEVKIT_GROUND_TRUTH)
+    if solution is not None:
+        wnid_of: dict[str, str] = {}
+        for number, line in enumerate(read_utf8(solution).splitlines()[1:], start=2):
+            image, _, prediction = line.partition(",")
+            if not prediction.split():
+                raise DataError(f"{solution}:{number}: expected 'ImageId,<wnid> ...', got {line!r}")
+            wnid_of[image.strip()] = prediction.split()[0]
+        labels = []
+        for name in files:
+            stem = os.path.splitext(name)[0]
+            if stem not in wnid_of:
+                raise DataError(f"{solution}: no label for {where / name}")
+            labels.append(wnid_of[stem])
+    elif truth is not None:
+        ids = [line.strip() for line in read_utf8(truth).splitlines() if line.strip()]
+        if len(ids) != len(files):
+            raise DataError(
+                f"{truth}: {len(ids)} labels for {len(files)} images in {where} (one a line, "
+                "in file-name order)"
+            )
+        wnids = _devkit_wnids(truth.parent / DEVKIT_META)
+        try:
+            labels = [wnids[int(i)] for i in ids]
+        except (ValueError, KeyError) as err:
+            raise DataError(f"{truth}: {err} is not an ILSVRC2012_ID of {DEVKIT_META}") from None
+    else:
+        raise DataError(
+            f"{where}: images without class folders and no label file ({' or '.join(GROUND_TRUTH_FILES)} "
+            f"in {root} or its devkit's data/)"
+        )
+    by_class: dict[str, list[str]] = {}
+    for name, wnid in zip(files, labels, strict=True):
+        by_class.setdefault(wnid, []).append(f"{folder}/{name}")
+    return by_class
+
+
+def _devkit_wnids(meta: Path) -> dict[int, str]:
+    """ILSVRC2012_ID → wnid of the devkit's ``meta.mat`` (the 1000 leaf synsets)."""
+    if not meta.is_file():
+        raise MissingFileError(meta, f"the devkit's {DEVKIT_META}, beside {DEVKIT_GROUND_TRUTH}")
+    from scipy.io import loadmat
+
+    try:
+        synsets = loadmat(meta, squeeze_me=True)["synsets"]
+        return {
+            int(s["ILSVRC2012_ID"]): str(s["WNID"])
+            for s in synsets
+            if int(s["num_children"]) == 0
+        }
+    except (KeyError, ValueError, TypeError, OSError) as err:
+        raise DataError(f"{meta}: not the devkit's synsets table ({failure(err)})") from None
+
+
 _LIST_SPLITS = {"train": "train", "val": "test", "test": "test"}
 
 
@@ -172,8 +252,9 @@ def _file_list(root: Path, list_path: Path) -> Source:
             )
         entries[split].append((parts[0], parts[1]))
     tokens = {label for pairs in entries.values() for _, label in pairs}
-    if not entries["train"]:
-        raise DataError(f"{list_path}: no train/ entries")
+    for split, wanted in (("train", "train/"), ("test", "val/ or test/")):
+        if not entries[split]:
+            raise DataError(f"{list_path}: no {wanted} entries (the {split} split would be empty)")
     if all(t.isdigit() for t in tokens):
         classes = [str(i) for i in range(max(int(t) for t in tokens) + 1)]
         index = {t: int(t) for t in tokens}
