@@ -131,7 +131,7 @@ def _evaluate(
             for name, split_features in features.items():
                 for layer in layers:
                     require_finite(split_features.layers[layer], "features", layer, name)
-            figures = _probe(target, splits, layers, features, device)
+            figures = _probe(target, splits, layers, features, device, out_dir)
         result = EvalResult(run.run_id, ev.method, ev.report_split, figures)
         result.seconds = time.perf_counter() - started
         _record(target, run, result, out_dir)
@@ -206,7 +206,10 @@ def _features(
         "max_features": ev.max_features,
         "task": target.config.pretext.model_dump(mode="json"),
         "model": target.config.model.model_dump(mode="json"),
+        "dtype": ev.cache_dtype,
     }
+    if ev.autocast != "none" and device.type == "cuda":
+        identity["autocast"] = ev.autocast  # bf16 features differ from float32 ones
     cache = FeatureCache(ev.cache_dir if ev.cache_dir is not None else out_dir / "features")
     out = {}
     for name, split in splits.items():
@@ -221,6 +224,9 @@ def _features(
             pooling=ev.pooling,
             device=device,
             progress=progress,
+            dtype=ev.cache_dtype,
+            workers=ev.workers,
+            autocast=ev.autocast,
         )
         if progress and out[name].cached:
             _log(f"features {name}: read from the cache")
@@ -233,6 +239,7 @@ def _probe(
     layers: list[str],
     features: dict[str, Features],
     device: torch.device,
+    out_dir: Path | None = None,
 ) -> Figures:
     ev = target.config.eval
     inputs = ProbeInputs(
@@ -244,6 +251,7 @@ def _probe(
         ev.report_split,
         device,
         _log,
+        out_dir,
     )
     return PROBES.load(ev.method).code(inputs)
 
