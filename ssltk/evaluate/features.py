@@ -3,11 +3,11 @@
 ``extract_features`` runs a task's ``representation`` (its linear-evaluation preprocessing) over a
 split in eval mode, pools every requested endpoint to at most ``eval.max_features`` values and
 writes one ``.npy`` (float32, or float16 with ``eval.cache_dtype``) per (weights, split, layer)
-straight to disk, so a split larger than memory never sits in RAM. A small JSON manifest beside each array names what it was computed from
-and the array file's SHA-256; a hit needs every field to match and the bytes to hash the same, so
-changed weights, data or pooling never hit and a corrupt array is recomputed. An array is allocated
-in full before it is filled (a full disk is an error, not a SIGBUS), under a temporary name that a
-later run removes if its process died.
+straight to disk, so a split larger than memory never sits in RAM. A small JSON manifest beside
+each array names what it was computed from and the array file's SHA-256; a hit needs every field
+to match and the bytes to hash the same, so changed weights, data or pooling never hit and a
+corrupt array is recomputed. An array is allocated in full before it is filled (a full disk is an
+error, not a SIGBUS), under a temporary name that a later run removes if its process died.
 """
 
 from __future__ import annotations
