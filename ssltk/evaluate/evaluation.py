@@ -26,7 +26,12 @@ import torch
 from ssltk import store, tracking
 from ssltk.data.dataset import PreparedDataset, PreparedSplit
 from ssltk.errors import UserError
-from ssltk.evaluate.features import FeatureCache, Features, extract_features
+from ssltk.evaluate.features import (
+    FeatureCache,
+    Features,
+    extract_features,
+    extraction_threads,
+)
 from ssltk.evaluate.finite import require_finite
 from ssltk.evaluate.probe import Figures, ProbeInputs, needs_val
 from ssltk.evaluate.target import EvalTarget
@@ -210,6 +215,8 @@ def _features(
     }
     if ev.autocast != "none" and device.type == "cuda":
         identity["autocast"] = ev.autocast  # bf16 features differ from float32 ones
+    if ev.workers > 0 and device.type == "cpu":
+        identity["threads"] = extraction_threads(ev.workers)
     cache = FeatureCache(ev.cache_dir if ev.cache_dir is not None else out_dir / "features")
     out = {}
     for name, split in splits.items():
