@@ -4,7 +4,7 @@
 # patch-extraction kernel against its reference, the cupy path of the RNG, augmentation and the
 # pretext tasks on CUDA, deterministic training steps), then the GPU benchmarks: RevNet memory,
 # drift and kernels, patch extraction, data pipeline and training step, each with --device cuda.
-# About 8 minutes on one H100/H200; each part has its own time limit.
+# About 12 minutes on one H100/H200; each part has its own time limit.
 #
 # Needs python3 with torch, triton, cupy and pytest. Where pydantic is missing (the lent machines'
 # image lacks it), wheels carried in .whl/ are installed first (see the device tool's notes).
@@ -45,4 +45,10 @@ part bench-revnet-kernels 60 "$python" benchmarks/revnet_kernels.py --device cud
 part bench-patches 60 "$python" benchmarks/patch_extraction.py --device cuda
 part bench-data 60 "$python" benchmarks/data_pipeline.py --device cuda
 part bench-train 90 "$python" benchmarks/train_step.py --device cuda
+# Issue 23: the L-BFGS probe on the device (CuPy, one float16 copy, its memory plan) against the
+# CPU on real features, and bf16 extraction.
+part bench-probe 240 "$python" benchmarks/linear_probe.py --device cuda
+part eval-bf16 240 bash -c "$python -m ssltk prepare && $python -m ssltk eval --baseline \
+    --set eval.device=cuda --set eval.cache_dtype=float16 --set eval.autocast=bf16 \
+    --set eval.workers=4 --out $logs/eval-bf16"
 exit "$failed"

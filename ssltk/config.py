@@ -297,6 +297,17 @@ class EvalConfig(Section):
         description="the prepared dataset to evaluate on, keys as in data (those not given are "
         "the run's own data.*); null: the run's own data. The pretext preprocessing is the run's",
     )
+    cache_dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="dtype of cached features (float16 halves disk and the probe's device copy; "
+        "the probe accumulates in float32/float64 either way)",
+    )
+    workers: NonNegInt = Field(
+        0, description="loader processes decoding images for feature extraction and SGD probes"
+    )
+    autocast: Literal["none", "bf16"] = Field(
+        "none", description="bf16 autocast of the backbone's forward pass on CUDA (extraction)"
+    )
 
     @model_validator(mode="after")
     def _probe_sections(self) -> EvalConfig:

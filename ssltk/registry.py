@@ -182,8 +182,9 @@ PROBES.declare(
     needs_val=lambda section: len(section.ks) > 1,  # k is chosen on val
     section=sections.KnnProbeConfig,
 )
-PROBES.declare("sgd", "ssltk.evaluate.sgd", section=sections.SgdProbeConfig)
-PROBES.declare("mlp", "ssltk.evaluate.sgd", section=sections.MlpProbeConfig)
+_TRAINVAL = {"needs_val": sections.trains_on_val}
+PROBES.declare("sgd", "ssltk.evaluate.sgd", section=sections.SgdProbeConfig, **_TRAINVAL)
+PROBES.declare("mlp", "ssltk.evaluate.sgd", section=sections.MlpProbeConfig, **_TRAINVAL)
 
 SOURCES.declare("demo", "ssltk.data.sources.demo", needs_root=False)
 SOURCES.declare("cifar10", "ssltk.data.sources.cifar10")

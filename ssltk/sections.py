@@ -23,6 +23,7 @@ __all__ = [
     "RelativePatchLocationConfig",
     "RotationConfig",
     "SgdProbeConfig",
+    "trains_on_val",
 ]
 
 
@@ -87,6 +88,14 @@ class SgdProbeConfig(Section):
     decay_epochs: list[NonNegFloat] = Field([30, 50])
     weight_decay: NonNegFloat = 0.0
     augment: bool = True
+    train_split: Literal["train", "trainval"] = Field(
+        "train", description="trainval: train and val together, as the released protocol"
+    )
+
+
+def trains_on_val(section: SgdProbeConfig) -> bool:
+    """Whether probe ``sgd``/``mlp`` with ``section`` reads val (``train_split: trainval``)."""
+    return section.train_split == "trainval"
 
 
 class MlpProbeConfig(SgdProbeConfig):

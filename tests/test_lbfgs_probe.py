@@ -85,6 +85,10 @@ def test_reaches_sklearn_objective_and_accuracy(features: dict[str, Features], l
     # The preconditioner changes the path L-BFGS takes, not the minimiser.
     plain = lbfgs.fit(X, y, l2, precondition=False)
     assert abs(objective(plain, X, y, l2) - f_sk) <= 1e-4 * f_sk
+    # So does the low-rank one the CPU uses above PRECONDITION_MAX_FEATURES (rank 256 of 512).
+    low_rank = lbfgs.fit(X, y, l2, precondition="low_rank")
+    assert abs(objective(low_rank, X, y, l2) - f_sk) <= 1e-4 * f_sk
+    assert low_rank.converged
 
 
 def test_same_inputs_give_bit_identical_outputs(features: dict[str, Features]) -> None:
@@ -135,7 +139,10 @@ def test_memory_mapped_features_stream_in_chunks_to_the_same_probe(
     np.save(tmp_path / "X.npy", X)
     mapped = np.load(tmp_path / "X.npy", mmap_mode="r")
     whole = lbfgs.fit(X, y, 1e-2, chunk_rows=len(X))
-    streamed = lbfgs.fit(mapped, y, 1e-2, chunk_rows=37)
+    streamed = lbfgs.fit(mapped, y, 1e-2, chunk_rows=37, resident=False)
+    # Standardised once into memory or every pass from disk: the same float32 chunks, bit for bit.
+    once = lbfgs.fit(mapped, y, 1e-2, chunk_rows=37)
+    assert np.array_equal(once.weight, streamed.weight) and once.loss == streamed.loss
     np.testing.assert_allclose(streamed.standardizer.mean, whole.standardizer.mean, rtol=1e-12)
     np.testing.assert_allclose(streamed.standardizer.scale, whole.standardizer.scale, rtol=1e-12)
     assert streamed.loss == pytest.approx(whole.loss, rel=1e-5)
@@ -150,7 +157,7 @@ def test_streaming_peak_memory_is_a_chunk_not_the_features(tmp_path: Path) -> No
     np.save(tmp_path / "X.npy", X)
     mapped = np.load(tmp_path / "X.npy", mmap_mode="r")
     tracemalloc.start()
-    probe = lbfgs.fit(mapped, y, 1e-2, max_iter=3, chunk_rows=512)
+    probe = lbfgs.fit(mapped, y, 1e-2, max_iter=3, chunk_rows=512, resident=False)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < X.nbytes / 4, peak

@@ -154,18 +154,26 @@ class DeterministicLoader:
             )
 
     def _images(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        if self.workers == 0 or not index_batches:
-            return (self.split.images(indices) for indices in index_batches)
-        loader = DataLoader(
-            _Gather(self.split, index_batches),
-            batch_size=None,
-            shuffle=False,
-            num_workers=min(self.workers, len(index_batches)),
-            # Workers only decode; their base seed must not come from (and advance) torch's
-            # global generator, which the model's dropout draws from.
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-        return _raise_errors(loader)
+        return images_in_workers(self.split, index_batches, self.workers, self.seed)
+
+
+def images_in_workers(
+    split: PreparedSplit, index_batches: list[torch.Tensor], workers: int, seed: int = 0
+) -> Iterator[torch.Tensor]:
+    """``split.images(b)`` for each index batch ``b`` in order, decoded by ``workers`` loader
+    processes ahead of the consumer (0: in this process, when asked)."""
+    if workers == 0 or not index_batches:
+        return (split.images(indices) for indices in index_batches)
+    loader = DataLoader(
+        _Gather(split, index_batches),
+        batch_size=None,
+        shuffle=False,
+        num_workers=min(workers, len(index_batches)),
+        # Workers only decode; their base seed must not come from (and advance) torch's
+        # global generator, which the model's dropout draws from.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return _raise_errors(loader)
 
 
 def _raise_errors(loader: DataLoader) -> Iterator[torch.Tensor]:

@@ -31,7 +31,12 @@ from ssltk import store, tracking
 from ssltk.data.dataset import PreparedSplit
 from ssltk.errors import UserError
 from ssltk.evaluate.eval_data import EvalData, open_eval_data
-from ssltk.evaluate.features import FeatureCache, Features, extract_features
+from ssltk.evaluate.features import (
+    FeatureCache,
+    Features,
+    extract_features,
+    extraction_threads,
+)
 from ssltk.evaluate.finite import require_finite
 from ssltk.evaluate.probe import Figures, ProbeInputs, needs_val
 from ssltk.evaluate.target import EvalTarget
@@ -165,9 +170,11 @@ def _evaluate(
             for name, split_features in features.items():
                 for layer in layers:
                     require_finite(split_features.layers[layer], "features", layer, name)
-            figures = _probe(target, splits, layers, features, device)
+            figures = _probe(target, splits, layers, features, device, out_dir=out_dir)
             also = {
-                method: _probe(target, splits, layers, features, device, method)
+                method: _probe(
+                    target, splits, layers, features, device, method=method, out_dir=out_dir
+                )
                 for method in dict.fromkeys(ev.also)
                 if method != ev.method
             }
@@ -250,7 +257,12 @@ def _features(
         "max_features": ev.max_features,
         "task": target.config.pretext.model_dump(mode="json"),
         "model": target.config.model.model_dump(mode="json"),
+        "dtype": ev.cache_dtype,
     }
+    if ev.autocast != "none" and device.type == "cuda":
+        identity["autocast"] = ev.autocast  # bf16 features differ from float32 ones
+    if ev.workers > 0 and device.type == "cpu":
+        identity["threads"] = extraction_threads(ev.workers)
     root = ev.cache_dir if ev.cache_dir is not None else out_dir / "features"
     if dataset is not None and ev.cache_dir is not None:  # a shared cache: a folder a dataset
         root = root / dataset
@@ -268,6 +280,9 @@ def _features(
             pooling=ev.pooling,
             device=device,
             progress=progress,
+            dtype=ev.cache_dtype,
+            workers=ev.workers,
+            autocast=ev.autocast,
         )
         if progress and out[name].cached:
             _log(f"features {name}: read from the cache")
@@ -281,6 +296,7 @@ def _probe(
     features: dict[str, Features],
     device: torch.device,
     method: str | None = None,
+    out_dir: Path | None = None,
 ) -> Figures:
     ev = target.config.eval
     method = method or ev.method
@@ -293,6 +309,7 @@ def _probe(
         ev.report_split,
         device,
         _log,
+        out_dir,
     )
     return PROBES.load(method).code(inputs)
 

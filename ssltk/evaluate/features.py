@@ -2,12 +2,12 @@
 
 ``extract_features`` runs a task's ``representation`` (its linear-evaluation preprocessing) over a
 split in eval mode, pools every requested endpoint to at most ``eval.max_features`` values and
-writes one float32 ``.npy`` per (weights, split, layer) straight to disk, so a split larger than
-memory never sits in RAM. A small JSON manifest beside each array names what it was computed from
-and the array file's SHA-256; a hit needs every field to match and the bytes to hash the same, so
-changed weights, data or pooling never hit and a corrupt array is recomputed. An array is allocated
-in full before it is filled (a full disk is an error, not a SIGBUS), under a temporary name that a
-later run removes if its process died.
+writes one ``.npy`` (float32, or float16 with ``eval.cache_dtype``) per (weights, split, layer)
+straight to disk, so a split larger than memory never sits in RAM. A small JSON manifest beside
+each array names what it was computed from and the array file's SHA-256; a hit needs every field
+to match and the bytes to hash the same, so changed weights, data or pooling never hit and a
+corrupt array is recomputed. An array is allocated in full before it is filled (a full disk is an
+error, not a SIGBUS), under a temporary name that a later run removes if its process died.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -28,12 +29,13 @@ from numpy.lib.format import open_memmap
 from torch import nn
 
 from ssltk.data.dataset import PreparedSplit
+from ssltk.data.loader import images_in_workers
 from ssltk.evaluate.pooling import make_pool
 from ssltk.fsutil import WriteError, pid_alive, reserve, write_atomic
 from ssltk.pretext import PretextTask
 from ssltk.train.progress import format_duration
 
-__all__ = ["FeatureCache", "Features", "extract_features", "weights_digest"]
+__all__ = ["FeatureCache", "Features", "extract_features", "extraction_threads", "weights_digest"]
 
 CACHE_FORMAT = 2  # 2: the manifest holds the array's SHA-256
 _REPORT_EVERY = 10  # batches between progress lines
@@ -51,7 +53,7 @@ def weights_digest(module: nn.Module) -> str:
 
 @dataclass(frozen=True)
 class Features:
-    """Per-layer ``[n, d]`` float32 arrays (possibly memory-mapped) and int64 labels ``[n]``."""
+    """Per-layer ``[n, d]`` float32 or float16 arrays (possibly memory-mapped), int64 labels."""
 
     layers: Mapping[str, np.ndarray]
     labels: np.ndarray
@@ -96,9 +98,32 @@ class FeatureCache:
                 tmp.unlink(missing_ok=True)
 
     def writer(
-        self, identity: Mapping[str, Any], split: str, layer: str, shape: tuple[int, int]
+        self,
+        identity: Mapping[str, Any],
+        split: str,
+        layer: str,
+        shape: tuple[int, int],
+        dtype: str = "float32",
     ) -> _CacheWriter:
-        return _CacheWriter(self._stem(identity, split, layer), identity, split, layer, shape)
+        stem = self._stem(identity, split, layer)
+        return _CacheWriter(stem, identity, split, layer, shape, dtype)
+
+    def require_space(self, identity: Mapping[str, Any], split: str, size: int) -> None:
+        """One line (:class:`WriteError`) when the cache's disk has less than ``size`` bytes free,
+        before any array is allocated."""
+        folder = self._stem(identity, split, "layer").parent
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if free < size:
+            raise WriteError(
+                f"cannot write the feature cache of {split} to {folder}: it needs "
+                f"{_mib(size)} and the disk has {_mib(free)} free (eval.cache_dir, "
+                "eval.cache_dtype=float16 or fewer eval.layers would need less)"
+            )
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def _sha256(path: Path) -> str:
@@ -124,19 +149,20 @@ class _CacheWriter:
         split: str,
         layer: str,
         shape: tuple[int, int],
+        dtype: str = "float32",
     ) -> None:
         self.stem = stem
         self.tmp = stem.with_name(f".{stem.name}.{os.getpid()}.npy.tmp")
         self.manifest = _manifest(identity, split, layer, list(shape))
         try:
             stem.parent.mkdir(parents=True, exist_ok=True)
-            self.array = open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=shape)
+            self.array = open_memmap(self.tmp, mode="w+", dtype=np.dtype(dtype), shape=shape)
             reserve(self.tmp)
         except OSError as err:
             self.discard()
-            size = 4 * shape[0] * shape[1] / 2**20
+            size = np.dtype(dtype).itemsize * shape[0] * shape[1]
             raise WriteError(
-                f"cannot write the feature cache {_path(stem, '.npy')} ({size:.1f} MiB): "
+                f"cannot write the feature cache {_path(stem, '.npy')} ({_mib(size)}): "
                 f"{err.strerror or err}"
             ) from None
 
@@ -172,11 +198,18 @@ def extract_features(
     pooling: str = "max",
     device: torch.device | None = None,
     progress: bool = True,
+    dtype: str = "float32",
+    workers: int = 0,
+    autocast: str = "none",
 ) -> Features:
     """Pooled features of ``layers`` for every image of ``split``, in the split's order.
 
     ``identity`` (weights digest, data hash, pooling, …) keys the cache; layers found there are
-    read back without running the network, the others are computed in one pass.
+    read back without running the network, the others are computed in one pass. ``dtype``: of
+    the cached arrays (the network computes in float32, or bf16 under ``autocast="bf16"`` on
+    CUDA). ``workers`` loader processes decode batches ahead of the forward pass. The arrays are
+    allocated in full after the first batch (their size printed, the disk checked) before the
+    long work.
     """
     labels = split.labels.numpy().astype(np.int64)
     cache.remove_stale(identity)
@@ -191,16 +224,20 @@ def extract_features(
     total = len(split)
     writers: dict[str, _CacheWriter] = {}
     started = time.perf_counter()
+    batches = [torch.arange(s, min(s + batch_size, total)) for s in range(0, total, batch_size)]
+    bf16 = autocast == "bf16" and device.type == "cuda"
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(extraction_threads(workers))
     try:
-        for start in range(0, total, batch_size):
-            index = torch.arange(start, min(start + batch_size, total))
-            images = split.images(index).to(device)
-            out = task.representation(images, missing, pool=pool)
+        for index, images in zip(batches, images_in_workers(split, batches, workers), strict=True):
+            start = int(index[0])
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                out = task.representation(images.to(device), missing, pool=pool)
+            if not writers:
+                _allocate(writers, cache, identity, split.name, total, out, missing, dtype)
             for layer in missing:
                 value = out[layer].float().cpu().numpy()
-                if layer not in writers:
-                    shape = (total, value.shape[1])
-                    writers[layer] = cache.writer(identity, split.name, layer, shape)
                 writers[layer].array[start : start + len(index)] = value
             done = start + len(index)
             if progress and (done == total or done // batch_size % _REPORT_EVERY == 0):
@@ -208,9 +245,37 @@ def extract_features(
         for layer in missing:
             found[layer] = writers.pop(layer).commit()
     finally:
+        torch.set_num_threads(threads)
         for writer in writers.values():
             writer.discard()
     return Features({layer: found[layer] for layer in layers}, labels, cached=False)
+
+
+def extraction_threads(workers: int) -> int:
+    """torch's intra-op threads for extraction on the CPU beside ``workers`` decoding processes:
+    spinning threads on the workers' cores cut throughput ~4x on 2 cores
+    (benchmarks/extraction.py). Float sums depend on it, so the cache identity names it."""
+    threads = torch.get_num_threads()
+    return threads if workers == 0 else max(1, min(threads, (os.cpu_count() or 1) - workers))
+
+
+def _allocate(
+    writers: dict[str, _CacheWriter],
+    cache: FeatureCache,
+    identity: Mapping[str, Any],
+    split: str,
+    total: int,
+    out: Mapping[str, torch.Tensor],
+    layers: list[str],
+    dtype: str,
+) -> None:
+    """Every layer's array at once, its size printed and the disk checked first."""
+    shapes = {layer: (total, int(out[layer].shape[1])) for layer in layers}
+    size = sum(np.dtype(dtype).itemsize * n * d for n, d in shapes.values())
+    _log(f"features {split}: {len(layers)} layers, {_mib(size)} of {dtype} to write")
+    cache.require_space(identity, split, size)
+    for layer, shape in shapes.items():
+        writers[layer] = cache.writer(identity, split, layer, shape, dtype)
 
 
 def _report(split: str, done: int, total: int, started: float) -> None:

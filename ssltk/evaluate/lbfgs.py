@@ -22,6 +22,7 @@ randomness: the same inputs give bit-identical outputs.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,8 +41,44 @@ TOL = 1e-5
 FTOL = 1e-10  # relative decrease that ends a fit: well above the float32 matmuls' noise
 
 #: Whitening costs an eigendecomposition cubic in the feature count; on a 2-core CPU it stops
-#: paying for the iterations it saves between 2048 and 4096 features.
+#: paying for the iterations it saves between 2048 and 4096 features. Above it a CPU whitens the
+#: top ``LOW_RANK`` directions only; a GPU's eigendecomposition stays cheap at 9,000 features.
 PRECONDITION_MAX_FEATURES = 2048
+LOW_RANK = 256
+
+#: ``None`` (pick), ``True`` / ``"full"``, ``"low_rank"``, ``False`` / ``"none"``.
+Precondition = bool | str | None
+
+
+def preconditioner_kind(precondition: Precondition, dim: int, on_device: bool) -> str:
+    """``"full"``, ``"low_rank"`` or ``"none"``: ``None`` gives full whitening on a device or up
+    to ``PRECONDITION_MAX_FEATURES`` features, else the low-rank one."""
+    if precondition is None:
+        return "full" if on_device or dim <= PRECONDITION_MAX_FEATURES else "low_rank"
+    if isinstance(precondition, bool):
+        return "full" if precondition else "none"
+    if precondition not in ("full", "low_rank", "none"):
+        raise ValueError(f"precondition must be full, low_rank or none, got {precondition!r}")
+    return precondition
+
+
+def resident_budget() -> int:
+    """Bytes a standardised copy of memory-mapped features may take: half the memory available
+    now (so a cache larger than that streams from disk, a chunk at a time)."""
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+    return pages // 2
+
+
+def is_resident(X: Array, resident: bool | None) -> bool:
+    """Whether the probe standardises ``X`` once into host memory (see :func:`fit`)."""
+    if array_module(X) is not np:
+        return False  # one copy on the device, standardised per chunk
+    if resident is not None:
+        return resident
+    return not isinstance(X, np.memmap) or 4 * X.shape[0] * X.shape[1] <= resident_budget()
 
 
 def array_module(x: Array) -> ModuleType:
@@ -115,10 +152,15 @@ class Standardizer:
 class _Rows:
     """Standardised float32 row chunks of ``X`` with their labels, in a fixed order.
 
-    In-memory ``X`` is standardised once; a memory-mapped ``X`` chunk by chunk on every pass.
+    ``resident``: ``X`` is standardised once into one float32 copy (host memory) and every pass
+    reads views of it; otherwise each chunk is read and standardised on every pass (a memory map
+    larger than the plan allows, or device features: one copy there, standardised per chunk).
+    Both give the same float32 chunks, so the choice never changes a figure.
     """
 
-    def __init__(self, X: Array, y: Array, standardizer: Standardizer, chunk_rows: int) -> None:
+    def __init__(
+        self, X: Array, y: Array, standardizer: Standardizer, chunk_rows: int, resident: bool
+    ) -> None:
         if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
             raise ValueError(f"need X [n, d] and y [n] with n > 0, got {X.shape} and {y.shape}")
         self.xp = array_module(X)
@@ -127,18 +169,18 @@ class _Rows:
         self._slices = list(_row_chunks(self.n, chunk_rows))
         labels = self.xp.asarray(y).astype(self.xp.int64)
         self._labels = [labels[rows] for rows in self._slices]
-        self._cached = (
-            None
-            if isinstance(X, np.memmap)
-            else [standardizer.transform(X[rows]) for rows in self._slices]
-        )
+        self._copy = None
+        if resident:
+            self._copy = self.xp.empty((self.n, self.dim), dtype=self.xp.float32)
+            for rows in self._slices:
+                self._copy[rows] = standardizer.transform(X[rows])
 
     def __iter__(self) -> Iterator[tuple[Array, Array]]:
         for i, rows in enumerate(self._slices):
             x = (
                 self._standardizer.transform(self._X[rows])
-                if self._cached is None
-                else self._cached[i]
+                if self._copy is None
+                else self._copy[rows]
             )
             yield x, self._labels[i]
 
@@ -189,7 +231,12 @@ class _Preconditioner:
         for x, _ in rows:
             cov += x.T @ x
         # Any invertible U gives the same minimiser: float32 is accurate enough and twice as fast.
-        eigenvalues, basis = xp.linalg.eigh((cov / rows.n).astype(xp.float32))
+        # In place, freed before the eigendecomposition: at most 16·d² bytes (see memory.py).
+        cov /= rows.n
+        cov32 = cov.astype(xp.float32)
+        del cov
+        eigenvalues, basis = xp.linalg.eigh(cov32)
+        del cov32
         self.eigenvalues = xp.maximum(eigenvalues.astype(xp.float64), 0.0)
         self.basis = basis.astype(xp.float64)
 
@@ -197,23 +244,116 @@ class _Preconditioner:
         floor = max(classes * l2, 1e-8 * float(self.eigenvalues.max()), 1e-12)
         return 1.0 / (self.eigenvalues + floor) ** 0.5
 
+    def bind(self, l2: float, classes: int) -> _Map:
+        return _EigenMap(self.basis, self.scales(l2, classes))
+
+
+class _LowRankPreconditioner:
+    """The top ``rank`` eigenpairs of the covariance (a randomised range finder with one power
+    iteration: three passes over the rows, no ``d × d`` matrix) and the mean of the others.
+
+    ``W = P · V`` with ``P = s₀·I + U (diag(s) − s₀) Uᵀ`` (symmetric, positive definite): the
+    leading directions, where correlated features put most of the curvature, are whitened as by
+    :class:`_Preconditioner`, the rest scaled by the mean remaining eigenvalue ``λ₀``. Costs
+    ``O(n·d·rank)`` once and ``O(d·rank·K)`` per evaluation, where the full eigendecomposition's
+    ``O(d³)`` stops paying on a CPU.
+    """
+
+    OVERSAMPLE = 16
+
+    def __init__(self, rows: _Rows, rank: int) -> None:
+        xp = rows.xp
+        rank = min(rank, rows.dim)
+        probes = min(rank + self.OVERSAMPLE, rows.dim)
+        # A fixed seed: the same rows give the same preconditioner, bit for bit.
+        omega = np.random.default_rng(0).standard_normal((rows.dim, probes)).astype(np.float32)
+        basis = xp.asarray(omega)
+        trace = 0.0
+        for step in range(3):
+            product = xp.zeros((rows.dim, basis.shape[1]), dtype=xp.float64)
+            for x, _ in rows:
+                product += x.T @ (x @ basis)
+                if step == 0:
+                    trace += float((x.astype(xp.float64) ** 2).sum())
+            product /= rows.n
+            if step < 2:
+                basis = xp.linalg.qr(product)[0].astype(xp.float32)
+        # product = C·Q for the orthonormal Q of the power iteration: Qᵀ C Q is small.
+        small = basis.astype(xp.float64).T @ product
+        eigenvalues, vectors = xp.linalg.eigh((small + small.T) / 2)
+        top = xp.argsort(eigenvalues)[::-1][:rank]
+        self.eigenvalues = xp.maximum(eigenvalues[top], 0.0)
+        self.basis = basis.astype(xp.float64) @ vectors[:, top]
+        rest = rows.dim - rank
+        self.rest = (
+            max((trace / rows.n - float(self.eigenvalues.sum())) / rest, 0.0) if rest else 0.0
+        )
+
+    def bind(self, l2: float, classes: int) -> _Map:
+        top = float(self.eigenvalues.max()) if len(self.eigenvalues) else 1.0
+        floor = max(classes * l2, 1e-8 * max(top, self.rest), 1e-12)
+        scales = 1.0 / (self.eigenvalues + floor) ** 0.5
+        return _LowRankMap(self.basis, scales, 1.0 / (self.rest + floor) ** 0.5)
+
+
+class _Map:
+    """``W`` as a linear function of the variables ``V`` L-BFGS sees, and its adjoint."""
+
+    def weight(self, v: Array) -> Array:
+        return v
+
+    def variables(self, weight: Array) -> Array:
+        return weight
+
+    def adjoint(self, grad_w: Array) -> Array:
+        return grad_w
+
+
+class _EigenMap(_Map):
+    def __init__(self, basis: Array, scales: Array) -> None:
+        self.basis, self.scales = basis, scales
+
+    def weight(self, v: Array) -> Array:
+        return self.basis @ (self.scales[:, None] * v)
+
+    def variables(self, weight: Array) -> Array:
+        # exact up to the basis' orthogonality (warm starts only)
+        return (self.basis.T @ weight) / self.scales[:, None]
+
+    def adjoint(self, grad_w: Array) -> Array:
+        return self.scales[:, None] * (self.basis.T @ grad_w)
+
+
+class _LowRankMap(_Map):
+    def __init__(self, basis: Array, scales: Array, rest: float) -> None:
+        self.basis, self.scales, self.rest = basis, scales, rest
+
+    def _apply(self, a: Array, diagonal: Array, rest: float) -> Array:
+        return rest * a + self.basis @ ((diagonal - rest)[:, None] * (self.basis.T @ a))
+
+    def weight(self, v: Array) -> Array:
+        return self._apply(v, self.scales, self.rest)
+
+    def variables(self, weight: Array) -> Array:
+        return self._apply(weight, 1.0 / self.scales, 1.0 / self.rest)
+
+    def adjoint(self, grad_w: Array) -> Array:
+        return self.weight(grad_w)  # P is symmetric
+
 
 class _Objective:
     """``f`` and its gradient in the variables L-BFGS sees (``V`` row-major, then ``b``), float64
     on the host; remembers the largest gradient entry in ``(W, b)`` at the last point."""
 
-    def __init__(self, rows: _Rows, classes: int, l2: float, precondition: _Preconditioner | None):
+    def __init__(self, rows: _Rows, classes: int, l2: float, precondition: Any) -> None:
         self.rows, self.classes, self.l2 = rows, classes, l2
-        self.basis = None if precondition is None else precondition.basis
-        self.scales = None if precondition is None else precondition.scales(l2, classes)
+        self.map = _Map() if precondition is None else precondition.bind(l2, classes)
         self.last: tuple[np.ndarray, float] | None = None
-
-    def weight(self, v: Array) -> Array:
-        return v if self.basis is None else self.basis @ (self.scales[:, None] * v)
+        self.evaluations = 0
 
     def variables(self, weight: Array) -> Array:
-        """The ``V`` of ``weight`` (for warm starts; exact up to the basis' orthogonality)."""
-        return weight if self.basis is None else (self.basis.T @ weight) / self.scales[:, None]
+        """The ``V`` of ``weight`` (for warm starts)."""
+        return self.map.variables(weight)
 
     def pack(self, weight: Array, bias: Array) -> np.ndarray:
         return np.concatenate([_to_numpy(self.variables(weight)).ravel(), _to_numpy(bias)])
@@ -221,9 +361,10 @@ class _Objective:
     def unpack(self, theta: np.ndarray) -> tuple[Array, Array]:
         xp, dim = self.rows.xp, self.rows.dim
         v = xp.asarray(theta[: dim * self.classes].reshape(dim, self.classes))
-        return self.weight(v), xp.asarray(theta[dim * self.classes :])
+        return self.map.weight(v), xp.asarray(theta[dim * self.classes :])
 
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        self.evaluations += 1
         weight, bias = self.unpack(theta)
         total, grad_w, grad_b = _data_term(self.rows, weight, bias)
         n, xp = self.rows.n, self.rows.xp
@@ -231,7 +372,7 @@ class _Objective:
         grad_w = grad_w / n + self.l2 * weight
         grad_b = grad_b / n
         self.last = (theta, float(max(xp.abs(grad_w).max(), xp.abs(grad_b).max())))
-        grad_v = grad_w if self.basis is None else self.scales[:, None] * (self.basis.T @ grad_w)
+        grad_v = self.map.adjoint(grad_w)
         return loss, np.concatenate([_to_numpy(grad_v).ravel(), _to_numpy(grad_b)])
 
 
@@ -270,22 +411,29 @@ class LinearProbe:
     loss: float  # the objective f at the solution, on the training rows
     n_iter: int
     converged: bool  # the tol (gradient) or ftol (relative decrease) test ended the fit
+    evaluations: int = 0  # of the objective and its gradient
 
-    def logits(self, X: Array, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
-        """float64 ``[n, K]`` logits (on the host), computed chunk by chunk as in training."""
-        xp = array_module(X)
+    def logits(
+        self, X: Array, chunk_rows: int = CHUNK_ROWS, xp: ModuleType | None = None
+    ) -> np.ndarray:
+        """float64 ``[n, K]`` logits (on the host), computed chunk by chunk as in training; with
+        ``xp`` (e.g. ``cupy``) host rows are computed there, one chunk at a time."""
+        xp = xp or array_module(X)
         weight32 = xp.asarray(self.weight, dtype=xp.float32)
         bias = xp.asarray(self.bias, dtype=xp.float64)
         out = np.empty((len(X), len(self.bias)), dtype=np.float64)
         for rows in _row_chunks(len(X), chunk_rows):
-            out[rows] = _to_numpy(_logits(self.standardizer.transform(X[rows]), weight32, bias))
+            x = self.standardizer.transform(xp.asarray(X[rows]))
+            out[rows] = _to_numpy(_logits(x, weight32, bias))
         return out
 
     def predict(self, X: Array, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
         return self.logits(X, chunk_rows).argmax(axis=1)
 
-    def score(self, X: Array, y: Array, chunk_rows: int = CHUNK_ROWS) -> Accuracy:
-        logits, labels = self.logits(X, chunk_rows), _to_numpy(y)
+    def score(
+        self, X: Array, y: Array, chunk_rows: int = CHUNK_ROWS, xp: ModuleType | None = None
+    ) -> Accuracy:
+        logits, labels = self.logits(X, chunk_rows, xp), _to_numpy(y)
         return Accuracy(topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5))
 
 
@@ -297,15 +445,18 @@ class _Solver:
         rows: _Rows,
         classes: int,
         std: Standardizer,
-        precondition: bool | None,
+        precondition: Precondition,
         max_iter: int,
         tol: float,
         ftol: float,
     ) -> None:
         self.rows, self.classes, self.std = rows, classes, std
-        if precondition is None:
-            precondition = rows.dim <= PRECONDITION_MAX_FEATURES
-        self.preconditioner = _Preconditioner(rows) if precondition else None
+        kind = preconditioner_kind(precondition, rows.dim, rows.xp is not np)
+        self.preconditioner: Any = None
+        if kind == "full":
+            self.preconditioner = _Preconditioner(rows)
+        elif kind == "low_rank":
+            self.preconditioner = _LowRankPreconditioner(rows, LOW_RANK)
         self.max_iter, self.tol, self.ftol = max_iter, tol, ftol
 
     def solve(self, l2: float, start: LinearProbe | None = None) -> LinearProbe:
@@ -354,6 +505,7 @@ class _Solver:
             float(result.fun),
             int(result.nit),
             bool(converged),
+            objective.evaluations,
         )
 
 
@@ -375,8 +527,9 @@ def fit(
     max_iter: int = 500,
     tol: float = TOL,
     ftol: float = FTOL,
-    precondition: bool | None = None,
+    precondition: Precondition = None,
     chunk_rows: int = CHUNK_ROWS,
+    resident: bool | None = None,
 ) -> LinearProbe:
     """Fit one probe at L2 strength ``l2`` from zero.
 
@@ -384,11 +537,13 @@ def fit(
     Stops when the largest gradient entry in ``(W, b)`` is at most ``tol`` (scikit-learn's
     ``tol`` test), the relative decrease is below ``ftol``, or after ``max_iter`` iterations.
     ``precondition=False`` runs L-BFGS on ``W`` itself (same minimiser, many more iterations);
-    ``None`` whitens up to ``PRECONDITION_MAX_FEATURES`` features.
+    ``None`` picks one (:func:`preconditioner_kind`). ``resident``: standardise ``X`` once into a
+    float32 copy in memory (``None``: unless ``X`` is on a device, or memory-mapped and larger
+    than :func:`resident_budget`); figures are the same either way.
     """
     classes = _num_classes(num_classes, y)
     std = Standardizer.fit(X, chunk_rows)
-    rows = _Rows(X, y, std, chunk_rows)
+    rows = _Rows(X, y, std, chunk_rows, is_resident(X, resident))
     return _Solver(rows, classes, std, precondition, max_iter, tol, ftol).solve(l2)
 
 
@@ -430,8 +585,9 @@ def fit_path(
     max_iter: int = 500,
     tol: float = TOL,
     ftol: float = FTOL,
-    precondition: bool | None = None,
+    precondition: Precondition = None,
     chunk_rows: int = CHUNK_ROWS,
+    resident: bool | None = None,
     on_point: Callable[[PathPoint], None] | None = None,
 ) -> ProbePath:
     """Fit on train for each L2 strength, strongest first, each fit warm-started from the previous
@@ -439,20 +595,22 @@ def fit_path(
 
     Every fit is on the training rows, so the chosen point *is* the refit on train at the chosen
     strength (the objective is strictly convex for ``l2 > 0``: one minimiser, whatever the start).
-    Standardisation uses train statistics only. ``on_point`` is called after each fit.
+    Standardisation uses train statistics only. ``on_point`` is called after each fit. Val is
+    scored on the training rows' array module (a device), one chunk at a time.
     """
     strengths = sorted({float(s) for s in l2s}, reverse=True)
     if not strengths:
         raise ValueError("l2s is empty")
     classes = _num_classes(num_classes, train_y, val_y)
     std = Standardizer.fit(train_X, chunk_rows)
-    rows = _Rows(train_X, train_y, std, chunk_rows)
+    rows = _Rows(train_X, train_y, std, chunk_rows, is_resident(train_X, resident))
     solver = _Solver(rows, classes, std, precondition, max_iter, tol, ftol)
     points: list[PathPoint] = []
     probe = None
     for l2 in strengths:
         probe = solver.solve(l2, start=probe)
-        points.append(PathPoint(probe, probe.score(val_X, val_y, chunk_rows)))
+        val = probe.score(val_X, val_y, chunk_rows, xp=rows.xp)
+        points.append(PathPoint(probe, val))
         if on_point is not None:
             on_point(points[-1])
     best = max(points, key=lambda p: p.val.top1)  # the first maximum: the stronger L2 on ties

@@ -12,6 +12,7 @@ import numpy as np
 
 from ssltk.evaluate import lbfgs
 from ssltk.evaluate.finite import require_finite
+from ssltk.evaluate.memory import plan_probe, require_fit
 from ssltk.evaluate.probe import Figures, ProbeInputs, register_probe
 
 __all__ = ["fit_lbfgs"]
@@ -26,6 +27,17 @@ def fit_lbfgs(inputs: ProbeInputs) -> Figures:
     figures: Figures = {}
     for layer in inputs.layers:
         clock = time.perf_counter()
+        rows, dim = train.layers[layer].shape
+        plan = plan_probe(
+            rows,
+            dim,
+            options["num_classes"],
+            device=inputs.device.type,
+            dtype=str(train.layers[layer].dtype),
+            available=_free_bytes(inputs.device.type),
+        )
+        inputs.log(f"probe lbfgs {layer}: {plan.describe()}")
+        require_fit(plan, layer)  # before anything is allocated
         if val is None:  # a single strength: nothing to choose
             fit = lbfgs.fit(on_device(train.layers[layer]), train.labels, section.l2[0], **options)
             chosen = {}
@@ -33,7 +45,7 @@ def fit_lbfgs(inputs: ProbeInputs) -> Figures:
             fit = lbfgs.fit_path(
                 on_device(train.layers[layer]),
                 train.labels,
-                on_device(val.layers[layer]),
+                val.layers[layer],  # scored on the device a chunk at a time
                 val.labels,
                 section.l2,
                 **options,
@@ -43,7 +55,7 @@ def fit_lbfgs(inputs: ProbeInputs) -> Figures:
         probe = fit if isinstance(fit, lbfgs.LinearProbe) else fit.probe
         require_finite(probe.weight, "probe weights", layer, "train")
         require_finite(probe.bias, "probe bias", layer, "train")
-        logits = probe.logits(on_device(report.layers[layer]))
+        logits = probe.logits(report.layers[layer], xp=_array_module(inputs.device.type))
         require_finite(logits, "logits", layer, inputs.report_split)
         top1, top5 = (lbfgs.topk_accuracy(logits, report.labels, k) for k in (1, 5))
         figures[layer] = {"top1": top1, "top5": top5, "l2": fit.l2, **chosen}
@@ -54,11 +66,37 @@ def fit_lbfgs(inputs: ProbeInputs) -> Figures:
     return figures
 
 
+def _array_module(device_type: str) -> Any:
+    if device_type != "cuda":
+        return np
+    import cupy
+
+    return cupy
+
+
+def _free_bytes(device_type: str) -> int | None:
+    """Free device memory on CUDA; on the CPU what the plan's streaming decides on its own."""
+    if device_type != "cuda":
+        return None
+    import torch
+
+    return int(torch.cuda.mem_get_info()[0])
+
+
 def _array_module_for(device_type: str) -> Callable[[Any], Any]:
     """Features go to the GPU as CuPy arrays when evaluating on CUDA (the probe's code is the
-    same on both array modules); on CPU they stay NumPy (memory-mapped: streamed in chunks)."""
+    same on both array modules), copied a chunk at a time into their one device array, in their
+    cache dtype; on CPU they stay NumPy (memory-mapped: see the plan)."""
     if device_type != "cuda":
         return lambda array: array
     import cupy
 
-    return lambda array: cupy.asarray(np.asarray(array))
+    def to_device(array: Any) -> Any:
+        out = cupy.empty(array.shape, dtype=array.dtype)
+        for start in range(0, len(array), lbfgs.CHUNK_ROWS):
+            out[start : start + lbfgs.CHUNK_ROWS] = cupy.asarray(
+                np.asarray(array[start : start + lbfgs.CHUNK_ROWS])
+            )
+        return out
+
+    return to_device

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ssltk.registry import PROBES
@@ -42,6 +43,7 @@ class ProbeInputs:
     report_split: str
     device: torch.device
     log: Callable[[str], None]
+    work_dir: Path | None = None  # the evaluation's folder: where a probe may checkpoint
 
 
 def register_probe(
