@@ -206,7 +206,10 @@ def main() -> None:
     fitted, fit_classes = fits(args)
     big = timings[-1]
     per_row = big["s_per_eval"] / big["rows"]
-    evals = fitted[0]["evals"]
+    from ssltk.evaluate.lbfgs import preconditioner_kind
+
+    default = next(f for f in fitted if preconditioner_kind(None, args.dim, False) in f["solver"])
+    evals = default["evals"]
     projected = per_row * IMAGENET_ROWS * evals * args.grid
     lines = [
         f"# L-BFGS probe at d={args.dim}, K={args.classes} on this CPU ({os.cpu_count()} cores)",
@@ -240,12 +243,9 @@ def main() -> None:
         "this CPU:",
         f"  s = (s/eval/row) x rows x evals x strengths = {per_row:.3e} x {IMAGENET_ROWS:,} x "
         f"{evals} x {args.grid} = {projected:,.0f} s ({projected / 3600:.1f} h)",
-        f"  (evaluations per strength measured on the {args.fit_rows:,}-row subsample"
-        + (
-            ""
-            if fitted[0]["converged"]
-            else f", stopped by max_iter {args.max_iter}: a lower bound"
-        )
+        f"  (evaluations per strength measured on the {args.fit_rows:,}-row subsample by "
+        f"{default['solver']}, the default here"
+        + ("" if default["converged"] else f", stopped by max_iter {args.max_iter}: a lower bound")
         + "; warm starts along the path need fewer)",
         "",
         json.dumps(

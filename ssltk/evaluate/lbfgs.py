@@ -41,8 +41,10 @@ TOL = 1e-5
 FTOL = 1e-10  # relative decrease that ends a fit: well above the float32 matmuls' noise
 
 #: Whitening costs an eigendecomposition cubic in the feature count; on a 2-core CPU it stops
-#: paying for the iterations it saves between 2048 and 4096 features. Above it a CPU whitens the
-#: top ``LOW_RANK`` directions only; a GPU's eigendecomposition stays cheap at 9,000 features.
+#: paying for the iterations it saves between 2048 and 4096 features. A GPU's eigendecomposition
+#: stays cheap at 9,000 features. The low-rank one (``precondition="low_rank"``) did not pay at
+#: 8192 features (reports/linear_probe_scale.md: 56 evaluations unconverged vs 41), so a CPU above
+#: the limit runs unpreconditioned.
 PRECONDITION_MAX_FEATURES = 2048
 LOW_RANK = 256
 
@@ -52,9 +54,9 @@ Precondition = bool | str | None
 
 def preconditioner_kind(precondition: Precondition, dim: int, on_device: bool) -> str:
     """``"full"``, ``"low_rank"`` or ``"none"``: ``None`` gives full whitening on a device or up
-    to ``PRECONDITION_MAX_FEATURES`` features, else the low-rank one."""
+    to ``PRECONDITION_MAX_FEATURES`` features, else none."""
     if precondition is None:
-        return "full" if on_device or dim <= PRECONDITION_MAX_FEATURES else "low_rank"
+        return "full" if on_device or dim <= PRECONDITION_MAX_FEATURES else "none"
     if isinstance(precondition, bool):
         return "full" if precondition else "none"
     if precondition not in ("full", "low_rank", "none"):
