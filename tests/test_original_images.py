@@ -6,6 +6,8 @@ exactly the parts outside the 48² centre square that files storage used to keep
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,14 @@ def test_workers_pass_original_images_through_unchanged(files_storage: PreparedD
         assert all(
             torch.equal(x, y) and x.shape == (3, HEIGHT, WIDTH) for x, y in zip(a, b, strict=True)
         )
+
+
+def test_a_pickled_image_list_travels_as_one_buffer_and_comes_back_equal() -> None:
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in [(5, 7), (9, 4)]]
+    clone = pickle.loads(pickle.dumps(ImageList(images)))
+    assert [tuple(i.shape) for i in clone] == [(3, 5, 7), (3, 9, 4)]
+    assert all(torch.equal(a, b) for a, b in zip(images, clone, strict=True))
+    assert len({i.untyped_storage().data_ptr() for i in clone}) == 1
+    mixed = ImageList([images[0], images[1].float()])
+    clone = pickle.loads(pickle.dumps(mixed))
+    assert [i.dtype for i in clone] == [torch.uint8, torch.float32]

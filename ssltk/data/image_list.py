@@ -7,7 +7,9 @@ to the network's fixed size on the way in and batches only after the crop.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -45,6 +47,27 @@ class ImageList:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ImageList:
         return ImageList(image.to(device, non_blocking=non_blocking) for image in self.images)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A loader worker sends each tensor through a shared-memory segment of its own; packing
+        # the batch into one buffer makes that one segment a batch, not one an image.
+        images = self.images
+        if not images or len({(i.dtype, i.device) for i in images}) > 1:
+            return {"images": images}
+        # Written straight into shared memory: torch.cat and then sharing would copy it twice.
+        flat = torch.empty(sum(i.numel() for i in images), dtype=images[0].dtype)
+        if images[0].device.type == "cpu":
+            flat.share_memory_()
+        torch.cat([image.reshape(-1) for image in images], out=flat)
+        return {"flat": flat, "shapes": [tuple(image.shape) for image in images]}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "images" in state:
+            self.images = state["images"]
+            return
+        sizes = [math.prod(shape) for shape in state["shapes"]]
+        parts = torch.split(state["flat"], sizes)
+        self.images = [part.view(shape) for part, shape in zip(parts, state["shapes"], strict=True)]
 
 
 #: What a loader's batch holds: one tensor (arrays storage) or an :class:`ImageList` (files).
