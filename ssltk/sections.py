@@ -64,6 +64,12 @@ class RelativePatchLocationConfig(PatchHeadConfig):
 class LbfgsConfig(Section):
     l2: list[NonNegFloat] = Field([1e-4, 1e-3, 1e-2, 1e-1], min_length=1)
     max_iter: PositiveInt = 500
+    tol: float = Field(
+        1e-5,
+        gt=0,
+        description="a fit ends when its largest gradient entry in (W, b) is at most this "
+        "(scikit-learn's tol test; its default is 1e-4)",
+    )
 
 
 class KnnProbeConfig(Section):

@@ -23,7 +23,11 @@ def fit_lbfgs(inputs: ProbeInputs) -> Figures:
     section, report = inputs.section, inputs.features[inputs.report_split]
     train, val = inputs.features["train"], inputs.features.get("val")
     on_device = _array_module_for(inputs.device.type)
-    options = {"num_classes": inputs.splits["train"].num_classes, "max_iter": section.max_iter}
+    options = {
+        "num_classes": inputs.splits["train"].num_classes,
+        "max_iter": section.max_iter,
+        "tol": section.tol,
+    }
     figures: Figures = {}
     for layer in inputs.layers:
         clock = time.perf_counter()
