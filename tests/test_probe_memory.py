@@ -51,7 +51,7 @@ def test_the_probe_prints_its_plan_and_stops_before_copying_to_the_device(monkey
     features = SimpleNamespace(layers={"pre_logits": rows}, labels=np.zeros(200_000, np.int64))
     logged: list[str] = []
     inputs = SimpleNamespace(
-        section=SimpleNamespace(l2=[0.1], max_iter=10),
+        section=SimpleNamespace(l2=[0.1], max_iter=10, tol=1e-4),
         features={"train": features, "test": features},
         report_split="test",
         splits={"train": SimpleNamespace(num_classes=1000)},
@@ -78,3 +78,36 @@ def test_the_cpu_plan_bounds_what_the_resident_probe_allocates() -> None:
     assert X.nbytes <= peak <= plan.total, (peak, plan.total)
     streamed = plan_probe(len(X), 256, 10, device="cpu", available=X.nbytes)
     assert not streamed.resident and streamed.features == 0  # streamed from disk
+
+
+def test_eval_lbfgs_tol_and_max_iter_reach_the_solver(monkeypatch) -> None:
+    """The schema's probe settings, not the solver's defaults, end each fit."""
+    from ssltk.sections import LbfgsConfig
+
+    seen: list[dict] = []
+    real_fit_path = lbfgs.fit_path
+
+    def recording_fit_path(*args, **kwargs):
+        seen.append(kwargs)
+        return real_fit_path(*args, **kwargs)
+
+    monkeypatch.setattr(lbfgs, "fit_path", recording_fit_path)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 16)).astype(np.float32)
+    y = rng.integers(0, 3, size=len(X))
+    split = SimpleNamespace(layers={"pre_logits": X}, labels=y)
+    section = LbfgsConfig(l2=[0.1, 0.01], max_iter=7, tol=3e-3)
+    inputs = SimpleNamespace(
+        section=section,
+        features={"train": split, "val": split, "test": split},
+        report_split="test",
+        splits={"train": SimpleNamespace(num_classes=3)},
+        layers=["pre_logits"],
+        device=torch.device("cpu"),
+        log=lambda line: None,
+    )
+    figures = lbfgs_probe.fit_lbfgs(inputs)
+    assert [(k["tol"], k["max_iter"]) for k in seen] == [(3e-3, 7)]
+    assert 0 <= figures["pre_logits"]["top1"] <= 1
+    with pytest.raises(ValueError):
+        LbfgsConfig(tol=0)
