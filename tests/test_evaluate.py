@@ -823,7 +823,7 @@ def test_written_back_figures_carry_how_they_were_measured(study: dict, evaluate
         measured = json.loads(tags[tracking.probe_tag("lbfgs", layer)])
         assert measured["split"] == "test" and measured["pooling"] == "max"
         assert measured["max_features"] == 9000 and measured["method"] == "lbfgs"
-        assert measured["probe"] == {"l2": [0.1, 0.01], "max_iter": 60}
+        assert measured["probe"] == {"l2": [0.1, 0.01], "max_iter": 60, "tol": 1e-5}
         assert measured["weights_sha256"] == evaluated["weights_sha256"]
         assert measured["checkpoint_sha256"] == record["checkpoint_sha256"]
         assert measured["figures"] == ["top1", "top5", "val_top1"]
