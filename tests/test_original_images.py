@@ -27,7 +27,7 @@ from ssltk.data.augment import (
 )
 from ssltk.data.dataset import PreparedDataset
 from ssltk.data.image_list import ImageList
-from ssltk.data.loader import DeterministicLoader
+from ssltk.data.loader import PREFETCH, DeterministicLoader, _write_slot, images_in_workers
 from ssltk.data.prepare import prepare
 from ssltk.pretext import build_task
 
@@ -177,3 +177,52 @@ def test_a_pickled_image_list_travels_as_one_buffer_and_comes_back_equal() -> No
     mixed = ImageList([images[0], images[1].float()])
     clone = pickle.loads(pickle.dumps(mixed))
     assert [i.dtype for i in clone] == [torch.uint8, torch.float32]
+
+
+@pytest.fixture(scope="module")
+def distinct_files(tmp_path_factory: pytest.TempPathFactory) -> PreparedDataset:
+    """40 distinct random training originals, 40 x 52 but for one of 120 x 90, as a file list."""
+    root = tmp_path_factory.mktemp("distinct")
+    generator = np.random.default_rng(0)
+    for split, count in (("train", 20), ("val", 1)):
+        for label in ("a", "b"):
+            (root / "raw" / split / label).mkdir(parents=True)
+            for i in range(count):
+                size = (90, 120) if (split, label, i) == ("train", "b", 7) else (40, 52)
+                pixels = generator.integers(0, 256, (*size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / "raw" / split / label / f"{i}.png")
+    data = {"source": "imagefolder", "root": str(root / "raw"), "prepared_dir": str(root / "p")}
+    data |= {"image_size": 32, "max_in_memory_images": 1, "val_fraction": 0}
+    assert prepare(Config.model_validate({"data": data}), progress=False)["storage"] == "files"
+    return PreparedDataset.open(root / "p")
+
+
+def test_reused_shared_buffers_keep_every_batch_and_the_one_before_it_intact(
+    distinct_files: PreparedDataset,
+) -> None:
+    split = distinct_files.split("train")
+    batches = [torch.arange(i, min(i + 2, len(split))) for i in range(0, len(split), 2)]
+    slots = 2 * PREFETCH + 2
+    assert len(batches) > slots + 1  # every slot is written more than once
+    inline = [split.images(b) for b in batches]
+    kept: list[ImageList] = []  # alive to the end, so no storage address is handed out twice
+    for i, images in enumerate(images_in_workers(split, batches, 2, reuse_buffers=True)):
+        assert all(torch.equal(x, y) for x, y in zip(inline[i], images, strict=True)), i
+        if kept:  # the batch before is still intact once this one has arrived
+            assert all(torch.equal(x, y) for x, y in zip(inline[i - 1], kept[-1], strict=True))
+        kept.append(images)
+    storages = {image.untyped_storage().data_ptr() for images in kept for image in images}
+    # Batch 0 (decoded here, 2 storages) and the batch holding the 120 x 90 original (too large
+    # for a slot, 1) have their own; every other batch lies in a slot. Fresh buffers: 20.
+    assert len(storages) <= slots + 3 < len(batches)
+
+
+def test_a_batch_larger_than_its_slot_travels_on_its_own() -> None:
+    images = ImageList(
+        [torch.ones(3, 4, 5, dtype=torch.uint8), torch.ones(3, 2, 2, dtype=torch.uint8)]
+    )
+    small = [torch.zeros(10, dtype=torch.uint8)]
+    assert _write_slot(images, small, 0) is images
+    fits = [torch.zeros(100, dtype=torch.uint8)]
+    written = _write_slot(images, fits, 0)
+    assert all(torch.equal(a, b) for a, b in zip(images, written.read(fits), strict=True))

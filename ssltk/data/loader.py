@@ -8,7 +8,8 @@ at ``start_step`` and, concatenated over ranks, for any ``world_size``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 from ssltk.data import rng
 from ssltk.data.dataset import PreparedSplit
 from ssltk.data.errors import DataError
+from ssltk.data.image_list import ImageList, Images
 
 # The epoch order uses a batch key at a step no real batch reaches, on its own stream.
 _ORDER_STEP = 2**63 - 1
+#: Batches each loader worker decodes ahead (DataLoader's prefetch_factor).
+PREFETCH = 2
 
 
 @dataclass(frozen=True)
@@ -42,21 +46,70 @@ class _Gather(Dataset):
 
     A :class:`DataError` (e.g. an image file that went bad after ``prepare``) is returned rather
     than raised, so the main process re-raises it with its own type and one-line message instead
-    of DataLoader's wrapped traceback.
+    of DataLoader's wrapped traceback. With ``slots``, batch ``i``'s original images are written
+    into ``slots[i % len(slots)]`` and only their shapes travel (:class:`_InSlot`).
     """
 
-    def __init__(self, split: PreparedSplit, batches: list[torch.Tensor]):
+    def __init__(
+        self,
+        split: PreparedSplit,
+        batches: list[torch.Tensor],
+        slots: list[torch.Tensor] | None = None,
+    ):
         self.split = split
         self.batches = batches
+        self.slots = slots
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> torch.Tensor | DataError:
+    def __getitem__(self, i: int) -> Images | _InSlot | DataError:
         try:
-            return self.split.images(self.batches[i])
+            images = self.split.images(self.batches[i])
         except DataError as err:
             return err
+        if self.slots is None or not isinstance(images, ImageList):
+            return images
+        return _write_slot(images, self.slots, i % len(self.slots))
+
+
+@dataclass(frozen=True)
+class _InSlot:
+    """A batch of original images that a worker wrote into a shared slot."""
+
+    slot: int
+    shapes: list[tuple[int, ...]]
+
+    def read(self, slots: list[torch.Tensor]) -> ImageList:
+        """Views of the slot (no copy): valid until the slot is written again."""
+        sizes = [math.prod(shape) for shape in self.shapes]
+        parts = torch.split(slots[self.slot][: sum(sizes)], sizes)
+        return ImageList(part.view(shape) for part, shape in zip(parts, self.shapes, strict=True))
+
+
+def _write_slot(images: ImageList, slots: list[torch.Tensor], slot: int) -> ImageList | _InSlot:
+    buffer = slots[slot]
+    if any(image.dtype != buffer.dtype for image in images):
+        return images
+    if sum(image.numel() for image in images) > buffer.numel():
+        return images  # larger than the slots were sized for: a segment of its own
+    offset = 0
+    for image in images:
+        buffer[offset : offset + image.numel()].view(image.shape).copy_(image)
+        offset += image.numel()
+    return _InSlot(slot, [tuple(image.shape) for image in images])
+
+
+def _shared_slots(first: Images, count: int) -> list[torch.Tensor] | None:
+    """``count`` shared uint8 buffers of 1.25x the first batch's originals, created before the
+    workers fork so that they inherit them; ``None`` for dense batches or no shared memory."""
+    if not isinstance(first, ImageList) or not len(first):
+        return None
+    capacity = int(1.25 * sum(image.numel() for image in first))
+    try:
+        return [torch.zeros(capacity, dtype=torch.uint8).share_memory_() for _ in range(count)]
+    except RuntimeError:  # e.g. a small /dev/shm: each batch then travels in a segment of its own
+        return None
 
 
 class DeterministicLoader:
@@ -158,25 +211,59 @@ class DeterministicLoader:
 
 
 def images_in_workers(
-    split: PreparedSplit, index_batches: list[torch.Tensor], workers: int, seed: int = 0
-) -> Iterator[torch.Tensor]:
+    split: PreparedSplit,
+    index_batches: list[torch.Tensor],
+    workers: int,
+    seed: int = 0,
+    *,
+    reuse_buffers: bool = False,
+) -> Iterator[Images]:
     """``split.images(b)`` for each index batch ``b`` in order, decoded by ``workers`` loader
-    processes ahead of the consumer (0: in this process, when asked)."""
+    processes ahead of the consumer (0: in this process, when asked).
+
+    ``reuse_buffers``: original images (an :class:`ImageList`) come back in shared buffers that
+    are reused round-robin, which saves a fresh shared-memory segment per batch (its page faults
+    cost about a third of a JPEG decode). A batch is then valid only until the consumer asks for
+    the batch after the next one; the first batch is decoded here to size the buffers.
+    """
     if workers == 0 or not index_batches:
         return (split.images(indices) for indices in index_batches)
-    loader = DataLoader(
-        _Gather(split, index_batches),
+    if reuse_buffers:
+        return _in_reused_buffers(split, index_batches, workers, seed)
+    return _raise_errors(_loader(_Gather(split, index_batches), workers, seed))
+
+
+def _loader(dataset: _Gather, workers: int, seed: int) -> DataLoader:
+    return DataLoader(
+        dataset,
         batch_size=None,
         shuffle=False,
-        num_workers=min(workers, len(index_batches)),
+        num_workers=min(workers, len(dataset)),
+        prefetch_factor=PREFETCH,
         # Workers only decode; their base seed must not come from (and advance) torch's
         # global generator, which the model's dropout draws from.
         generator=torch.Generator().manual_seed(seed),
     )
-    return _raise_errors(loader)
 
 
-def _raise_errors(loader: DataLoader) -> Iterator[torch.Tensor]:
+def _in_reused_buffers(
+    split: PreparedSplit, index_batches: list[torch.Tensor], workers: int, seed: int
+) -> Iterator[Images]:
+    first = split.images(index_batches[0])
+    rest = index_batches[1:]
+    # DataLoader asks for batch i + workers * PREFETCH when it hands out batch i: one more slot
+    # keeps batch i intact, a second the one before it.
+    if not rest:
+        yield first
+        return
+    slots = _shared_slots(first, min(workers, len(rest)) * PREFETCH + 2)
+    ahead = iter(_loader(_Gather(split, rest, slots), workers, seed))  # decoding starts now
+    yield first
+    for item in _raise_errors(ahead):
+        yield item.read(slots) if isinstance(item, _InSlot) else item
+
+
+def _raise_errors(loader: Iterable[Images | _InSlot | DataError]) -> Iterator[Images | _InSlot]:
     for item in loader:
         if isinstance(item, DataError):
             raise item

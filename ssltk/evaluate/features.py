@@ -230,7 +230,8 @@ def extract_features(
     if device.type == "cpu":
         torch.set_num_threads(extraction_threads(workers))
     try:
-        for index, images in zip(batches, images_in_workers(split, batches, workers), strict=True):
+        decoded = images_in_workers(split, batches, workers, reuse_buffers=True)
+        for index, images in zip(batches, decoded, strict=True):
             start = int(index[0])
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
                 out = task.representation(images.to(device), missing, pool=pool)
